@@ -1,0 +1,328 @@
+"""Loading CLIP weights from disk, with no network: OpenAI, Hugging Face and Orbax layouts.
+
+Every layout goes through one mapping: Hugging Face names are first renamed to OpenAI's
+state-dict names (q/k/v fused into `in_proj`), and an OpenAI state dict is converted to
+this project's Flax tree (torch's `[out, in]` linear weights transposed, the patch conv
+to HWIO). Checks name the file and what is wrong: missing path, unknown layout,
+missing/unexpected keys, shape mismatches.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from p4q_jax.clip import configs
+from p4q_jax.clip import model as model_lib
+from p4q_jax.clip import torch_reader
+
+ORBAX_MARKER = "p4q_clip.json"
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# Buffers and metadata that some OpenAI/open_clip files carry but hold no weights.
+_IGNORED_KEYS = re.compile(
+    r"(^|\.)(attn_mask|input_resolution|context_length|vocab_size|position_ids)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def _count_blocks(state, prefix):
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def infer_openai_config(state, *, activation="quick_gelu"):
+    """Infers a CLIPConfig from an OpenAI-layout state dict's shapes (as OpenAI's build_model)."""
+    try:
+        vision_width, _, patch, _ = state["visual.conv1.weight"].shape
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        text_width = state["ln_final.weight"].shape[0]
+        return configs.CLIPConfig(
+            embed_dim=state["text_projection"].shape[1],
+            vision=configs.VisionConfig(
+                image_size=patch * grid,
+                patch_size=patch,
+                width=vision_width,
+                layers=_count_blocks(state, "visual.transformer.resblocks."),
+                heads=max(vision_width // 64, 1),
+                mlp_dim=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            ),
+            text=configs.TextConfig(
+                context_length=state["positional_embedding"].shape[0],
+                vocab_size=state["token_embedding.weight"].shape[0],
+                width=text_width,
+                layers=_count_blocks(state, "transformer.resblocks."),
+                heads=max(text_width // 64, 1),
+                mlp_dim=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            ),
+            activation=activation,
+        )
+    except KeyError as e:
+        if "visual.layer1.0.conv1.weight" in state:
+            raise NotImplementedError(
+                "ModifiedResNet (RN50 family) checkpoints are not supported yet") from e
+        raise CheckpointError(
+            f"not an OpenAI-layout CLIP state dict: key {e.args[0]!r} is missing") from e
+
+
+def _linear(state, key):
+    """Torch Linear [out, in] (+ bias) -> Flax Dense {kernel [in, out], bias}."""
+    out = {"kernel": state.pop(f"{key}.weight").T}
+    if f"{key}.bias" in state:
+        out["bias"] = state.pop(f"{key}.bias")
+    return out
+
+
+def _layer_norm(state, key):
+    return {"scale": state.pop(f"{key}.weight"), "bias": state.pop(f"{key}.bias")}
+
+
+def _transformer(state, prefix, layers):
+    blocks = {}
+    for i in range(layers):
+        p = f"{prefix}resblocks.{i}."
+        blocks[f"resblocks_{i}"] = {
+            "ln_1": _layer_norm(state, p + "ln_1"),
+            "attn": {
+                "in_proj": {"kernel": state.pop(p + "attn.in_proj_weight").T,
+                            "bias": state.pop(p + "attn.in_proj_bias")},
+                "out_proj": _linear(state, p + "attn.out_proj"),
+            },
+            "ln_2": _layer_norm(state, p + "ln_2"),
+            "mlp": {"c_fc": _linear(state, p + "mlp.c_fc"),
+                    "c_proj": _linear(state, p + "mlp.c_proj")},
+        }
+    return blocks
+
+
+def openai_to_flax(state, config, *, source="state dict"):
+    """OpenAI-layout state dict -> Flax params tree (float32), checked against `config`."""
+    state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()
+             if not _IGNORED_KEYS.search(k)}
+    remaining = dict(state)
+    try:
+        params = {
+            "visual": {
+                "conv1": {"kernel": remaining.pop("visual.conv1.weight").transpose(2, 3, 1, 0)},
+                "class_embedding": remaining.pop("visual.class_embedding"),
+                "positional_embedding": remaining.pop("visual.positional_embedding"),
+                "ln_pre": _layer_norm(remaining, "visual.ln_pre"),
+                "transformer": _transformer(remaining, "visual.transformer.",
+                                            config.vision.layers),
+                "ln_post": _layer_norm(remaining, "visual.ln_post"),
+                "proj": {"kernel": remaining.pop("visual.proj")},
+            },
+            "text": {
+                "token_embedding": {"embedding": remaining.pop("token_embedding.weight")},
+                "positional_embedding": remaining.pop("positional_embedding"),
+                "transformer": _transformer(remaining, "transformer.", config.text.layers),
+                "ln_final": _layer_norm(remaining, "ln_final"),
+                "text_projection": {"kernel": remaining.pop("text_projection")},
+            },
+            "logit_scale": remaining.pop("logit_scale"),
+        }
+    except KeyError as e:
+        missing = sorted(_expected_openai_keys(config) - set(state))
+        raise CheckpointError(f"{source}: missing keys {missing} (first: {e.args[0]!r})") from e
+    if remaining:
+        raise CheckpointError(f"{source}: unexpected keys {sorted(remaining)}")
+    check_shapes(params, config, source=source)
+    return params
+
+
+def _expected_openai_keys(config):
+    keys = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+            "visual.proj", "token_embedding.weight", "positional_embedding",
+            "text_projection", "logit_scale"}
+    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
+        keys |= {f"{ln}.weight", f"{ln}.bias"}
+    for prefix, layers in (("visual.transformer.", config.vision.layers),
+                           ("transformer.", config.text.layers)):
+        for i in range(layers):
+            p = f"{prefix}resblocks.{i}."
+            keys |= {p + "attn.in_proj_weight", p + "attn.in_proj_bias"}
+            for name in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
+                keys |= {f"{p}{name}.weight", f"{p}{name}.bias"}
+    return keys
+
+
+def abstract_params(config):
+    """The parameter shapes a model of `config` expects (no computation)."""
+    model = model_lib.CLIP(config)
+    images = jax.ShapeDtypeStruct((1, config.vision.image_size, config.vision.image_size, 3),
+                                  np.float32)
+    tokens = jax.ShapeDtypeStruct((1, config.text.context_length), np.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+
+
+def check_shapes(params, config, *, source):
+    """Raises CheckpointError listing every parameter whose shape differs from `config`'s."""
+    expected = abstract_params(config)
+    flat_expected = {jax.tree_util.keystr(k): v.shape
+                     for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    flat_found = {jax.tree_util.keystr(k): np.shape(v)
+                  for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"{k}: expected {flat_expected.get(k)}, found {flat_found.get(k)}"
+                for k in sorted(set(flat_expected) | set(flat_found))
+                if flat_expected.get(k) != flat_found.get(k)]
+    if problems:
+        raise CheckpointError(f"{source}: shape mismatch with the architecture: "
+                              + "; ".join(problems))
+
+
+def _hf_to_openai(state, *, text_layers, vision_layers):
+    """Renames a Hugging Face CLIPModel state dict to OpenAI's keys (q/k/v fused)."""
+    state = dict(state)
+    out = {}
+
+    def move(src, dst, transpose=False):
+        value = state.pop(src)
+        out[dst] = value.T if transpose else value
+
+    def blocks(src, dst, layers):
+        for i in range(layers):
+            s, d = f"{src}.encoder.layers.{i}.", f"{dst}resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[f"{d}attn.in_proj_{kind}"] = np.concatenate(
+                    [state.pop(f"{s}self_attn.{n}_proj.{kind}") for n in "qkv"], axis=0)
+                move(f"{s}self_attn.out_proj.{kind}", f"{d}attn.out_proj.{kind}")
+                move(f"{s}layer_norm1.{kind}", f"{d}ln_1.{kind}")
+                move(f"{s}layer_norm2.{kind}", f"{d}ln_2.{kind}")
+                move(f"{s}mlp.fc1.{kind}", f"{d}mlp.c_fc.{kind}")
+                move(f"{s}mlp.fc2.{kind}", f"{d}mlp.c_proj.{kind}")
+
+    move("text_model.embeddings.token_embedding.weight", "token_embedding.weight")
+    move("text_model.embeddings.position_embedding.weight", "positional_embedding")
+    blocks("text_model", "transformer.", text_layers)
+    for kind in ("weight", "bias"):
+        move(f"text_model.final_layer_norm.{kind}", f"ln_final.{kind}")
+        move(f"vision_model.pre_layrnorm.{kind}", f"visual.ln_pre.{kind}")
+        move(f"vision_model.post_layernorm.{kind}", f"visual.ln_post.{kind}")
+    move("text_projection.weight", "text_projection", transpose=True)
+    move("vision_model.embeddings.class_embedding", "visual.class_embedding")
+    move("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight")
+    move("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding")
+    blocks("vision_model", "visual.transformer.", vision_layers)
+    move("visual_projection.weight", "visual.proj", transpose=True)
+    move("logit_scale", "logit_scale")
+    out.update(state)  # leftovers surface as "unexpected keys" in openai_to_flax
+    return out
+
+
+def hf_config(config_json):
+    """CLIPConfig from a Hugging Face `config.json` dict."""
+    text, vision = config_json["text_config"], config_json["vision_config"]
+    activation = text.get("hidden_act", "quick_gelu")
+    if vision.get("hidden_act", activation) != activation:
+        raise CheckpointError("different activations in the two towers are not supported")
+    return configs.CLIPConfig(
+        embed_dim=config_json.get("projection_dim", 512),
+        vision=configs.VisionConfig(
+            image_size=vision.get("image_size", 224),
+            patch_size=vision.get("patch_size", 32),
+            width=vision.get("hidden_size", 768),
+            layers=vision.get("num_hidden_layers", 12),
+            heads=vision.get("num_attention_heads", 12),
+            mlp_dim=vision.get("intermediate_size", 3072),
+        ),
+        text=configs.TextConfig(
+            context_length=text.get("max_position_embeddings", 77),
+            vocab_size=text.get("vocab_size", 49408),
+            width=text.get("hidden_size", 512),
+            layers=text.get("num_hidden_layers", 12),
+            heads=text.get("num_attention_heads", 8),
+            mlp_dim=text.get("intermediate_size", 2048),
+        ),
+        activation=activation,
+        layer_norm_eps=text.get("layer_norm_eps", 1e-5),
+    )
+
+
+def _load_hf_dir(path):
+    config = hf_config(json.loads((path / "config.json").read_text()))
+    if (path / "model.safetensors").exists():
+        import safetensors.numpy  # pylint: disable=g-import-not-at-top
+        state = safetensors.numpy.load_file(path / "model.safetensors")
+        source = path / "model.safetensors"
+    else:
+        source = path / "pytorch_model.bin"
+        state = torch_reader.read_state_dict(source)
+    try:
+        state = _hf_to_openai(state, text_layers=config.text.layers,
+                              vision_layers=config.vision.layers)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e.args[0]!r} for a Hugging Face "
+                              "CLIPModel") from e
+    return config, openai_to_flax(state, config, source=str(source))
+
+
+def _load_openai_file(path, activation):
+    if path.suffix == ".safetensors":
+        import safetensors.numpy  # pylint: disable=g-import-not-at-top
+        state = safetensors.numpy.load_file(path)
+    else:
+        state = torch_reader.read_state_dict(path)
+    config = infer_openai_config(state, activation=activation)
+    return config, openai_to_flax(state, config, source=str(path))
+
+
+def save(path, config, params):
+    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically via a temp dir."""
+    path = pathlib.Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        params = jax.tree.map(np.asarray, params)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+        (tmp / ORBAX_MARKER).write_text(json.dumps({"config": config.to_dict()}, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_orbax_dir(path):
+    config = configs.CLIPConfig.from_dict(json.loads((path / ORBAX_MARKER).read_text())["config"])
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", abstract_params(config))
+    return config, params
+
+
+def load_params(path, *, activation=None):
+    """Reads a checkpoint -> (CLIPConfig, params as numpy/jax arrays).
+
+    Args:
+      path: an OpenAI-layout file (TorchScript archive or state dict: .pt/.pth/.bin,
+        or .safetensors), a Hugging Face directory (config.json + model.safetensors or
+        pytorch_model.bin), or an Orbax directory written by `save`.
+      activation: override for OpenAI-layout files, whose activation is not stored
+        (OpenAI's models use "quick_gelu", the default; open_clip's non-OpenAI ones "gelu").
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / ORBAX_MARKER).exists():
+            return _load_orbax_dir(path)
+        if (path / "config.json").exists() and any(
+                (path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+            return _load_hf_dir(path)
+        raise CheckpointError(
+            f"{path}: unknown checkpoint layout; expected a Hugging Face directory "
+            f"(config.json + model.safetensors or pytorch_model.bin) or an Orbax directory "
+            f"written by p4q_jax ({ORBAX_MARKER} + params/)")
+    if path.suffix in _TORCH_SUFFIXES + (".safetensors",):
+        return _load_openai_file(path, activation or "quick_gelu")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format {path.suffix!r}; expected one of "
+        f"{_TORCH_SUFFIXES + ('.safetensors',)} or a directory")
