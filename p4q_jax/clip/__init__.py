@@ -1,0 +1,45 @@
+"""Pure-function CLIP: model, tokenizer, preprocessing, checkpoint loading.
+
+    model, params = clip.load("ViT-B-32.pt")      # or an HF directory, or an Orbax directory
+    features = clip.encode_image(model, params, images)
+"""
+
+import jax
+import jax.numpy as jnp
+
+from p4q_jax.clip import checkpoints
+from p4q_jax.clip import configs
+from p4q_jax.clip import model as model_lib
+from p4q_jax.clip.checkpoints import CheckpointError
+from p4q_jax.clip.checkpoints import save
+from p4q_jax.clip.configs import CLIPConfig
+from p4q_jax.clip.configs import get_config
+from p4q_jax.clip.encode import encode_image
+from p4q_jax.clip.encode import encode_text
+from p4q_jax.clip.model import CLIP
+from p4q_jax.clip.tokenizer import tokenize
+
+
+def load(path, *, dtype=jnp.float32, activation=None):
+    """Loads a checkpoint from disk (no network) -> (model, params).
+
+    Args:
+      path: OpenAI `.pt` (TorchScript or state dict), a Hugging Face directory, or an
+        Orbax directory written by `clip.save` / `python -m p4q_jax.clip.convert`.
+      dtype: computation dtype (parameters stay float32), e.g. `jnp.bfloat16`.
+      activation: override for OpenAI-layout files ("quick_gelu" by default).
+    """
+    config, params = checkpoints.load_params(path, activation=activation)
+    return CLIP(config, dtype=dtype), params
+
+
+def init(config, *, seed=0, dtype=jnp.float32):
+    """A randomly initialised model of `config` (a CLIPConfig or a name) -> (model, params)."""
+    if isinstance(config, str):
+        config = get_config(config)
+    model = CLIP(config, dtype=dtype)
+    size, length = config.vision.image_size, config.text.context_length
+    params = jax.jit(model.init)(
+        jax.random.key(seed), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+    )["params"]
+    return model, params

@@ -1,0 +1,58 @@
+"""Device mesh and shardings: one code path for 1 CPU, 8 fake CPU devices, a GPU, a TPU pod.
+
+The mesh has a `data` axis (batch) and a `model` axis (for towers too large to
+replicate); sizes come from the config, with -1 meaning "all remaining devices".
+Frozen weights and quantization state are replicated; batches are split over `data`.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+MODEL = "model"
+
+
+def make_mesh(*, data=-1, model=1, devices=None):
+    """A (data, model) mesh over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    if model < 1 or n % model:
+        raise ValueError(f"mesh.model={model} must be >= 1 and divide the {n} devices")
+    if data == -1:
+        data = n // model
+    if data * model != n:
+        raise ValueError(f"mesh.data={data} x mesh.model={model} != {n} devices")
+    return jax.make_mesh((data, model), (DATA, MODEL), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+    """Leading (batch) dimension split over `data`, the rest replicated."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def check_batch_size(batch_size, mesh, *, name="batch_size"):
+    """Raises a clear error when a global batch cannot be split evenly over the mesh."""
+    shards = mesh.shape[DATA]
+    if batch_size % shards or batch_size % jax.process_count():
+        raise ValueError(
+            f"{name}={batch_size} must be divisible by the {shards} data-parallel devices "
+            f"and the {jax.process_count()} processes")
+
+
+def to_global(batch, mesh):
+    """This process's slice of a batch (numpy) -> global arrays sharded over `data`."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def replicate(tree, mesh):
+    """Places a pytree (same value on every process) on all devices of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
