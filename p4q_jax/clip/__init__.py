@@ -1,6 +1,7 @@
 """Pure-function CLIP: model, tokenizer, preprocessing, checkpoint loading.
 
     model, params = clip.load("ViT-B-32.pt")      # or an HF directory, or an Orbax directory
+    pixels = clip.preprocess(pil_image, size=224)  # float32 [H, W, 3]
     features = clip.encode_image(model, params, images)
 """
 
@@ -18,6 +19,7 @@ from p4q_jax.clip.encode import encode_image
 from p4q_jax.clip.encode import encode_text
 from p4q_jax.clip.model import CLIP
 from p4q_jax.clip.tokenizer import tokenize
+from p4q_jax.clip.transforms import preprocess
 
 
 def load(path, *, dtype=jnp.float32, activation=None):

@@ -1,0 +1,52 @@
+"""Default config: the offline smoke run (zero-shot, no downloads).
+
+With no checkpoint, a randomly initialised `tiny` CLIP is evaluated on generated data,
+which exercises the whole pipeline and says so in its output: its accuracy is chance.
+Variants load this file and change a few fields; every field can be overridden from the
+command line, e.g. `--config.data.name=cifar100 --config.model.checkpoint=ViT-B-32.pt`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.mode = "zeroshot"
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    # OpenAI .pt, Hugging Face dir, or Orbax dir; unset = random init of `model.name`.
+    config.model.checkpoint = config_dict.placeholder(str)
+    config.model.name = "tiny"
+    config.model.dtype = "float32"  # computation dtype: float32 | bfloat16
+    config.model.activation = config_dict.placeholder(str)  # OpenAI-layout override
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "synthetic"  # cifar10 | cifar100 | imagenet2012 | folder | ...
+    config.data.data_dir = config_dict.placeholder(str)
+    config.data.manual_dir = config_dict.placeholder(str)
+    config.data.folder = config_dict.placeholder(str)  # root of a folder dataset
+    config.data.num_shots = 0  # k-shot per class for training; 0 = full training set
+    config.data.shot_seed = 1
+    config.data.flip = True
+    config.data.shuffle_buffer = 10_000
+    config.data.synthetic_classes = 10
+    config.data.synthetic_examples = 64
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 64  # global; the last batch is padded and masked
+    config.eval.text_batch_size = 128
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: all devices not used by `model`
+    config.mesh.model = 1
+
+    # Multi-host: set coordinator_address (+ num_processes, process_id), or `auto` on
+    # TPU pods / SLURM where jax.distributed.initialize() finds them itself.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.auto = False
+    config.distributed.coordinator_address = config_dict.placeholder(str)
+    config.distributed.num_processes = config_dict.placeholder(int)
+    config.distributed.process_id = config_dict.placeholder(int)
+    return config

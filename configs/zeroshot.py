@@ -1,0 +1,17 @@
+"""Zero-shot evaluation of a CLIP checkpoint with CLIP's prompt ensembles.
+
+    python main.py --config=configs/zeroshot.py --config.model.checkpoint=ViT-B-32.pt \
+        --config.data.name=cifar100 --workdir=runs/zeroshot_cifar100
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.mode = "zeroshot"
+    config.model.name = "ViT-B/32"
+    config.data.name = "cifar100"
+    config.eval.batch_size = 256
+    config.eval.text_batch_size = 256
+    return config

@@ -1,0 +1,30 @@
+"""Entry point: `python main.py --config=configs/NAME.py --workdir=DIR [--mode=MODE]`.
+
+Only parses flags; the jobs live in `p4q_jax.jobs` so they can be scripted from Colab.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from p4q_jax import jobs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Experiment config file; fields can be overridden with --config.FIELD=VALUE.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for results and checkpoints.")
+_MODE = flags.DEFINE_enum("mode", None, sorted(jobs.MODES), "Overrides config.mode.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    jobs.initialize_distributed(_CONFIG.value)
+    jobs.run(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

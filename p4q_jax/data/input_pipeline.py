@@ -1,0 +1,285 @@
+"""tf.data input pipelines: CLIP-preprocessed batches, sharded by process, k-shot, padded for eval.
+
+Every source (TFDS, an image folder, synthetic data) yields `{"image": <raw>, "label": int}` in a
+fixed order, with the image still encoded (or a file path), so that few-shot selection, process
+sharding and shuffling never decode an image they drop. Decoding and `clip.preprocess_tf` run once
+per kept example, in parallel.
+"""
+import dataclasses
+import functools
+import warnings
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from p4q_jax.clip import transforms
+from p4q_jax.data import folder as folder_lib
+from p4q_jax.data import registry
+from p4q_jax.data import synthetic
+
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _not_prepared_message(builder, data_dir):
+    message = (
+        f"TFDS dataset {builder.name!r} is not prepared under data_dir={data_dir!r} (looked in "
+        f"{builder.data_dir}), and nothing is downloaded at run time.")
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        return message + (
+            f" It is built from files you download yourself ({instructions}): put them in a "
+            "folder and set config.data.manual_dir to it; it is then prepared here, offline, once.")
+    return message + (
+        f" Prepare it once where there is network access (`tfds build {builder.name} "
+        f"--data_dir=DIR`, or `tfds.builder({builder.name!r}, data_dir=DIR)"
+        ".download_and_prepare()`) and set config.data.data_dir=DIR.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSource:
+    """A TFDS dataset; the image stays encoded until `decode`."""
+
+    info: registry.DatasetInfo
+    data_dir: str | None
+    manual_dir: str | None
+
+    def _builder(self):
+        builder = tfds.builder(self.info.tfds_name, data_dir=self.data_dir)
+        if self.manual_dir and builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not builder.is_prepared():
+            # Preparing from manually downloaded archives reads only local files.
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=self.manual_dir, try_download_gcs=False))
+        return builder
+
+    def read(self, split, *, shuffle_files=False, seed=None):
+        builder = self._builder()
+        keys = (self.info.image_key, self.info.label_key)
+        decoders = tfds.decode.PartialDecoding(
+            {key: True for key in keys}, decoders={self.info.image_key: tfds.decode.SkipDecoding()})
+        try:
+            ds = builder.as_dataset(
+                split=split, shuffle_files=shuffle_files, decoders=decoders,
+                read_config=tfds.ReadConfig(shuffle_seed=seed))
+        except AssertionError as error:  # TFDS's way of saying the data is not there.
+            if "could not find data" not in str(error):
+                raise
+            raise FileNotFoundError(_not_prepared_message(builder, self.data_dir)) from error
+        return ds.map(lambda ex: {"image": ex[keys[0]], "label": ex[keys[1]]})
+
+    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
+        part = split if count == 1 else tfds.even_splits(split, n=count)[index]
+        return self.read(part, shuffle_files=shuffle_files, seed=seed)
+
+    def num_examples(self, split):
+        cardinality = int(self.read(split).cardinality())
+        if cardinality < 0:
+            raise ValueError(f"TFDS did not report the size of {self.info.tfds_name} {split!r}.")
+        return cardinality
+
+    def decode(self, image):
+        return self._builder().info.features[self.info.image_key].decode_example(image)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FolderSource:
+    """Images under `root/<split>/<class>/`; the image is its file path until `decode`."""
+
+    root: str
+    classes: tuple
+
+    def _files(self, split):
+        return folder_lib.files(self.root, split, self.classes)
+
+    def read(self, split, *, shuffle_files=False, seed=None):
+        del shuffle_files, seed  # One in-memory list of paths: the shuffle buffer does it all.
+        paths, labels = self._files(split)
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": paths, "label": np.asarray(labels, np.int64)})
+
+    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
+        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
+
+    def num_examples(self, split):
+        return len(self._files(split)[0])
+
+    def decode(self, image):
+        pixels = tf.io.decode_image(tf.io.read_file(image), channels=3, expand_animations=False)
+        return tf.ensure_shape(pixels, (None, None, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SyntheticSource:
+    """Generated images (see `synthetic`), already decoded."""
+
+    num_classes: int
+    examples_per_split: int
+
+    def read(self, split, *, shuffle_files=False, seed=None):
+        del shuffle_files, seed  # Already in memory.
+        images, labels = synthetic.examples(
+            num_classes=self.num_classes, num_examples=self.examples_per_split, split=split)
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": labels.astype(np.int64)})
+
+    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
+        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
+
+    def num_examples(self, split):
+        del split  # Both splits have the same size.
+        return self.examples_per_split
+
+    def decode(self, image):
+        return image
+
+
+def _source(cfg, info):
+    if info.name == "synthetic":
+        return _SyntheticSource(cfg.synthetic_classes, cfg.synthetic_examples)
+    if info.name == "folder":
+        splits = (info.train_split, info.test_split)
+        return _FolderSource(info.root, folder_lib.class_dirs(info.root, splits))
+    return _TfdsSource(info, cfg.data_dir, cfg.manual_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _labels(source, split, num_examples):
+    """All labels of a split, in source order.
+
+    Cached because a label scan of ImageNet takes minutes and `num_examples` and `create_dataset`
+    both need it. `num_examples` is only part of the cache key: data of another size is other data.
+    """
+    del num_examples
+    batches = source.read(split).map(lambda ex: ex["label"]).batch(8192).as_numpy_iterator()
+    return np.concatenate([np.zeros([0], np.int64), *batches])
+
+
+def _few_shot_indices(labels, *, num_shots, num_classes, seed):
+    """Sorted indices of `num_shots` random examples per class (all of a class that has fewer)."""
+    rng = np.random.default_rng(seed)
+    chosen, short = [], []
+    for label in range(num_classes):
+        candidates = np.flatnonzero(labels == label)
+        if len(candidates) < num_shots:
+            short.append(label)
+        chosen.append(rng.choice(candidates, size=min(num_shots, len(candidates)), replace=False))
+    if short:
+        warnings.warn(
+            f"{len(short)} classes have fewer than {num_shots} training examples and keep all they "
+            f"have (labels {short[:10]}{'...' if len(short) > 10 else ''}).", stacklevel=3)
+    return np.sort(np.concatenate(chosen))
+
+
+def _few_shot_subset(cfg, info, source, split):
+    """Indices of the k-shot subset of `split` (our "train"), or None for the full split."""
+    if split != "train" or not cfg.num_shots:
+        return None
+    own = info.split_name(split)
+    labels = _labels(source, own, source.num_examples(own))
+    return _few_shot_indices(
+        labels, num_shots=cfg.num_shots, num_classes=info.num_classes, seed=cfg.shot_seed)
+
+
+def _process_part(cfg, info, source, *, split, train, seed):
+    """(this process's raw examples, number of examples over all processes)."""
+    own = info.split_name(split)
+    index, count = jax.process_index(), jax.process_count()
+    subset = _few_shot_subset(cfg, info, source, split)
+    if subset is None:
+        part = source.read_process_part(
+            own, index=index, count=count, shuffle_files=train, seed=seed)
+        return part, source.num_examples(own)
+    keep = np.zeros(source.num_examples(own), bool)
+    keep[subset] = True
+    keep = tf.constant(keep)
+    # The subset is small by construction: cache it (still encoded) instead of re-reading the split.
+    part = (source.read(own).enumerate()
+            .filter(lambda i, ex: tf.gather(keep, i))
+            .map(lambda i, ex: ex)
+            .shard(count, index)
+            .cache())
+    return part, len(subset)
+
+
+def _local_batch_size(batch_size):
+    count = jax.process_count()
+    if batch_size < 1 or batch_size % count:
+        raise ValueError(
+            f"batch_size ({batch_size}) is the global batch and must be a positive multiple of "
+            f"the number of processes ({count}).")
+    return batch_size // count
+
+
+def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0):
+    """This process's batches of CLIP-preprocessed images.
+
+    Args:
+        cfg: the `config.data` ConfigDict (name, data_dir, manual_dir, num_shots, shot_seed, flip,
+            shuffle_buffer, folder, synthetic_classes, synthetic_examples).
+        split: "train" or "test" (mapped to the dataset's own splits). `cfg.num_shots` > 0 makes
+            "train" the k-shot subset chosen by `cfg.shot_seed`, the same on every process.
+        batch_size: the global batch; each process gets batch_size / process_count examples of
+            its own disjoint part of the data.
+        image_size: side of the square CLIP input.
+        train: True: seeded shuffle, random horizontal flips if `cfg.flip`, repeated forever,
+            full batches only. False: one pass in order, the last batch padded to full size with
+            `mask` False, and every process given the same number of batches (so an evaluation
+            compiles once, never counts padding, and no process waits for another).
+        seed: shuffle and flip seed.
+
+    Returns:
+        tf.data.Dataset of {"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}.
+    """
+    local_batch = _local_batch_size(batch_size)
+    info = registry.info_from_config(cfg)
+    source = _source(cfg, info)
+    ds, total = _process_part(cfg, info, source, split=split, train=train, seed=seed)
+    if train:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+    def prepare(ex):
+        image = transforms.preprocess_tf(source.decode(ex["image"]), size=image_size)
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
+
+    ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE)
+    if train and cfg.flip:
+        # Stateless flips seeded by (seed, position in the stream): reproducible under parallelism.
+        def flip(position, ex):
+            flip_seed = tf.stack([tf.constant(seed, tf.int64), position])
+            image = tf.image.stateless_random_flip_left_right(ex["image"], flip_seed)
+            return {**ex, "image": image}
+
+        ds = ds.enumerate().map(flip, num_parallel_calls=_AUTOTUNE)
+    if not train:
+        steps = _eval_steps(total, local_batch)
+        padding = tf.data.Dataset.from_tensors({
+            "image": tf.zeros((image_size, image_size, 3), tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(False),
+        }).repeat()
+        ds = ds.concatenate(padding).take(steps * local_batch)
+    return ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
+
+
+def _eval_steps(total, local_batch):
+    per_process = -(-total // jax.process_count())
+    return -(-per_process // local_batch)
+
+
+def num_eval_batches(cfg, *, split, batch_size):
+    """Batches that `create_dataset(..., train=False)` yields on every process."""
+    return _eval_steps(num_examples(cfg, split=split), _local_batch_size(batch_size))
+
+
+def num_examples(cfg, *, split):
+    """Examples in `split` over all processes (the k-shot subset's size for "train" with shots)."""
+    info = registry.info_from_config(cfg)
+    source = _source(cfg, info)
+    subset = _few_shot_subset(cfg, info, source, split)
+    return source.num_examples(info.split_name(split)) if subset is None else len(subset)
+
+
+def as_numpy_batches(ds):
+    """Iterates a dataset as dicts of numpy arrays."""
+    return tfds.as_numpy(ds)

@@ -1,0 +1,172 @@
+"""Which datasets exist, where their data comes from, and their class names and prompt templates."""
+import dataclasses
+from typing import Callable
+
+import tensorflow_datasets as tfds
+
+from p4q_jax.data import classnames
+from p4q_jax.data import folder as folder_lib
+from p4q_jax.data import synthetic
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetInfo:
+    """What the input pipeline and the prompts need to know about one dataset.
+
+    Attributes:
+        name: our name for it (the `config.data.name`).
+        tfds_name: TFDS builder name (with config, e.g. "eurosat/rgb"); None for "folder" and
+            "synthetic".
+        train_split: the dataset's own split (TFDS split syntax, or a folder's sub-folder, "" for
+            the folder itself) that serves as "train"; None where there is none (test-only sets).
+        test_split: the same for "test".
+        class_names: one readable name per label index, as it goes into a prompt.
+        templates: prompt templates, "{}" standing for the class name.
+        image_key: the image feature's key in a TFDS example.
+        label_key: the label feature's key in a TFDS example.
+        root: the image folder, for "folder".
+    """
+
+    name: str
+    tfds_name: str | None
+    train_split: str | None
+    test_split: str
+    class_names: tuple
+    templates: tuple
+    image_key: str = "image"
+    label_key: str = "label"
+    root: str | None = None
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def split_name(self, split):
+        """The dataset's own split for our "train" or "test"."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        own = self.train_split if split == "train" else self.test_split
+        if own is None:
+            raise ValueError(
+                f"Dataset {self.name!r} has no {split} split (it is for evaluation only).")
+        return own
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _TfdsSpec:
+    """A TFDS dataset: fixed `class_names`, or `clean` applied to the builder's label names."""
+
+    tfds_name: str
+    train_split: str | None
+    test_split: str
+    templates: tuple
+    class_names: tuple | None = None
+    clean: Callable | None = None
+
+
+_TFDS_DATASETS = {
+    "cifar10": _TfdsSpec(
+        tfds_name="cifar10", train_split="train", test_split="test",
+        templates=classnames.CIFAR_TEMPLATES, class_names=classnames.CIFAR10_CLASSNAMES),
+    "cifar100": _TfdsSpec(
+        tfds_name="cifar100", train_split="train", test_split="test",
+        templates=classnames.CIFAR_TEMPLATES, class_names=classnames.CIFAR100_CLASSNAMES),
+    "imagenet2012": _TfdsSpec(
+        tfds_name="imagenet2012", train_split="train", test_split="validation",
+        templates=classnames.IMAGENET_TEMPLATES, class_names=classnames.IMAGENET_CLASSNAMES),
+    "imagenet_v2": _TfdsSpec(
+        tfds_name="imagenet_v2", train_split=None, test_split="test",
+        templates=classnames.IMAGENET_TEMPLATES, class_names=classnames.IMAGENET_CLASSNAMES),
+    "imagenet_sketch": _TfdsSpec(
+        tfds_name="imagenet_sketch", train_split=None, test_split="test",
+        templates=classnames.IMAGENET_TEMPLATES, class_names=classnames.IMAGENET_CLASSNAMES),
+    "oxford_iiit_pet": _TfdsSpec(
+        tfds_name="oxford_iiit_pet", train_split="train", test_split="test",
+        templates=classnames.PET_TEMPLATES, clean=classnames.pet_names),
+    # TFDS's train split has 10 images per class; with validation, 20 (enough for 16 shots).
+    "oxford_flowers102": _TfdsSpec(
+        tfds_name="oxford_flowers102", train_split="train+validation", test_split="test",
+        templates=classnames.FLOWER_TEMPLATES, clean=classnames.plain_names),
+    "food101": _TfdsSpec(
+        tfds_name="food101", train_split="train", test_split="validation",
+        templates=classnames.FOOD_TEMPLATES, clean=classnames.plain_names),
+    "caltech101": _TfdsSpec(
+        tfds_name="caltech101", train_split="train", test_split="test",
+        templates=classnames.PHOTO_TEMPLATES, clean=classnames.caltech101_names),
+    "dtd": _TfdsSpec(
+        tfds_name="dtd", train_split="train+validation", test_split="test",
+        templates=classnames.TEXTURE_TEMPLATES, clean=classnames.plain_names),
+    # TFDS has only a train split for EuroSAT; its first 80% trains, the rest tests.
+    "eurosat": _TfdsSpec(
+        tfds_name="eurosat/rgb", train_split="train[:80%]", test_split="train[80%:]",
+        templates=classnames.SATELLITE_TEMPLATES, clean=classnames.eurosat_names),
+    "sun397": _TfdsSpec(
+        tfds_name="sun397/tfds", train_split="train", test_split="test",
+        templates=classnames.PHOTO_TEMPLATES, clean=classnames.sun397_names),
+    "cars196": _TfdsSpec(
+        tfds_name="cars196", train_split="train", test_split="test",
+        templates=classnames.PHOTO_TEMPLATES, clean=classnames.car_names),
+}
+
+NAMES = tuple(sorted(_TFDS_DATASETS)) + ("folder", "synthetic")
+
+
+def _tfds_info(name, spec, data_dir):
+    label = tfds.builder(spec.tfds_name, data_dir=data_dir).info.features["label"]
+    if spec.class_names is not None:
+        if len(spec.class_names) != label.num_classes:
+            raise ValueError(
+                f"{name}: {len(spec.class_names)} class names for a TFDS label with "
+                f"{label.num_classes} classes.")
+        names = spec.class_names
+    elif label.names == [str(i) for i in range(label.num_classes)]:
+        raise ValueError(
+            f"{name}: the TFDS builder {spec.tfds_name!r} knows its class names only once the "
+            f"dataset is prepared, and it is not prepared in data_dir={data_dir!r}.")
+    else:
+        names = spec.clean(label.names)
+    return DatasetInfo(
+        name=name, tfds_name=spec.tfds_name, train_split=spec.train_split,
+        test_split=spec.test_split, class_names=tuple(names), templates=spec.templates)
+
+
+def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10):
+    """The DatasetInfo for a dataset name (see `NAMES`). Reads no data and downloads nothing.
+
+    Args:
+        name: a TFDS dataset in the registry, "folder" or "synthetic".
+        data_dir: TFDS data directory (None: TFDS's default).
+        folder: the image folder's root, for "folder".
+        synthetic_classes: number of classes, for "synthetic".
+    """
+    if name == "synthetic":
+        return DatasetInfo(
+            name=name, tfds_name=None, train_split="train", test_split="test",
+            class_names=synthetic.class_names(synthetic_classes),
+            templates=classnames.GENERIC_TEMPLATES)
+    if name == "folder":
+        if not folder:
+            raise ValueError("Dataset 'folder' needs the image folder's root (config.data.folder).")
+        train_dir, test_dir = folder_lib.split_dirs(folder)
+        dirs = folder_lib.class_dirs(folder, (train_dir, test_dir))
+        return DatasetInfo(
+            name=name, tfds_name=None, train_split=train_dir, test_split=test_dir,
+            class_names=tuple(classnames.readable(d) for d in dirs),
+            templates=classnames.GENERIC_TEMPLATES, root=folder)
+    if name not in _TFDS_DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(NAMES)}.")
+    return _tfds_info(name, _TFDS_DATASETS[name], data_dir)
+
+
+def info_from_config(cfg):
+    """`get_info` for the `config.data` section."""
+    return get_info(
+        cfg.name, data_dir=cfg.data_dir, folder=cfg.folder,
+        synthetic_classes=cfg.synthetic_classes)
+
+
+def prompts(class_names, templates):
+    """Every template filled with every class name: [n_classes][n_templates] strings."""
+    return [[template.format(name) for template in templates] for name in class_names]

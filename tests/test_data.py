@@ -1,0 +1,359 @@
+"""The data layer: registry, class names, TFDS / folder / synthetic pipelines (no network)."""
+import collections
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from open_clip import zero_shot_metadata
+from PIL import Image
+
+from p4q_jax import data
+from p4q_jax.clip import transforms
+from p4q_jax.data import classnames
+from p4q_jax.data import registry
+
+_LOW = (0.0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
+_HIGH = (1.0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
+
+
+def _config(**overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        name="cifar10", data_dir=None, manual_dir=None, num_shots=0, shot_seed=0, flip=False,
+        shuffle_buffer=256, folder=None, synthetic_classes=10, synthetic_examples=20))
+    cfg.update(overrides)
+    return cfg
+
+
+def _batches(cfg, *, count=None, **kwargs):
+    ds = data.create_dataset(cfg, **kwargs)
+    if count is not None:
+        ds = ds.take(count)
+    return list(data.as_numpy_batches(ds))
+
+
+def _pixels(image):
+    """Normalized image -> the uint8 pixels it came from (exact when nothing was resized)."""
+    raw = (image * np.asarray(transforms.CLIP_STD) + np.asarray(transforms.CLIP_MEAN)) * 255
+    return np.round(raw).astype(np.int64)
+
+
+def _index_of(image):
+    pixel = _pixels(image)[0, 0]
+    return int(pixel[0] + 256 * pixel[1])
+
+
+def _masked_images(batches):
+    return [img for b in batches for img, m in zip(b["image"], b["mask"]) if m]
+
+
+def _masked_indices(batches):
+    return [_index_of(img) for img in _masked_images(batches)]
+
+
+def _indexed_example(features, index, num_classes):
+    """Example `index` of the indexed mock: label index % num_classes, pixels encoding index."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = index % 256, index // 256, 7
+    example = {"id": str(index), "image": image, "label": index % num_classes}
+    if "coarse_label" in features:
+        example["coarse_label"] = 0
+    return example
+
+
+def _indexed_mock(num_examples):
+    """mock_data whose examples are recognisable and which honours sub-splits (`tfds.even_splits`).
+
+    The default mock ignores the split, so every process would read the same data; this one
+    resolves split instructions the way TFDS does, against `num_examples` per split.
+    """
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        del read_config, shuffle_files
+        infos = tfds.core.SplitDict([
+            tfds.core.SplitInfo(name=name, shard_lengths=[num_examples], num_bytes=0)
+            for name in ("train", "test")])
+        indices = np.concatenate([
+            np.arange(part.from_ or 0, num_examples if part.to is None else part.to)
+            for part in tfds.core.splits.AbstractSplit.from_spec(split).to_absolute(infos)])
+        features = self.info.features
+        num_classes = features["label"].num_classes
+        serialized = [
+            features.serialize_example(_indexed_example(features, i, num_classes)) for i in indices]
+        if isinstance(decoders, tfds.decode.PartialDecoding):
+            features, decoders = decoders.extract_features(features), decoders.decoders
+        ds = tf.data.Dataset.from_tensor_slices(serialized)
+        return ds.map(functools.partial(features.deserialize_example, decoders=decoders))
+
+    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def _fake_processes(monkeypatch, index, count):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+# --- registry and class names ------------------------------------------------------------------
+
+
+def test_registry_counts():
+    cifar100 = data.get_info("cifar100")
+    assert (cifar100.num_classes, len(cifar100.templates)) == (100, 18)
+    assert len(set(cifar100.class_names)) == 100
+    cifar10 = data.get_info("cifar10")
+    assert (cifar10.num_classes, len(cifar10.templates)) == (10, 18)
+    imagenet = data.get_info("imagenet2012")
+    assert (imagenet.num_classes, len(imagenet.templates)) == (1000, 80)
+    # CLIP's curated list repeats two names; everything else is distinct.
+    repeated = {n for n, c in collections.Counter(imagenet.class_names).items() if c > 1}
+    assert repeated == {"missile", "sunglasses"}
+    assert all(t.count("{}") == 1 for t in imagenet.templates + cifar100.templates)
+
+
+def test_cifar_names_are_the_dataset_label_order():
+    # TFDS only learns CIFAR's names from the downloaded archive; the archive's fine labels are
+    # alphabetical with underscores, which pins down our list's order independently.
+    with_underscores = [n.replace(" ", "_") for n in classnames.CIFAR100_CLASSNAMES]
+    assert with_underscores == sorted(with_underscores)
+    assert classnames.CIFAR100_CLASSNAMES[83] == "sweet pepper"
+    assert classnames.CIFAR10_CLASSNAMES[::9] == ("airplane", "truck")
+    label = tfds.builder("cifar100").info.features["label"]
+    assert label.num_classes == len(classnames.CIFAR100_CLASSNAMES)
+
+
+def test_imagenet_lists_match_open_clip():
+    info = data.get_info("imagenet2012")
+    assert info.class_names == tuple(zero_shot_metadata.IMAGENET_CLASSNAMES)
+    assert info.templates == tuple(t("{}") for t in zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES)
+
+
+@pytest.mark.parametrize("name, count, first, template", [
+    ("oxford_iiit_pet", 37, "abyssinian", "a photo of a {}, a type of pet."),
+    ("oxford_flowers102", 102, "pink primrose", "a photo of a {}, a type of flower."),
+    ("food101", 101, "apple pie", "a photo of {}, a type of food."),
+    ("caltech101", 102, "accordion", "a photo of a {}."),
+    ("dtd", 47, "banded", "{} texture."),
+    ("eurosat", 10, "Annual Crop Land", "a centered satellite photo of {}."),
+    ("sun397", 397, "abbey", "a photo of a {}."),
+    ("cars196", 196, "2000 AM General Hummer SUV", "a photo of a {}."),
+])
+def test_tfds_class_names_offline(name, count, first, template):
+    info = data.get_info(name)
+    assert (info.num_classes, info.class_names[0], info.templates) == (count, first, (template,))
+    assert all("_" not in n for n in info.class_names)
+
+
+def test_coop_name_cleaning():
+    assert classnames.sun397_names(["/a/apartment_building/outdoor", "/b/bakery/shop"]) == (
+        "outdoor apartment building", "shop bakery")
+    assert classnames.car_names(["Acura RL Sedan 2012"]) == ("2012 Acura RL Sedan",)
+    assert classnames.caltech101_names(["airplanes", "faces_easy", "car_side"]) == (
+        "airplane", "centered face", "car side")
+    assert classnames.pet_names(["British_Shorthair"]) == ("british shorthair",)
+
+
+def test_names_unavailable_offline(monkeypatch):
+    spec = registry._TfdsSpec(  # pylint: disable=protected-access
+        tfds_name="caltech_birds2011", train_split="train", test_split="test",
+        templates=classnames.PHOTO_TEMPLATES, clean=classnames.plain_names)
+    monkeypatch.setitem(registry._TFDS_DATASETS, "birds", spec)  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match="not prepared"):
+        data.get_info("birds")
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="known: .*cifar100.*synthetic"):
+        data.get_info("cifar1000")
+
+
+def test_eval_only_dataset_has_no_train_split():
+    with pytest.raises(ValueError, match="no train split"):
+        data.get_info("imagenet_v2").split_name("train")
+
+
+def test_prompts():
+    filled = data.prompts(("cat", "dog"), ("a photo of a {}.", "art of the {}."))
+    assert filled == [
+        ["a photo of a cat.", "art of the cat."], ["a photo of a dog.", "art of the dog."]]
+
+
+# --- TFDS pipelines under mock data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, num_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_tfds_pipeline_shapes_and_range(name, num_classes):
+    cfg = _config(name=name)
+    with tfds.testing.mock_data(num_examples=10):
+        test = _batches(cfg, split="test", batch_size=4, image_size=224, train=False)
+        train = _batches(cfg, count=3, split="train", batch_size=4, image_size=224, train=True)
+    assert len(test) == 3 and len(train) == 3
+    for batch in test + train:
+        assert batch["image"].shape == (4, 224, 224, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].dtype == np.int32 and batch["mask"].dtype == bool
+        assert np.all((batch["label"] >= 0) & (batch["label"] < num_classes))
+        assert np.all(batch["image"] >= _LOW - 1e-5) and np.all(batch["image"] <= _HIGH + 1e-5)
+    assert sum(b["mask"].sum() for b in test) == 10
+    assert all(b["mask"].all() for b in train)
+    padding = test[-1]
+    assert not padding["mask"][2:].any()
+    assert np.all(padding["image"][2:] == 0) and np.all(padding["label"][2:] == 0)
+
+
+def test_eval_sees_every_example_once():
+    with _indexed_mock(13):
+        batches = _batches(_config(), split="test", batch_size=4, image_size=32, train=False)
+        assert data.num_examples(_config(), split="test") == 13
+    assert sorted(_masked_indices(batches)) == list(range(13))
+    labels = [label for b in batches for label, m in zip(b["label"], b["mask"]) if m]
+    assert labels == [i % 10 for i in _masked_indices(batches)]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(name="cifar10"),
+    dict(name="cifar10", num_shots=3),
+    dict(name="synthetic", synthetic_examples=13),
+], ids=["tfds", "tfds-few-shot", "synthetic"])
+def test_process_shards_are_disjoint_and_cover_the_split(monkeypatch, overrides):
+    cfg = _config(**overrides)
+    split = "train" if cfg.num_shots else "test"
+    shards = []
+    with _indexed_mock(60 if cfg.num_shots else 13):
+        for index in range(2):
+            _fake_processes(monkeypatch, index, 2)
+            batches = _batches(cfg, split=split, batch_size=8, image_size=32, train=False)
+            assert all(b["image"].shape[0] == 4 for b in batches)
+            keys = {_pixels(img).tobytes() for img in _masked_images(batches)}
+            shards.append((len(batches), keys))
+        total = data.num_examples(cfg, split=split)
+    (steps0, first), (steps1, second) = shards
+    assert steps0 == steps1  # every process runs the same number of eval steps
+    assert not first & second
+    assert len(first) + len(second) == total == (30 if cfg.num_shots else 13)
+
+
+def test_training_shards_are_disjoint(monkeypatch):
+    seen = []
+    with _indexed_mock(40):
+        for index in range(2):
+            _fake_processes(monkeypatch, index, 2)
+            batches = _batches(
+                _config(), count=2, split="train", batch_size=8, image_size=32, train=True)
+            seen.append({_index_of(img) for b in batches for img in b["image"]})
+    assert len(seen[0]) > 1 and max(seen[0]) < 20 <= min(seen[1])
+
+
+def test_batch_must_divide_over_processes(monkeypatch):
+    _fake_processes(monkeypatch, 0, 3)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        data.create_dataset(_config(name="synthetic"), split="test", batch_size=8, image_size=32,
+                            train=False)
+
+
+def _few_shot_epoch(shot_seed):
+    cfg = _config(num_shots=3, shot_seed=shot_seed)
+    with _indexed_mock(200):
+        assert data.num_examples(cfg, split="train") == 30
+        batches = _batches(cfg, count=3, split="train", batch_size=10, image_size=32, train=True)
+    return _masked_indices(batches)
+
+
+def test_few_shot_is_k_per_class_and_seeded():
+    epoch = _few_shot_epoch(0)
+    assert len(set(epoch)) == 30  # one epoch of 3 batches: each chosen example once
+    assert collections.Counter(i % 10 for i in epoch) == {c: 3 for c in range(10)}
+    assert set(_few_shot_epoch(0)) == set(epoch)
+    assert set(_few_shot_epoch(1)) != set(epoch)
+
+
+def test_not_prepared_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
+        data.create_dataset(_config(data_dir=str(tmp_path)), split="test", batch_size=4,
+                            image_size=32, train=False)
+
+
+def test_manual_dir_prepares_imagenet_offline(tmp_path, monkeypatch):
+    configs = []
+    monkeypatch.setattr(
+        tfds.core.DatasetBuilder, "download_and_prepare",
+        lambda self, download_config: configs.append(download_config))
+    cfg = _config(name="imagenet2012", data_dir=str(tmp_path), manual_dir=str(tmp_path / "tars"))
+    with pytest.raises(FileNotFoundError, match="manual_dir"):  # the stub prepared nothing
+        data.create_dataset(cfg, split="test", batch_size=4, image_size=32, train=False)
+    assert configs and configs[0].manual_dir == str(tmp_path / "tars")
+    assert not configs[0].try_download_gcs
+
+
+# --- synthetic and folder datasets ---------------------------------------------------------------
+
+
+def test_flip_mirrors_some_images():
+    def images(flip):
+        cfg = _config(name="synthetic", flip=flip)
+        batches = _batches(
+            cfg, count=5, split="train", batch_size=8, image_size=32, train=True, seed=3)
+        return np.concatenate([b["image"] for b in batches])
+
+    plain, flipped = images(False), images(True)
+    mirrored = np.array([np.array_equal(f, p[:, ::-1]) for f, p in zip(flipped, plain)])
+    same = np.array([np.array_equal(f, p) for f, p in zip(flipped, plain)])
+    assert np.all(mirrored | same)
+    assert 0 < mirrored.sum() < len(plain)
+    np.testing.assert_array_equal(images(True), flipped)  # flips are seeded
+
+
+def test_synthetic_dataset():
+    info = data.get_info("synthetic", synthetic_classes=12)
+    assert info.class_names[:2] == ("airplane", "automobile")
+    assert info.class_names[10:] == ("airplane 2", "automobile 2")
+    cfg = _config(name="synthetic", synthetic_classes=4, synthetic_examples=10)
+    test = _batches(cfg, split="test", batch_size=4, image_size=32, train=False)
+    again = _batches(cfg, split="test", batch_size=4, image_size=32, train=False)
+    labels = np.concatenate([b["label"][b["mask"]] for b in test])
+    assert sorted(collections.Counter(labels).values()) == [2, 2, 3, 3]
+    np.testing.assert_array_equal(test[0]["image"], again[0]["image"])
+    train = _batches(cfg, split="train", batch_size=4, image_size=32, train=False)
+    assert not np.array_equal(train[0]["image"], test[0]["image"])
+    assert data.num_examples(cfg, split="train") == 10
+
+
+def _write_image(path, value, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((20, 30, 3), value, np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+def test_folder_dataset_with_splits(tmp_path):
+    for split, count in (("train", 3), ("test", 2)):
+        for label, name in enumerate(("big_cat", "dog")):
+            for i in range(count):
+                mode = ("RGB", "RGBA", "L")[i % 3]
+                _write_image(tmp_path / split / name / f"{i}.png", 40 + 100 * label, mode)
+    (tmp_path / "test" / "dog" / "notes.txt").write_text("not an image")
+    info = data.get_info("folder", folder=str(tmp_path))
+    assert info.class_names == ("big cat", "dog")
+    assert info.templates == classnames.GENERIC_TEMPLATES
+    cfg = _config(name="folder", folder=str(tmp_path))
+    assert data.num_examples(cfg, split="train") == 6
+    batches = _batches(cfg, split="test", batch_size=3, image_size=32, train=False)
+    mask = np.concatenate([b["mask"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])[mask]
+    values = _pixels(np.concatenate([b["image"] for b in batches]))[mask][:, 5, 5, 0]
+    assert sorted(labels) == [0, 0, 1, 1]
+    np.testing.assert_array_equal(values, 40 + 100 * labels)
+
+
+def test_folder_without_splits_warns_and_serves_both(tmp_path):
+    for name in ("cat", "dog"):
+        _write_image(tmp_path / name / "a.jpg", 128)
+    with pytest.warns(UserWarning, match="no 'train' and 'test' sub-folders"):
+        cfg = _config(name="folder", folder=str(tmp_path))
+        assert data.num_examples(cfg, split="train") == data.num_examples(cfg, split="test") == 2
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.get_info("folder", folder=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="needs the image folder"):
+        data.get_info("folder")

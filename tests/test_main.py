@@ -1,0 +1,86 @@
+"""End-to-end runs of `main.py` on mock TFDS data (no network, tiny models)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from p4q_jax import clip
+from p4q_jax import data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# ml_collections' config flags register `--config.*` overrides from sys.argv once per
+# process, so every run of main.py gets its own process (with the test's 8 fake devices).
+_DRIVER = """
+import sys
+import tensorflow_datasets as tfds
+from absl import app
+import main
+num_examples = int(sys.argv[1])
+sys.argv = ["main.py", *sys.argv[2:]]
+with tfds.testing.mock_data(num_examples=num_examples):
+    app.run(main.main)
+"""
+
+
+def _run_main(argv, *, mock_examples=50):
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(mock_examples), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model, params = clip.init("tiny", seed=1)
+    clip.save(path, model.config, params)
+    return path
+
+
+def _reference_zeroshot(checkpoint, dataset, images, labels):
+    """Unsharded, unpadded zero-shot top-1 with the public API only."""
+    model, params = clip.load(checkpoint)
+    info = data.get_info(dataset)
+    weights = []
+    for prompts in data.prompts(info.class_names, info.templates):
+        f = np.asarray(clip.encode_text(model, params, clip.tokenize(prompts)), np.float64)
+        f /= np.linalg.norm(f, axis=-1, keepdims=True)
+        weights.append(f.mean(0) / np.linalg.norm(f.mean(0)))
+    img = np.asarray(clip.encode_image(model, params, images), np.float64)
+    logits = img @ np.stack(weights).T
+    return 100.0 * np.mean(logits.argmax(-1) == labels)
+
+
+def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
+    _run_main(["--config=configs/zeroshot.py", f"--config.model.checkpoint={tiny_checkpoint}",
+               "--config.data.name=cifar100", "--config.eval.batch_size=24",
+               "--config.eval.text_batch_size=64", f"--workdir={tmp_path}"])
+    from configs import zeroshot  # pylint: disable=g-import-not-at-top
+    data_cfg = zeroshot.get_config().data
+    data_cfg.name = "cifar100"
+    with tfds.testing.mock_data(num_examples=50):
+        batches = list(data.as_numpy_batches(data.create_dataset(
+            data_cfg, split="test", batch_size=50, image_size=32, train=False)))
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert results["smoke_run"] is False and results["num_classes"] == 100
+    assert row["count"] == 50  # two padded batches of 24 and one of 2 real examples
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert row["top1"] == pytest.approx(
+        _reference_zeroshot(tiny_checkpoint, "cifar100", images, labels), abs=1e-6)
+    assert 0 <= row["top1"] <= row["top5"] <= 100
+
+
+def test_default_main_is_an_offline_smoke_run(tmp_path):
+    log = _run_main([f"--workdir={tmp_path}"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["smoke_run"] is True
+    from configs import default  # pylint: disable=g-import-not-at-top
+    assert results["rows"][0]["count"] == default.get_config().data.synthetic_examples
+    assert "SMOKE RUN" in log
