@@ -15,7 +15,6 @@ from absl import app
 from absl import flags
 
 from p4q_jax import clip
-from p4q_jax import evaluate
 
 _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config.")
 _IMAGE_BATCH = flags.DEFINE_integer("image_batch", 32, "Images per call.")
@@ -41,7 +40,7 @@ def main(argv):
         size=(_IMAGE_BATCH.value, size, size, 3)).astype(np.float32))
     names = [f"class number {i}" for i in range(_TEXT_BATCH.value)]
     tokens = clip.tokenize([f"a photo of a {n}." for n in names])
-    cropped = evaluate.crop_to_eot(tokens)
+    cropped = clip.crop_to_eot(tokens)
     print(f"{'dtype':>9} {'images/s':>10} {'texts/s (77 tok)':>17} "
           f"{f'texts/s ({cropped.shape[1]} tok)':>17}")
     for dtype in (jnp.float32, jnp.bfloat16):

@@ -38,6 +38,11 @@ def get_config():
     config.eval.batch_size = 64  # global; the last batch is padded and masked
     config.eval.text_batch_size = 128
 
+    config.quant = ml_collections.ConfigDict()
+    config.quant.config = "w4a4attn8"  # official | w{W}a{A}[attn{S}] (see p4q_jax/quant/qconfig.py)
+    config.quant.calib_batches = 2  # training batches the image tower is calibrated on
+    config.quant.calib_batch_size = 32
+
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by `model`
     config.mesh.model = 1

@@ -4,6 +4,9 @@ The classifier is CLIP's: for each class, the normalized mean of the normalized 
 features of its prompts ("a photo of a {class}." x templates). Evaluation is one jitted
 step over a batch sharded on the mesh's `data` axis; the last batch is padded and the
 padding is masked out, so the step compiles once and padding is never counted.
+
+Functions take `variables = {"params": FP params, "qstate": a quant.QState or None}`,
+so the same evaluator measures the FP and the quantized model.
 """
 
 import functools
@@ -22,21 +25,20 @@ def normalize(x, axis=-1):
     return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 
 
-def crop_to_eot(tokens):
-    """Drops the columns after the last EOT of the batch: a causal tower cannot see them."""
-    tokens = np.asarray(tokens)
-    return tokens[:, : int(np.asarray(clip.model_lib.eot_index(tokens)).max()) + 1]
+def _apply(model, variables, x, *, method):
+    return clip.encode.apply(model, variables["params"], x, method=method,
+                             qstate=variables.get("qstate"))
 
 
 def encode_prompts(model, variables, tokens, *, mesh, batch_size):
     """Text features for many prompts, in fixed-size chunks sharded over `data` -> [N, E]."""
     parallel.check_batch_size(batch_size, mesh, name="text batch_size")
-    tokens = crop_to_eot(tokens)
+    tokens = clip.crop_to_eot(tokens)
     n = tokens.shape[0]
     padded = np.zeros((math.ceil(n / batch_size) * batch_size, tokens.shape[1]), np.int32)
     padded[:n] = tokens
     fn = jax.jit(
-        lambda v, t: model.apply(v, t, method=model.encode_text),
+        lambda v, t: _apply(model, v, t, method=model.encode_text),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
         out_shardings=parallel.replicated(mesh),
     )
@@ -51,9 +53,15 @@ def zeroshot_classifier(model, variables, prompts, *, mesh, batch_size=256):
         raise ValueError(f"prompts: every class needs the same number of templates, got "
                          f"{sorted(num_templates)}")
     flat = [text for class_prompts in prompts for text in class_prompts]
-    features = normalize(encode_prompts(model, variables, clip.tokenize(flat), mesh=mesh,
-                                        batch_size=batch_size))
-    return normalize(features.reshape(len(prompts), -1, features.shape[-1]).mean(axis=1))
+    features = encode_prompts(model, variables, clip.tokenize(flat), mesh=mesh,
+                              batch_size=batch_size)
+    return ensemble(features, num_classes=len(prompts))
+
+
+def ensemble(features, *, num_classes):
+    """Prompt features [C * T, E] (class-major) -> class weights [C, E]."""
+    features = normalize(features)
+    return normalize(features.reshape(num_classes, -1, features.shape[-1]).mean(axis=1))
 
 
 def make_eval_step(image_features_fn, *, mesh, num_classes):
@@ -113,6 +121,6 @@ def accuracy(step, variables, classifier, batches, *, mesh, total=None, desc="ev
     }
 
 
-def fp_image_features(model):
-    """The full-precision image tower as an `image_features_fn`."""
-    return functools.partial(model.apply, method=model.encode_image)
+def image_features(model):
+    """The image tower (quantized when `variables["qstate"]` is set) as an image_features_fn."""
+    return functools.partial(_apply, model, method=model.encode_image)

@@ -84,3 +84,26 @@ def test_default_main_is_an_offline_smoke_run(tmp_path):
     from configs import default  # pylint: disable=g-import-not-at-top
     assert results["rows"][0]["count"] == default.get_config().data.synthetic_examples
     assert "SMOKE RUN" in log
+
+
+def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
+    _run_main(["--config=configs/ptq.py", f"--config.model.checkpoint={tiny_checkpoint}",
+               "--config.data.name=cifar10", "--config.eval.batch_size=24",
+               "--config.eval.text_batch_size=64", "--config.quant.calib_batches=2",
+               "--config.quant.calib_batch_size=16", "--config.quant.config=w6a6",
+               f"--workdir={tmp_path}"])
+    from configs import ptq  # pylint: disable=g-import-not-at-top
+    data_cfg = ptq.get_config().data
+    data_cfg.name = "cifar10"
+    with tfds.testing.mock_data(num_examples=50):
+        batches = list(data.as_numpy_batches(data.create_dataset(
+            data_cfg, split="test", batch_size=50, image_size=32, train=False)))
+    results = json.loads((tmp_path / "results.json").read_text())
+    fp, q = results["rows"]
+    assert (fp["method"], q["method"], q["qconfig"]) == ("fp_zeroshot", "ptq", "w6a6")
+    assert fp["count"] == q["count"] == 50
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert fp["top1"] == pytest.approx(
+        _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels), abs=1e-6)
+    assert 0 <= q["top1"] <= q["top5"] <= 100

@@ -15,6 +15,7 @@ from p4q_jax.clip.checkpoints import CheckpointError
 from p4q_jax.clip.checkpoints import save
 from p4q_jax.clip.configs import CLIPConfig
 from p4q_jax.clip.configs import get_config
+from p4q_jax.clip.encode import crop_to_eot
 from p4q_jax.clip.encode import encode_image
 from p4q_jax.clip.encode import encode_text
 from p4q_jax.clip.model import CLIP

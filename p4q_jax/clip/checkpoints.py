@@ -7,6 +7,7 @@ to HWIO). Checks name the file and what is wrong: missing path, unknown layout,
 missing/unexpected keys, shape mismatches.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -273,22 +274,33 @@ def _load_openai_file(path, activation):
     return config, openai_to_flax(state, config, source=str(path))
 
 
-def save(path, config, params):
-    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically via a temp dir."""
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yields a temp dir beside `path` that becomes `path` only if the block succeeds."""
     path = pathlib.Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        params = jax.tree.map(np.asarray, params)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", params)
-        (tmp / ORBAX_MARKER).write_text(json.dumps({"config": config.to_dict()}, indent=2))
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_tree(path, tree):
+    """Writes a pytree of arrays with Orbax (as numpy, so any device layout works)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, jax.tree.map(np.asarray, tree))
+
+
+def save(path, config, params):
+    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically via a temp dir."""
+    with atomic_directory(path) as tmp:
+        save_tree(tmp / "params", params)
+        (tmp / ORBAX_MARKER).write_text(json.dumps({"config": config.to_dict()}, indent=2))
 
 
 def _load_orbax_dir(path):

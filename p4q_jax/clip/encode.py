@@ -8,30 +8,57 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from p4q_jax.clip import model as model_lib
+
+
+def crop_to_eot(tokens):
+    """Drops the columns after the last EOT of the batch: a causal tower cannot see them."""
+    tokens = np.asarray(tokens)
+    return tokens[:, : int(np.asarray(model_lib.eot_index(tokens)).max()) + 1]
+
+
+def apply(model, params, x, *, method, qstate=None):
+    """`model.apply` of one method, quantized when a `quant.QState` is given.
+
+    The QState supplies the once-quantized kernels and intercepts the activation sites;
+    this layer only relies on its two methods, so `clip` does not import `quant`.
+    """
+    if qstate is None:
+        return model.apply({"params": params}, x, method=method)
+    with qstate.intercept():
+        return model.apply({"params": qstate.quantized_params(params)}, x, method=method)
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _encode_image(model, params, images):
-    return model.apply({"params": params}, images, method=model.encode_image)
+def _encode_image(model, params, images, qstate):
+    return apply(model, params, images, method=model.encode_image, qstate=qstate)
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _encode_text(model, params, tokens):
-    return model.apply({"params": params}, tokens, method=model.encode_text)
+def _encode_text(model, params, tokens, qstate):
+    return apply(model, params, tokens, method=model.encode_text, qstate=qstate)
 
 
-def encode_image(model, params, images):
-    """Images float32 [B, H, W, 3], CLIP-normalized -> unnormalized features [B, embed_dim]."""
+def encode_image(model, params, images, *, qstate=None):
+    """Images float32 [B, H, W, 3], CLIP-normalized -> unnormalized features [B, embed_dim].
+
+    With `qstate` (from `quant.calibrate`) the quantized model runs instead.
+    """
     images = jnp.asarray(images)
     size = model.config.vision.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"images: expected shape [B, {size}, {size}, 3], got {images.shape}")
-    return _encode_image(model, params, images)
+    return _encode_image(model, params, images, qstate)
 
 
-def encode_text(model, params, tokens):
-    """Token ids int32 [N, L] (L <= context length) -> unnormalized features [N, embed_dim]."""
+def encode_text(model, params, tokens, *, qstate=None):
+    """Token ids int32 [N, L] (L <= context length) -> unnormalized features [N, embed_dim].
+
+    With `qstate` (from `quant.calibrate`) the quantized model runs instead.
+    """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: expected int [N, L], got {tokens.dtype} {tokens.shape}")
-    return _encode_text(model, params, tokens)
+    return _encode_text(model, params, tokens, qstate)

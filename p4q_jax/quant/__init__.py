@@ -1,0 +1,13 @@
+"""Post-training quantization of CLIP: quantizers, observers, configs, calibration.
+
+    qconfig = quant.QConfig.parse("w4a4attn8")
+    qstate = quant.calibrate(model, params, qconfig, images=image_batches, texts=prompts)
+    img_q = clip.encode_image(model, params, images, qstate=qstate)
+"""
+
+from p4q_jax.quant.calibrate import calibrate
+from p4q_jax.quant.qconfig import QConfig
+from p4q_jax.quant.qconfig import QuantSpec
+from p4q_jax.quant.qconfig import Rule
+from p4q_jax.quant.state import QParams
+from p4q_jax.quant.state import QState

@@ -1,0 +1,174 @@
+"""Calibration: FP params + image batches + texts -> a QState (a pure function).
+
+Observers see the full-precision activations (as in FQ-ViT and the public P4Q code).
+The image tower sees the given image batches, the text tower the given prompts (the
+dataset's zero-shot ensemble), in chunks cropped after the last end-of-text token. Each
+tower's statistics are folded over its batches; its final batch runs once more through
+a pass that turns statistics into scales, searching clipping ranges on that batch's
+tensors (OMSE). Weights are calibrated and fake-quantized once, here.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p4q_jax import clip
+from p4q_jax.quant import observers
+from p4q_jax.quant import primitives
+from p4q_jax.quant import qconfig as qconfig_lib
+from p4q_jax.quant import sites
+from p4q_jax.quant import state as state_lib
+
+
+def _tower_specs(qconfig, model, params, method, example, tower):
+    """{site: spec} for the activation sites of one tower that the config quantizes."""
+    found = {}
+
+    def record(kind, name, x):
+        spec = qconfig.spec(kind, name)
+        if spec is not None and spec.observer != "log2" and name.startswith(tower + "/"):
+            found[name] = spec
+        return x
+
+    with sites.intercept(record):
+        jax.eval_shape(functools.partial(model.apply, method=method), {"params": params}, example)
+    return found
+
+
+def _observe_fn(model, method, specs):
+    """jit: (params, x) -> ({site: batch stats}, {site: all finite}, FP features)."""
+
+    def observe(params, x):
+        stats, finite = {}, {}
+
+        def record(kind, name, a):
+            del kind
+            if name in specs:
+                stats[name] = observers.batch_stats(specs[name], a)
+                finite[name] = jnp.all(jnp.isfinite(a))
+            return a
+
+        with sites.intercept(record):
+            out = model.apply({"params": params}, x, method=method)
+        return stats, finite, out
+
+    return jax.jit(observe)
+
+
+def _finalize_fn(model, method, specs):
+    """jit: (params, last x, running stats) -> ({site: QParams}, {site: all finite}, features)."""
+
+    def finalize(params, x, running):
+        qparams, finite = {}, {}
+
+        def record(kind, name, a):
+            del kind
+            if name in specs:
+                spec = specs[name]
+                merged = observers.merge(spec, running.get(name),
+                                         observers.batch_stats(spec, a))
+                qparams[name] = state_lib.QParams(*observers.qparams(spec, merged, a))
+                finite[name] = jnp.all(jnp.isfinite(a))
+            return a
+
+        with sites.intercept(record):
+            out = model.apply({"params": params}, x, method=method)
+        return qparams, finite, out
+
+    return jax.jit(finalize)
+
+
+def _check_finite(finite, what):
+    """Raises naming the sites (in forward order) whose tensors held NaN/Inf."""
+    bad = [name for name, ok in finite.items() if not bool(ok)]
+    if bad:
+        raise FloatingPointError(
+            f"NaN/Inf in the calibration statistics of {what} sites {bad} (the first is where "
+            "they appear): check the calibration data and the FP model")
+
+
+def _calibrate_tower(model, params, specs, method, batches):
+    observe = _observe_fn(model, method, specs)
+    running, outputs = {}, []
+    for x in batches[:-1]:
+        stats, finite, out = observe(params, x)
+        _check_finite(finite, "activation")
+        running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
+        outputs.append(out)
+    qparams, finite, out = _finalize_fn(model, method, specs)(params, batches[-1], running)
+    _check_finite(finite, "activation")
+    return qparams, outputs + [out]
+
+
+def _weights(qconfig, params):
+    """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels)."""
+    specs = {name: spec for name, k in sites.kernels(params).items()
+             if (spec := qconfig.spec("weight", name)) is not None}
+    _check_finite({name: jnp.all(jnp.isfinite(sites.kernels(params)[name])) for name in specs},
+                  "weight")
+
+    @jax.jit
+    def run(kernels):
+        qparams, quantized = {}, {}
+        for name, w in kernels.items():
+            spec = specs[name]
+            scale, zero_point = observers.qparams(spec, observers.batch_stats(spec, w), w)
+            qparams[name] = state_lib.QParams(scale, zero_point)
+            quantized[name] = primitives.fake_quant(w, scale, zero_point, spec.fmt)
+        return qparams, quantized
+
+    all_kernels = sites.kernels(params)
+    return run({name: all_kernels[name] for name in specs})
+
+
+def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_size=256,
+              return_text_features=False):
+    """Post-training calibration of a CLIP for `qconfig`.
+
+    Args:
+      model: a `clip.CLIP`.
+      params: its FP params.
+      qconfig: a `quant.QConfig` (or a preset name such as "w4a4attn8").
+      images: a sequence of CLIP-normalized image batches float32 [B, H, W, 3] (needed
+        when the image tower is quantized).
+      texts: prompt strings, e.g. the dataset's zero-shot ensemble (needed when the text
+        tower is quantized).
+      text_batch_size: prompts per calibration chunk.
+      return_text_features: also return the FP text features of `texts` [N, E], which the
+        calibration pass computes anyway (the P4Q teacher needs them).
+
+    Returns:
+      A QState, or (QState, FP text features) with `return_text_features`.
+    """
+    if isinstance(qconfig, str):
+        qconfig = qconfig_lib.QConfig.parse(qconfig)
+    weight_qparams, kernels = _weights(qconfig, params)
+    acts, text_features = {}, None
+    size = model.config.vision.image_size
+    image_example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    image_specs = _tower_specs(qconfig, model, params, model.encode_image, image_example,
+                               "visual")
+    if image_specs:
+        images = [jnp.asarray(b) for b in (images or [])]
+        if not images:
+            raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
+                             "calibration needs at least one image batch")
+        image_qparams, _ = _calibrate_tower(model, params, image_specs, model.encode_image,
+                                            images)
+        acts |= image_qparams
+    tokens = None if not texts else clip.crop_to_eot(clip.tokenize(list(texts)))
+    text_example = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    text_specs = _tower_specs(qconfig, model, params, model.encode_text, text_example, "text")
+    if text_specs or return_text_features:
+        if tokens is None:
+            raise ValueError(f"texts: config {qconfig.name!r} quantizes the text tower (or text "
+                             "features were asked for), so calibration needs prompts")
+        chunks = [tokens[i:i + text_batch_size] for i in range(0, len(tokens), text_batch_size)]
+        text_qparams, outs = _calibrate_tower(model, params, text_specs, model.encode_text,
+                                              chunks)
+        acts |= text_qparams
+        text_features = jnp.concatenate(outs)
+    qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
+    return (qstate, text_features) if return_text_features else qstate

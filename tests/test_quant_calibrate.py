@@ -1,0 +1,194 @@
+"""Calibration of a CLIP: which sites it quantizes, how close the quantized model stays to FP,
+straight-through gradients through the quantized text tower, and its errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p4q_jax import clip
+from p4q_jax import quant
+
+CLASSES = ["cat", "dog", "truck", "ship", "frog", "horse", "bird", "deer"]
+TEXTS = [t.format(c) for c in CLASSES for t in ("a photo of a {}.", "a blurry photo of the {}.")]
+
+
+def _images(size, *, batches=2, batch=8):
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=(batch, size, size, 3)).astype(np.float32) for _ in range(batches)]
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return clip.init("tiny", seed=0)
+
+
+def _features(model, params, qstate, images, tokens):
+    return (clip.encode_image(model, params, images, qstate=qstate),
+            clip.encode_text(model, params, tokens, qstate=qstate))
+
+
+def test_official_preset_quantizes_exactly_the_public_codes_sites(tiny):
+    model, params = tiny
+    qstate = quant.calibrate(model, params, "official", images=_images(32), texts=TEXTS)
+    blocks = [f"{tower}/transformer/resblocks_{i}/"
+              for tower, layers in (("visual", model.config.vision.layers),
+                                    ("text", model.config.text.layers)) for i in range(layers)]
+    expected_weights = {"visual/conv1"} | {b + s for b in blocks for s in
+                                           ("attn/in_proj", "attn/out_proj", "mlp/c_fc", "mlp/c_proj")}
+    expected_acts = {"visual/conv1"} | {b + s for b in blocks for s in
+                                        ("attn/in_proj", "mlp/c_fc", "mlp/c_proj")}
+    assert set(qstate.weights) == expected_weights
+    assert set(qstate.acts) == expected_acts
+    cfg = qstate.config
+    assert cfg.spec("weight", "visual/conv1").fmt.name == "int4"
+    assert cfg.spec("input", "visual/conv1").fmt.name == "uint4"
+    assert {cfg.spec("weight", n).fmt.name for n in expected_weights - {"visual/conv1"}} == {"int8"}
+    assert {cfg.spec("input", n).fmt.name for n in expected_acts - {"visual/conv1"}} == {"uint8"}
+    # Activations per channel (the public code's CALIBRATION_MODE_A_v = 'channel_wise').
+    width = model.config.text.width
+    assert qstate.acts["text/transformer/resblocks_0/attn/in_proj"].scale.shape == (1, 1, width)
+    assert qstate.weights["text/transformer/resblocks_0/mlp/c_fc"].scale.shape == (
+        1, model.config.text.mlp_dim)
+
+
+def test_image_input_qparams_match_a_numpy_omse_on_the_images(tiny):
+    """The conv1 input is the image itself: recompute its per-RGB-channel OMSE in numpy."""
+    model, params = tiny
+    images = _images(32, batches=3)
+    qstate = quant.calibrate(model, params, "official", images=images, texts=TEXTS)
+    got = qstate.acts["visual/conv1"]
+    stacked = np.concatenate(images)
+    lo = stacked.min(axis=(0, 1, 2), keepdims=True)
+    hi = stacked.max(axis=(0, 1, 2), keepdims=True)
+    qmax = 15.0  # uint4
+    eps = np.finfo(np.float32).eps
+
+    def qparams(r):
+        scale = np.maximum((hi * r - lo * r) / qmax, eps).astype(np.float32)
+        zp = np.clip(-np.round(lo * r / scale), 0, qmax).astype(np.float32)
+        return scale, zp
+
+    def error(r):
+        scale, zp = qparams(r)
+        q = np.clip(np.round(images[-1] / scale) + zp, 0, qmax)
+        return np.mean(((q - zp) * scale - images[-1]) ** 2)
+
+    ratios = [np.float32(1.0 - 0.01 * i) for i in range(90)]
+    best = ratios[int(np.argmin([error(r) for r in ratios]))]
+    scale, zp = qparams(best)
+    np.testing.assert_allclose(np.asarray(got.scale), scale, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.zero_point), zp)
+
+
+def test_error_grows_as_bits_shrink(tiny):
+    model, params = tiny
+    images, tokens = _images(32), clip.tokenize(TEXTS)
+    fp = _features(model, params, None, images[0], tokens)
+    errors = []
+    for name in ("w8a8", "w6a6", "w4a4attn8"):
+        qstate = quant.calibrate(model, params, name, images=images, texts=TEXTS)
+        q = _features(model, params, qstate, images[0], tokens)
+        errors.append([1 - _cosine(a, b).mean() for a, b in zip(fp, q)])
+    errors = np.asarray(errors)  # [config, tower]
+    assert np.all(errors[0] < errors[1]) and np.all(errors[1] < errors[2]), errors
+    assert np.all(errors[0] < 1e-3), errors
+
+
+def test_text_only_config_leaves_the_image_tower_in_float(tiny):
+    model, params = tiny
+    base = quant.QConfig.parse("w8a8")
+    text_only = quant.QConfig(name="w8a8-text", rules=base.rules, towers=("text",))
+    qstate = quant.calibrate(model, params, text_only, texts=TEXTS)  # no images needed
+    assert all(name.startswith("text/") for name in (*qstate.acts, *qstate.weights))
+    images = _images(32)[0]
+    np.testing.assert_array_equal(clip.encode_image(model, params, images, qstate=qstate),
+                                  clip.encode_image(model, params, images))
+
+
+def test_calibration_is_a_pure_function(tiny):
+    model, params = tiny
+    a = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
+    b = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_returns_the_fp_text_features_it_computed(tiny):
+    model, params = tiny
+    _, features = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS,
+                                  text_batch_size=5, return_text_features=True)
+    np.testing.assert_allclose(features, clip.encode_text(model, params, clip.tokenize(TEXTS)),
+                               atol=1e-5)
+
+
+def test_prompt_gradient_through_the_quantized_text_tower(tiny):
+    """What P4Q trains: embeddings -> quantized text tower -> loss. STE keeps it alive."""
+    model, params = tiny
+    qstate = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
+    tokens = clip.crop_to_eot(clip.tokenize(TEXTS))
+    embeddings = model.apply({"params": params}, tokens, method=model.embed_tokens)
+    eot = jnp.argmax(tokens, -1)
+    target = jax.random.normal(jax.random.key(1), (len(TEXTS), model.config.embed_dim))
+
+    def loss(x, qstate):
+        feats = clip.encode.apply(model, params, (x, eot), qstate=qstate,
+                                  method=lambda m, a: m.encode_text_embeddings(*a))
+        return jnp.mean((feats - target) ** 2)
+
+    grad_q = jax.grad(loss)(embeddings, qstate)
+    grad_fp = jax.grad(loss)(embeddings, None)
+    assert np.all(np.isfinite(grad_q)) and np.abs(grad_q).max() > 0
+    # The straight-through gradient approximates the FP one (same direction).
+    assert _cosine(grad_q.ravel(), grad_fp.ravel()) > 0.5
+
+
+def test_vit_b32_w8a8_stays_close_to_fp():
+    model, params = clip.init("ViT-B/32", seed=0)
+    images = _images(224, batches=2, batch=4)
+    tokens = clip.tokenize(TEXTS)
+    qstate = quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS)
+    fp = _features(model, params, None, images[0], tokens)
+    q = _features(model, params, qstate, images[0], tokens)
+    for a, b in zip(fp, q):
+        assert _cosine(a, b).min() >= 0.99
+
+
+def test_empty_calibration_sets_are_refused(tiny):
+    model, params = tiny
+    with pytest.raises(ValueError, match="images: .*needs at least one image batch"):
+        quant.calibrate(model, params, "w8a8", images=[], texts=TEXTS)
+    with pytest.raises(ValueError, match="texts: .*needs prompts"):
+        quant.calibrate(model, params, "w8a8", images=_images(32), texts=[])
+
+
+def test_nan_statistics_are_refused(tiny):
+    model, params = tiny
+    bad = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0].set(jnp.nan) if "c_fc" in jax.tree_util.keystr(path)
+        and "kernel" in jax.tree_util.keystr(path) else x, params)
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf .* weight sites \[.*mlp/c_fc"):
+        quant.calibrate(model, bad, "w8a8", images=_images(32), texts=TEXTS)
+
+
+def test_nan_images_are_refused_naming_the_first_site(tiny):
+    model, params = tiny
+    images = _images(32)
+    images[0][1, 3, 3, 0] = np.inf
+    with pytest.raises(FloatingPointError, match=r"activation sites \['visual/conv1'"):
+        quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("w9a8", r"bits=9 is not supported"),
+    ("w4", r"unknown quantization config 'w4'"),
+    ("w1a8", r"bits=1 is not supported"),
+])
+def test_bad_config_names(name, match):
+    with pytest.raises(ValueError, match=match):
+        quant.QConfig.parse(name)
+
