@@ -1,6 +1,6 @@
 """PTQ of ViT-B/32 (random weights): calibration time, quantized throughput, export size.
 
-    python benchmarks/ptq.py [--configs=w8a8,w4a4attn8] [--image_batch=32] [--text_batch=256]
+    python benchmarks/ptq.py [--configs=w8a8,w6a6,w4a4attn8] [--image_batch=32] [--text_batch=256]
 
 Calibration follows the P4Q set-up: the text tower on CIFAR-100's zero-shot ensemble
 (100 classes x 18 templates), the image tower on 2 batches of 32, and the FP teacher's
@@ -24,7 +24,7 @@ from p4q_jax.quant import export
 from p4q_jax.quant import integer
 
 _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config.")
-_CONFIGS = flags.DEFINE_list("configs", ["w8a8", "w4a4attn8"], "Quantization presets.")
+_CONFIGS = flags.DEFINE_list("configs", ["w8a8", "w6a6", "w4a4attn8"], "Quantization presets.")
 _IMAGE_BATCH = flags.DEFINE_integer("image_batch", 32, "Images per call.")
 _TEXT_BATCH = flags.DEFINE_integer("text_batch", 256, "Prompts per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls after one warm-up call.")

@@ -8,6 +8,8 @@ import pytest
 
 from p4q_jax import clip
 from p4q_jax import quant
+from p4q_jax.quant import qconfig
+from p4q_jax.quant import sites
 
 CLASSES = ["cat", "dog", "truck", "ship", "frog", "horse", "bird", "deer"]
 TEXTS = [t.format(c) for c in CLASSES for t in ("a photo of a {}.", "a blurry photo of the {}.")]
@@ -109,6 +111,39 @@ def test_text_only_config_leaves_the_image_tower_in_float(tiny):
     images = _images(32)[0]
     np.testing.assert_array_equal(clip.encode_image(model, params, images, qstate=qstate),
                                   clip.encode_image(model, params, images))
+
+
+def test_ptf_layernorm_inputs_and_log2_probabilities(tiny):
+    """The FQ-ViT options: PTF on every LayerNorm input, log2 on the softmax output."""
+    model, params = tiny
+    base = quant.QConfig.parse("w8a8")
+    rules = (quant.Rule(kind="norm", pattern=".", spec=qconfig.act_spec(
+                 8, observer="ptf", per_channel=True)),
+             quant.Rule(kind="attn", pattern="/probs$", spec=qconfig.act_spec(4, observer="log2")),
+             *base.rules)
+    cfg = quant.QConfig(name="w8a8-ptf-log2", rules=rules)
+    qstate = quant.calibrate(model, params, cfg, images=_images(32), texts=TEXTS)
+    norms = [n for n in qstate.acts if n.endswith(("ln_1", "ln_2", "ln_pre", "ln_post", "ln_final"))]
+    layers = model.config.vision.layers + model.config.text.layers
+    assert len(norms) == 2 * layers + 3
+    scale = np.asarray(qstate.acts["visual/transformer/resblocks_0/ln_1"].scale).ravel()
+    ratios = scale.max() / scale  # per-channel scales are power-of-two fractions of the largest
+    np.testing.assert_allclose(ratios, 2.0 ** np.round(np.log2(ratios)), rtol=1e-6)
+    assert not any(n.endswith("/probs") for n in qstate.acts)  # log2 needs no parameters
+    probs = []
+
+    def record(kind, name, x):
+        if name.endswith("/probs"):
+            probs.append(qstate.handler(kind, name, x))
+        return qstate.handler(kind, name, x)
+
+    with sites.intercept(record):
+        model.apply({"params": qstate.quantized_params(params)}, clip.tokenize(TEXTS),
+                    method=model.encode_text)
+    p = np.asarray(probs[0])
+    nonzero = p[p > 0]
+    np.testing.assert_array_equal(nonzero, 2.0 ** np.round(np.log2(nonzero)))
+    assert nonzero.min() >= 2.0**-15
 
 
 def test_calibration_is_a_pure_function(tiny):

@@ -473,3 +473,28 @@ def test_ptf_needs_per_channel():
     x = jnp.ones((4, 3))
     with pytest.raises(ValueError, match="per_channel"):
         observers.qparams(spec, _stats(np.zeros((1, 1)), np.ones((1, 1))), x)
+
+
+def test_search_rows_keeps_whole_rows_without_repeats():
+    x = np.random.default_rng(0).normal(size=(40, 30, 8)).astype(np.float32)
+    rows = np.asarray(observers.search_rows(jnp.asarray(x), 800))  # 100 rows of 8 channels
+    assert rows.shape == (100, 8)
+    flat = x.reshape(-1, 8)
+    found = [np.flatnonzero((flat == r).all(axis=1)) for r in rows]
+    assert all(len(f) == 1 for f in found) and len({int(f[0]) for f in found}) == 100
+    np.testing.assert_array_equal(rows, observers.search_rows(jnp.asarray(x), 800))
+    assert observers.search_rows(jnp.asarray(x), None).shape == (1200, 8)
+
+
+@pytest.mark.parametrize("observer, per_channel", [("omse", False), ("omse", True),
+                                                   ("ptf", True)])
+def test_capped_search_equals_the_full_search_on_the_sampled_rows(observer, per_channel):
+    spec = qconfig.QuantSpec(bits=4, signed=False, symmetric=False, per_channel=per_channel,
+                             observer=observer)
+    x = jnp.asarray(np.random.default_rng(3).standard_t(3, size=(16, 50, 8)).astype(np.float32))
+    stats = observers.batch_stats(spec, x)
+    capped = observers.qparams(spec, stats, x, max_elements=400)
+    sampled = observers.search_rows(x, 400)[None]
+    full_on_rows = observers.qparams(spec, stats, sampled, max_elements=None)
+    for a, b in zip(capped, full_on_rows):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

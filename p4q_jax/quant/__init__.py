@@ -5,7 +5,7 @@
     img_q = clip.encode_image(model, params, images, qstate=qstate)
 """
 
-from p4q_jax.quant.calibrate import calibrate
+from p4q_jax.quant.calibration import calibrate
 from p4q_jax.quant.qconfig import QConfig
 from p4q_jax.quant.qconfig import QuantSpec
 from p4q_jax.quant.qconfig import Rule

@@ -2,7 +2,8 @@
 
 A site is named by its module path (see `clip/model.py`): `visual/transformer/
 resblocks_3/mlp/c_fc`. Its kind is `weight` (a Dense/Conv kernel), `input` (a Dense/Conv
-input) or `attn` (the attention tensors `.../attn/{q,k,v,logits,probs}`). A QConfig is an
+input), `attn` (the attention tensors `.../attn/{q,k,v,logits,probs}`) or `norm` (a
+LayerNorm input, e.g. `.../resblocks_3/ln_1`; the PTF observer is made for these). A QConfig is an
 ordered list of rules `(kind, regex, spec)`; the first rule whose kind matches and whose
 regex matches the site name (`re.search`) decides; `spec=None` keeps the site in float.
 
@@ -25,7 +26,12 @@ Presets (`QConfig.parse(name)`):
       (after QuickGELU): uint8, asymmetric, *per channel* (its `CALIBRATION_MODE_A_v =
       'channel_wise'`), OMSE;
     - float: the `out_proj` input, q/k/v/logits/probs (plain multi-head attention),
-      `visual/proj`, `text/text_projection`, embeddings and LayerNorms.
+      `visual/proj`, `text/text_projection`, embeddings and LayerNorm inputs.
+
+Neither preset quantizes LayerNorm inputs (`norm` sites) or uses the log2 quantizer for
+the probabilities; rules for both can be added, e.g.
+`Rule(kind="norm", pattern=".", spec=act_spec(8, observer="ptf", per_channel=True))`
+and `Rule(kind="attn", pattern="/probs$", spec=act_spec(4, observer="log2"))`.
   So its "4-bit" result is close to a W8A8 model; `w4a4attn8` is the true 4-bit one.
 """
 
@@ -34,7 +40,7 @@ import re
 
 from p4q_jax.quant import primitives
 
-KINDS = ("weight", "input", "attn")
+KINDS = ("weight", "input", "attn", "norm")
 OBSERVERS = ("minmax", "ema", "percentile", "omse", "ptf", "log2")
 
 

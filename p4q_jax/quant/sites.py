@@ -1,9 +1,10 @@
 """Where quantizers attach to CLIP: named sites and a Flax method interceptor.
 
 The model code (`clip/model.py`) knows nothing of quantization. Every `nn.Dense` /
-`nn.Conv` input and every `Site` output passes through `handler(kind, name, x)` while
-`intercept(handler)` is active; the name is the module path (`text/transformer/
-resblocks_0/attn/in_proj`). The same model then serves FP inference (no interceptor),
+`nn.Conv` input (kind `input`), every `Site` output (kind `attn`) and every
+`nn.LayerNorm` input (kind `norm`, where FQ-ViT's PTF observer applies) passes through
+`handler(kind, name, x)` while `intercept(handler)` is active; the name is the module
+path (`text/transformer/resblocks_0/attn/in_proj`, `visual/transformer/resblocks_0/ln_1`). The same model then serves FP inference (no interceptor),
 calibration (a handler that records statistics) and quantized inference (a handler
 that fake-quantizes). Weight sites are the kernels, named by the same module paths.
 """
@@ -31,6 +32,9 @@ def intercept(handler):
         if context.method_name == "__call__":
             if isinstance(module, (nn.Dense, nn.Conv)):
                 x = handler("input", site_name(module), args[0])
+                return next_fun(x, *args[1:], **kwargs)
+            if isinstance(module, nn.LayerNorm):
+                x = handler("norm", site_name(module), args[0])
                 return next_fun(x, *args[1:], **kwargs)
             if isinstance(module, model_lib.Site):
                 return handler("attn", site_name(module), next_fun(*args, **kwargs))

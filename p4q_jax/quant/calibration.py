@@ -57,7 +57,7 @@ def _observe_fn(model, method, specs):
     return jax.jit(observe)
 
 
-def _finalize_fn(model, method, specs):
+def _finalize_fn(model, method, specs, max_elements):
     """jit: (params, last x, running stats) -> ({site: QParams}, {site: all finite}, features)."""
 
     def finalize(params, x, running):
@@ -69,7 +69,8 @@ def _finalize_fn(model, method, specs):
                 spec = specs[name]
                 merged = observers.merge(spec, running.get(name),
                                          observers.batch_stats(spec, a))
-                qparams[name] = state_lib.QParams(*observers.qparams(spec, merged, a))
+                qparams[name] = state_lib.QParams(
+                    *observers.qparams(spec, merged, a, max_elements=max_elements))
                 finite[name] = jnp.all(jnp.isfinite(a))
             return a
 
@@ -89,7 +90,7 @@ def _check_finite(finite, what):
             "they appear): check the calibration data and the FP model")
 
 
-def _calibrate_tower(model, params, specs, method, batches):
+def _calibrate_tower(model, params, specs, method, batches, max_elements):
     observe = _observe_fn(model, method, specs)
     running, outputs = {}, []
     for x in batches[:-1]:
@@ -97,12 +98,13 @@ def _calibrate_tower(model, params, specs, method, batches):
         _check_finite(finite, "activation")
         running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
         outputs.append(out)
-    qparams, finite, out = _finalize_fn(model, method, specs)(params, batches[-1], running)
+    finalize = _finalize_fn(model, method, specs, max_elements)
+    qparams, finite, out = finalize(params, batches[-1], running)
     _check_finite(finite, "activation")
     return qparams, outputs + [out]
 
 
-def _weights(qconfig, params):
+def _weights(qconfig, params, max_elements):
     """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels)."""
     specs = {name: spec for name, k in sites.kernels(params).items()
              if (spec := qconfig.spec("weight", name)) is not None}
@@ -114,7 +116,8 @@ def _weights(qconfig, params):
         qparams, quantized = {}, {}
         for name, w in kernels.items():
             spec = specs[name]
-            scale, zero_point = observers.qparams(spec, observers.batch_stats(spec, w), w)
+            scale, zero_point = observers.qparams(spec, observers.batch_stats(spec, w), w,
+                                                  max_elements=max_elements)
             qparams[name] = state_lib.QParams(scale, zero_point)
             quantized[name] = primitives.fake_quant(w, scale, zero_point, spec.fmt)
         return qparams, quantized
@@ -124,7 +127,8 @@ def _weights(qconfig, params):
 
 
 def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_size=256,
-              return_text_features=False):
+              return_text_features=False,
+              search_max_elements=observers.SEARCH_MAX_ELEMENTS):
     """Post-training calibration of a CLIP for `qconfig`.
 
     Args:
@@ -138,13 +142,15 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
       text_batch_size: prompts per calibration chunk.
       return_text_features: also return the FP text features of `texts` [N, E], which the
         calibration pass computes anyway (the P4Q teacher needs them).
+      search_max_elements: elements of a site's final batch that OMSE/PTF score their
+        candidates on (rows drawn with a fixed seed); None scores all, as FQ-ViT does.
 
     Returns:
       A QState, or (QState, FP text features) with `return_text_features`.
     """
     if isinstance(qconfig, str):
         qconfig = qconfig_lib.QConfig.parse(qconfig)
-    weight_qparams, kernels = _weights(qconfig, params)
+    weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
     acts, text_features = {}, None
     size = model.config.vision.image_size
     image_example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -156,7 +162,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
             raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
                              "calibration needs at least one image batch")
         image_qparams, _ = _calibrate_tower(model, params, image_specs, model.encode_image,
-                                            images)
+                                            images, search_max_elements)
         acts |= image_qparams
     tokens = None if not texts else clip.crop_to_eot(clip.tokenize(list(texts)))
     text_example = jax.ShapeDtypeStruct((1, 2), jnp.int32)
@@ -167,7 +173,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
                              "features were asked for), so calibration needs prompts")
         chunks = [tokens[i:i + text_batch_size] for i in range(0, len(tokens), text_batch_size)]
         text_qparams, outs = _calibrate_tower(model, params, text_specs, model.encode_text,
-                                              chunks)
+                                              chunks, search_max_elements)
         acts |= text_qparams
         text_features = jnp.concatenate(outs)
     qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
