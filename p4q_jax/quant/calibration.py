@@ -22,13 +22,13 @@ from p4q_jax.quant import sites
 from p4q_jax.quant import state as state_lib
 
 
-def _tower_specs(qconfig, model, params, method, example, tower):
-    """{site: spec} for the activation sites of one tower that the config quantizes."""
+def _site_specs(qconfig, model, params, method, example, prefix=""):
+    """{site: spec} for the activation sites under `prefix` that the config quantizes."""
     found = {}
 
     def record(kind, name, x):
         spec = qconfig.spec(kind, name)
-        if spec is not None and spec.observer != "log2" and name.startswith(tower + "/"):
+        if spec is not None and spec.observer != "log2" and name.startswith(prefix):
             found[name] = spec
         return x
 
@@ -154,8 +154,8 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
     acts, text_features = {}, None
     size = model.config.vision.image_size
     image_example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    image_specs = _tower_specs(qconfig, model, params, model.encode_image, image_example,
-                               "visual")
+    image_specs = _site_specs(qconfig, model, params, model.encode_image, image_example,
+                              "visual/")
     if image_specs:
         images = [jnp.asarray(b) for b in (images or [])]
         if not images:
@@ -166,7 +166,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         acts |= image_qparams
     tokens = None if not texts else clip.crop_to_eot(clip.tokenize(list(texts)))
     text_example = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    text_specs = _tower_specs(qconfig, model, params, model.encode_text, text_example, "text")
+    text_specs = _site_specs(qconfig, model, params, model.encode_text, text_example, "text/")
     if text_specs or return_text_features:
         if tokens is None:
             raise ValueError(f"texts: config {qconfig.name!r} quantizes the text tower (or text "
@@ -178,3 +178,17 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         text_features = jnp.concatenate(outs)
     qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
     return (qstate, text_features) if return_text_features else qstate
+
+
+def calibrate_module(module, params, qconfig, batches, *,
+                     search_max_elements=observers.SEARCH_MAX_ELEMENTS):
+    """Calibrates any Flax module's sites (e.g. P4Q's adapter) on input batches -> QState."""
+    batches = [jnp.asarray(b) for b in batches]
+    if not batches:
+        raise ValueError("batches: calibration needs at least one batch")
+    weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
+    example = jax.ShapeDtypeStruct((1, *batches[0].shape[1:]), batches[0].dtype)
+    specs = _site_specs(qconfig, module, params, module.__call__, example)
+    acts, _ = _calibrate_tower(module, params, specs, module.__call__, batches,
+                               search_max_elements)
+    return state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)

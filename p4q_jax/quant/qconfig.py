@@ -91,7 +91,8 @@ TOWERS = ("visual", "text")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QConfig:
-    """Ordered site rules; `towers` limits quantization to some towers (default both)."""
+    """Ordered site rules; `towers` limits quantization to some CLIP towers (default both;
+    sites outside CLIP's towers, such as P4Q's adapter, are decided by the rules alone)."""
 
     name: str
     rules: tuple[Rule, ...]
@@ -104,7 +105,8 @@ class QConfig:
 
     def spec(self, kind: str, site: str) -> QuantSpec | None:
         """The spec of a site, or None when it stays in float."""
-        if site.split("/", 1)[0] not in self.towers:
+        tower = site.split("/", 1)[0]
+        if tower in TOWERS and tower not in self.towers:
             return None
         for rule in self.rules:
             if rule.kind == kind and re.search(rule.pattern, site):

@@ -1,0 +1,93 @@
+"""CoOp's prompt learner: learned context vectors in place of the words of "X X ... X {class}.".
+
+The token layout of every class prompt is fixed data (`build`): `<start_of_text>`,
+`n_ctx` context slots, the class name and "." in the order the class position asks for
+("end": ctx name; "middle": half ctx, name, other half; "front": name ctx), then
+`<end_of_text>`, cropped after the longest prompt's EOT. The learned context (one shared
+[n_ctx, D], or class-specific [C, n_ctx, D]) is written into the slots of the frozen
+token embeddings (`embed`), and the result goes through the (quantized) text tower's
+embeddings entry point, so gradients reach the context through the tower.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p4q_jax.clip import tokenizer as tokenizer_lib
+
+POSITIONS = ("end", "middle", "front")
+_PLACEHOLDER = "X"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """Token layout of the class prompts. Arrays are numpy: built once, constant."""
+
+    tokens: np.ndarray  # [C, L] int32; context slots hold the placeholder token
+    context_positions: np.ndarray  # [C, n_ctx] int32
+    eot: np.ndarray  # [C] int32
+
+    @property
+    def n_ctx(self) -> int:
+        return self.context_positions.shape[1]
+
+
+def build(class_names, *, n_ctx, position="end", context_length=77, vocab_path=None):
+    """Token layouts of "X ... X {name}." for every class (see module docstring)."""
+    if position not in POSITIONS:
+        raise ValueError(f"class token position {position!r} unknown; expected one of {POSITIONS}")
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx={n_ctx} must be >= 1")
+    tok = tokenizer_lib.Tokenizer(vocab_path)
+    (slot,) = tok.encode(_PLACEHOLDER)
+    dot = tok.encode(".")
+    rows, slots = [], []
+    for name in class_names:
+        words = tok.encode(name)
+        half = n_ctx // 2 if position == "middle" else (0 if position == "front" else n_ctx)
+        if position == "front":
+            body = words + [slot] * n_ctx
+            first = 1 + len(words)
+            positions = list(range(first, first + n_ctx))
+        else:
+            body = [slot] * half + words + [slot] * (n_ctx - half)
+            positions = list(range(1, 1 + half)) + list(
+                range(1 + half + len(words), 1 + n_ctx + len(words)))
+        row = [tok.sot_id] + body + dot + [tok.eot_id]
+        if len(row) > context_length:
+            raise ValueError(f"class name {name!r}: its prompt has {len(row)} tokens, more than "
+                             f"the context length {context_length}")
+        rows.append(row)
+        slots.append(positions)
+    length = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    return Prompts(tokens=tokens, context_positions=np.asarray(slots, np.int32),
+                   eot=np.asarray([len(r) - 1 for r in rows], np.int32))
+
+
+def init_context(key, *, n_ctx, width, num_classes=None, std=0.02):
+    """N(0, std^2) context: shared [n_ctx, D], or class-specific [C, n_ctx, D]."""
+    shape = (n_ctx, width) if num_classes is None else (num_classes, n_ctx, width)
+    return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def context_from_phrase(model, params, phrase, *, vocab_path=None):
+    """CoOp's phrase initialisation: the token embeddings of e.g. "a photo of a" [n, D]."""
+    ids = tokenizer_lib.Tokenizer(vocab_path).encode(phrase)
+    if not ids:
+        raise ValueError(f"context phrase {phrase!r} has no tokens")
+    return model.apply({"params": params}, jnp.asarray([ids], jnp.int32),
+                       method=model.embed_tokens)[0]
+
+
+def embed(prompts, token_embeddings, context):
+    """Writes the context into the slots of the prompts' token embeddings -> [C, L, D]."""
+    num_classes = token_embeddings.shape[0]
+    context = jnp.broadcast_to(context, (num_classes, prompts.n_ctx, context.shape[-1]))
+    rows = jnp.arange(num_classes)[:, None]
+    return token_embeddings.at[rows, prompts.context_positions].set(
+        context.astype(token_embeddings.dtype))
