@@ -42,6 +42,17 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+def _mock_test_split(config_module, dataset):
+    """The images and labels that main.py evaluated on under the same mock data."""
+    data_cfg = config_module.get_config().data
+    data_cfg.name = dataset
+    with tfds.testing.mock_data(num_examples=50):
+        batches = list(data.as_numpy_batches(data.create_dataset(
+            data_cfg, split="test", batch_size=50, image_size=32, train=False)))
+    return (np.concatenate([b["image"] for b in batches]),
+            np.concatenate([b["label"] for b in batches]))
+
+
 def _reference_zeroshot(checkpoint, dataset, images, labels):
     """Unsharded, unpadded zero-shot top-1 with the public API only."""
     model, params = clip.load(checkpoint)
@@ -61,17 +72,11 @@ def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
                "--config.data.name=cifar100", "--config.eval.batch_size=24",
                "--config.eval.text_batch_size=64", f"--workdir={tmp_path}"])
     from configs import zeroshot  # pylint: disable=g-import-not-at-top
-    data_cfg = zeroshot.get_config().data
-    data_cfg.name = "cifar100"
-    with tfds.testing.mock_data(num_examples=50):
-        batches = list(data.as_numpy_batches(data.create_dataset(
-            data_cfg, split="test", batch_size=50, image_size=32, train=False)))
+    images, labels = _mock_test_split(zeroshot, "cifar100")
     results = json.loads((tmp_path / "results.json").read_text())
     (row,) = results["rows"]
     assert results["smoke_run"] is False and results["num_classes"] == 100
     assert row["count"] == 50  # two padded batches of 24 and one of 2 real examples
-    images = np.concatenate([b["image"] for b in batches])
-    labels = np.concatenate([b["label"] for b in batches])
     assert row["top1"] == pytest.approx(
         _reference_zeroshot(tiny_checkpoint, "cifar100", images, labels), abs=1e-6)
     assert 0 <= row["top1"] <= row["top5"] <= 100
@@ -93,17 +98,11 @@ def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
                "--config.quant.calib_batch_size=16", "--config.quant.config=w6a6",
                f"--workdir={tmp_path}"])
     from configs import ptq  # pylint: disable=g-import-not-at-top
-    data_cfg = ptq.get_config().data
-    data_cfg.name = "cifar10"
-    with tfds.testing.mock_data(num_examples=50):
-        batches = list(data.as_numpy_batches(data.create_dataset(
-            data_cfg, split="test", batch_size=50, image_size=32, train=False)))
+    images, labels = _mock_test_split(ptq, "cifar10")
     results = json.loads((tmp_path / "results.json").read_text())
     fp, q = results["rows"]
     assert (fp["method"], q["method"], q["qconfig"]) == ("fp_zeroshot", "ptq", "w6a6")
     assert fp["count"] == q["count"] == 50
-    images = np.concatenate([b["image"] for b in batches])
-    labels = np.concatenate([b["label"] for b in batches])
     assert fp["top1"] == pytest.approx(
         _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels), abs=1e-6)
     assert 0 <= q["top1"] <= q["top5"] <= 100

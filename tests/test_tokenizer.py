@@ -9,24 +9,11 @@ import numpy as np
 import pytest
 
 from p4q_jax.clip import tokenizer
+from p4q_jax.data import classnames
 
-CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]
-CIFAR100_CLASSES = [
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup",
-    "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house",
-    "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man",
-    "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
-    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy",
-    "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
-    "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
-    "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman",
-    "worm",
-]
+# Class names with TFDS's underscores, as raw tokenizer input; the spaced forms below.
+CIFAR10_CLASSES = [n.replace(" ", "_") for n in classnames.CIFAR10_CLASSNAMES]
+CIFAR100_CLASSES = [n.replace(" ", "_") for n in classnames.CIFAR100_CLASSNAMES]
 TEMPLATES = [
     "a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of the {}.",
     "itap of a {}.", "a bad photo of the {}.", "art of the {}.", "a {} in a video game.",

@@ -37,48 +37,35 @@ def _site_specs(qconfig, model, params, method, example, prefix=""):
     return found
 
 
-def _observe_fn(model, method, specs):
-    """jit: (params, x) -> ({site: batch stats}, {site: all finite}, FP features)."""
+def _pass_fn(model, method, specs, *, finalize, max_elements=None):
+    """jit: one calibration pass over a batch, (params, x, running stats) ->
+    ({site: batch stats} or, when `finalize`, {site: QParams}, {site: all finite}, features).
 
-    def observe(params, x):
-        stats, finite = {}, {}
+    The final pass merges the batch's statistics into the running ones and turns them
+    into scales on the spot, searching (OMSE/PTF) on this batch's tensors.
+    """
 
-        def record(kind, name, a):
-            del kind
-            if name in specs:
-                stats[name] = observers.batch_stats(specs[name], a)
-                finite[name] = jnp.all(jnp.isfinite(a))
-            return a
-
-        with sites.intercept(record):
-            out = model.apply({"params": params}, x, method=method)
-        return stats, finite, out
-
-    return jax.jit(observe)
-
-
-def _finalize_fn(model, method, specs, max_elements):
-    """jit: (params, last x, running stats) -> ({site: QParams}, {site: all finite}, features)."""
-
-    def finalize(params, x, running):
-        qparams, finite = {}, {}
+    def run(params, x, running):
+        results, finite = {}, {}
 
         def record(kind, name, a):
             del kind
             if name in specs:
                 spec = specs[name]
-                merged = observers.merge(spec, running.get(name),
-                                         observers.batch_stats(spec, a))
-                qparams[name] = state_lib.QParams(
-                    *observers.qparams(spec, merged, a, max_elements=max_elements))
+                stats = observers.batch_stats(spec, a)
+                if finalize:
+                    merged = observers.merge(spec, running.get(name), stats)
+                    stats = state_lib.QParams(
+                        *observers.qparams(spec, merged, a, max_elements=max_elements))
+                results[name] = stats
                 finite[name] = jnp.all(jnp.isfinite(a))
             return a
 
         with sites.intercept(record):
             out = model.apply({"params": params}, x, method=method)
-        return qparams, finite, out
+        return results, finite, out
 
-    return jax.jit(finalize)
+    return jax.jit(run)
 
 
 def _check_finite(finite, what):
@@ -91,14 +78,14 @@ def _check_finite(finite, what):
 
 
 def _calibrate_tower(model, params, specs, method, batches, max_elements):
-    observe = _observe_fn(model, method, specs)
+    observe = _pass_fn(model, method, specs, finalize=False)
     running, outputs = {}, []
     for x in batches[:-1]:
-        stats, finite, out = observe(params, x)
+        stats, finite, out = observe(params, x, {})
         _check_finite(finite, "activation")
         running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
         outputs.append(out)
-    finalize = _finalize_fn(model, method, specs, max_elements)
+    finalize = _pass_fn(model, method, specs, finalize=True, max_elements=max_elements)
     qparams, finite, out = finalize(params, batches[-1], running)
     _check_finite(finite, "activation")
     return qparams, outputs + [out]
@@ -106,10 +93,10 @@ def _calibrate_tower(model, params, specs, method, batches, max_elements):
 
 def _weights(qconfig, params, max_elements):
     """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels)."""
-    specs = {name: spec for name, k in sites.kernels(params).items()
+    all_kernels = sites.kernels(params)
+    specs = {name: spec for name in all_kernels
              if (spec := qconfig.spec("weight", name)) is not None}
-    _check_finite({name: jnp.all(jnp.isfinite(sites.kernels(params)[name])) for name in specs},
-                  "weight")
+    _check_finite({name: jnp.all(jnp.isfinite(all_kernels[name])) for name in specs}, "weight")
 
     @jax.jit
     def run(kernels):
@@ -122,7 +109,6 @@ def _weights(qconfig, params, max_elements):
             quantized[name] = primitives.fake_quant(w, scale, zero_point, spec.fmt)
         return qparams, quantized
 
-    all_kernels = sites.kernels(params)
     return run({name: all_kernels[name] for name in specs})
 
 
