@@ -3,3 +3,4 @@
 from p4q_jax.p4q import adapter
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
+from p4q_jax.p4q import step
