@@ -30,6 +30,16 @@ def _apply(model, variables, x, *, method):
                              qstate=variables.get("qstate"))
 
 
+@functools.lru_cache(maxsize=None)
+def _text_encoder(model, mesh):
+    """One jitted text encoder per (model, mesh): repeated classifier builds reuse it."""
+    return jax.jit(
+        lambda v, t: _apply(model, v, t, method=model.encode_text),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
 def encode_prompts(model, variables, tokens, *, mesh, batch_size):
     """Text features for many prompts, in fixed-size chunks sharded over `data` -> [N, E]."""
     parallel.check_batch_size(batch_size, mesh, name="text batch_size")
@@ -37,11 +47,7 @@ def encode_prompts(model, variables, tokens, *, mesh, batch_size):
     n = tokens.shape[0]
     padded = np.zeros((math.ceil(n / batch_size) * batch_size, tokens.shape[1]), np.int32)
     padded[:n] = tokens
-    fn = jax.jit(
-        lambda v, t: _apply(model, v, t, method=model.encode_text),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=parallel.replicated(mesh),
-    )
+    fn = _text_encoder(model, mesh)
     chunks = [fn(variables, padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]
     return jnp.concatenate(chunks)[:n]
 

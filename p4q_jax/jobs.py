@@ -47,7 +47,8 @@ class _Job:
         self.config = config
         self.mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
         parallel.check_batch_size(config.eval.batch_size, self.mesh, name="eval.batch_size")
-        self.model, self.params, self.smoke = build_model(config)
+        self.model, params, self.smoke = build_model(config)
+        self.params = parallel.replicate(params, self.mesh)  # copied to the devices once
         self.info = data.info_from_config(config.data)
         self.prompts = data.prompts(self.info.class_names, self.info.templates)
         self.image_size = self.model.config.vision.image_size
@@ -55,7 +56,7 @@ class _Job:
                                              num_classes=len(self.info.class_names))
 
     def variables(self, qstate=None):
-        return parallel.replicate({"params": self.params, "qstate": qstate}, self.mesh)
+        return {"params": self.params, "qstate": parallel.replicate(qstate, self.mesh)}
 
     def classifier(self, variables):
         return evaluate.zeroshot_classifier(self.model, variables, self.prompts, mesh=self.mesh,

@@ -106,3 +106,15 @@ def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
     assert fp["top1"] == pytest.approx(
         _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels), abs=1e-6)
     assert 0 <= q["top1"] <= q["top5"] <= 100
+
+
+def test_classifier_builds_reuse_one_compiled_text_encoder():
+    from p4q_jax import evaluate, parallel  # pylint: disable=g-import-not-at-top
+    model, params = clip.init("tiny")
+    mesh = parallel.make_mesh()
+    variables = parallel.replicate({"params": params, "qstate": None}, mesh)
+    prompts = [["a photo of a cat.", "a cat."], ["a photo of a dog.", "a dog."]]
+    first = evaluate.zeroshot_classifier(model, variables, prompts, mesh=mesh, batch_size=8)
+    second = evaluate.zeroshot_classifier(model, variables, prompts, mesh=mesh, batch_size=8)
+    np.testing.assert_array_equal(first, second)
+    assert evaluate._text_encoder(model, mesh)._cache_size() == 1  # noqa: SLF001
