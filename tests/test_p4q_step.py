@@ -49,7 +49,7 @@ def setup():
 
 def _run(setup, mesh, steps):
     model, prompts, adapter, frozen, trainable, batch = setup
-    tx = step_lib.optimizer(prompt_lr=0.5, adapter_lr=1e-2, total_steps=50)
+    tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.5, adapter_lr=1e-2, total_steps=50))
     train_step = step_lib.make_train_step(model=model, prompts=prompts, adapter=adapter, tx=tx,
                                           weights=step_lib.LossWeights(), mesh=mesh)
     state = parallel.replicate(step_lib.init_state(jax.tree.map(jnp.array, trainable), tx), mesh)

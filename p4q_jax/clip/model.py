@@ -35,29 +35,66 @@ def _activation(name):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection (OpenAI's `in_proj`)."""
+    """Multi-head self-attention with a fused q/k/v projection (OpenAI's `in_proj`).
+
+    With `prefix` ([1, P, W], the normalized input of a sequence start shared by every row
+    of `x`), `x` [N, S, W] is that start's continuation: the prefix attends causally to
+    itself once, and each row of `x` attends to the prefix's keys/values and causally to
+    its own (prefix mode is always causal; `mask` is not used). Returns (prefix output,
+    x output): the same values as running the N full sequences, with the prefix computed
+    once (through the same quantization sites, whose scales are fixed after calibration).
+    """
 
     heads: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
-        batch, length, width = x.shape
+    def __call__(self, x, mask=None, prefix=None):
+        width = x.shape[-1]
         head_dim = width // self.heads
         std = width**-0.5
-        qkv = nn.Dense(3 * width, dtype=self.dtype, name="in_proj",
-                       kernel_init=nn.initializers.normal(std))(x)
-        q, k, v = (t.reshape(batch, length, self.heads, head_dim)
-                   for t in jnp.split(qkv, 3, axis=-1))
-        q, k, v = Site(name="q")(q), Site(name="k")(k), Site(name="v")(v)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-        logits = Site(name="logits")(logits.astype(jnp.float32))
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = Site(name="probs")(jax.nn.softmax(logits, axis=-1))
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-        return nn.Dense(width, dtype=self.dtype, name="out_proj",
-                        kernel_init=nn.initializers.normal(std))(out.reshape(batch, length, width))
+        in_proj = nn.Dense(3 * width, dtype=self.dtype, name="in_proj",
+                           kernel_init=nn.initializers.normal(std))
+        out_proj = nn.Dense(width, dtype=self.dtype, name="out_proj",
+                            kernel_init=nn.initializers.normal(std))
+        q_site, k_site, v_site = Site(name="q"), Site(name="k"), Site(name="v")
+        logits_site, probs_site = Site(name="logits"), Site(name="probs")
+
+        def project(h):
+            qkv = in_proj(h).reshape(*h.shape[:2], 3, self.heads, head_dim)
+            return q_site(qkv[:, :, 0]), k_site(qkv[:, :, 1]), v_site(qkv[:, :, 2])
+
+        def scores(q, k):
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+            return logits.astype(jnp.float32)
+
+        def attend(logits, mask):
+            logits = logits_site(logits)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            return probs_site(jax.nn.softmax(logits, axis=-1))
+
+        def output(out):
+            return out_proj(out.reshape(*out.shape[:2], width))
+
+        q, k, v = project(x)
+        if prefix is None:
+            probs = attend(scores(q, k), mask)
+            return output(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v))
+        qp, kp, vp = project(prefix)
+        causal_p = nn.make_causal_mask(jnp.ones(prefix.shape[:2], bool))
+        probs_p = attend(scores(qp, kp), causal_p)
+        out_p = jnp.einsum("bhqk,bkhd->bqhd", probs_p.astype(self.dtype), vp)
+        length_p, length = prefix.shape[1], x.shape[1]
+        to_prefix = jnp.einsum("bqhd,khd->bhqk", q, kp[0]) * head_dim**-0.5
+        logits = jnp.concatenate([to_prefix.astype(jnp.float32), scores(q, k)], axis=-1)
+        mask = jnp.concatenate(
+            [jnp.ones((length, length_p), bool), jnp.tril(jnp.ones((length, length), bool))],
+            axis=-1)
+        probs = attend(logits, mask).astype(self.dtype)
+        out = (jnp.einsum("bhqk,khd->bqhd", probs[..., :length_p], vp[0])
+               + jnp.einsum("bhqk,bkhd->bqhd", probs[..., length_p:], v))
+        return output(out_p), output(out)
 
 
 class MLP(nn.Module):
@@ -83,10 +120,18 @@ class ResidualAttentionBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
-        ln = lambda name: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name=name)
-        x = x + Attention(self.heads, dtype=self.dtype, name="attn")(ln("ln_1")(x), mask)
-        return x + MLP(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")(ln("ln_2")(x))
+    def __call__(self, x, mask=None, prefix=None):
+        """x -> x; with a shared `prefix` (see `Attention`), (prefix, x) -> (prefix, x)."""
+        ln_1 = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="ln_1")
+        ln_2 = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="ln_2")
+        attn = Attention(self.heads, dtype=self.dtype, name="attn")
+        mlp = MLP(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")
+        if prefix is None:
+            x = x + attn(ln_1(x), mask)
+            return x + mlp(ln_2(x))
+        attn_p, attn_x = attn(ln_1(x), prefix=ln_1(prefix))
+        prefix, x = prefix + attn_p, x + attn_x
+        return prefix + mlp(ln_2(prefix)), x + mlp(ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -98,12 +143,16 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, prefix=None):
+        """x -> x; with a shared causal `prefix` [1, P, W], (prefix, x) -> x."""
         for i in range(self.layers):
-            x = ResidualAttentionBlock(
+            block = ResidualAttentionBlock(
                 self.heads, self.mlp_dim, self.activation, self.eps, dtype=self.dtype,
-                name=f"resblocks_{i}",
-            )(x, mask)
+                name=f"resblocks_{i}")
+            if prefix is None:
+                x = block(x, mask)
+            else:
+                prefix, x = block(x, prefix=prefix)
         return x
 
 
@@ -169,18 +218,36 @@ class TextTransformer(nn.Module):
         """Token ids [N, L] -> token embeddings [N, L, width] (no positions)."""
         return self.token_embedding(tokens)
 
-    def encode_embeddings(self, x, eot_index):
-        """Token embeddings [N, L, width] and EOT positions [N] -> features [N, embed_dim]."""
-        length = x.shape[1]
+    def _check_length(self, length):
         if length > self.config.context_length:
             raise ValueError(
                 f"text length {length} exceeds the context length {self.config.context_length}"
             )
-        x = (x + self.positional_embedding[:length]).astype(self.dtype)
-        mask = nn.make_causal_mask(jnp.ones(x.shape[:2], dtype=bool))
-        x = self.transformer(x, mask)
+
+    def _features(self, x, eot_index):
         x = jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         return self.text_projection(self.ln_final(x))
+
+    def encode_embeddings(self, x, eot_index):
+        """Token embeddings [N, L, width] and EOT positions [N] -> features [N, embed_dim]."""
+        length = x.shape[1]
+        self._check_length(length)
+        x = (x + self.positional_embedding[:length]).astype(self.dtype)
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2], dtype=bool))
+        return self._features(self.transformer(x, mask), eot_index)
+
+    def encode_prefixed(self, prefix, x, eot_index):
+        """Like `encode_embeddings` on N sequences that all start with the same `prefix`.
+
+        prefix [P, width] is encoded once; x [N, S, width] holds each sequence's remaining
+        tokens and eot_index [N] their EOT positions counted from the start of x. Under the
+        causal mask this is the same math as `encode_embeddings` on the N concatenations.
+        """
+        length_p, length = prefix.shape[0], x.shape[1]
+        self._check_length(length_p + length)
+        prefix = (prefix + self.positional_embedding[:length_p]).astype(self.dtype)[None]
+        x = (x + self.positional_embedding[length_p:length_p + length]).astype(self.dtype)
+        return self._features(self.transformer(x, prefix=prefix), eot_index)
 
     def __call__(self, tokens):
         return self.encode_embeddings(self.embed(tokens), eot_index(tokens))
@@ -221,6 +288,9 @@ class CLIP(nn.Module):
 
     def encode_text_embeddings(self, x, eot_index):
         return self.text.encode_embeddings(x, eot_index)
+
+    def encode_text_prefixed(self, prefix, x, eot_index):
+        return self.text.encode_prefixed(prefix, x, eot_index)
 
     def __call__(self, images, tokens):
         """Both towers and the temperature (used to create parameters)."""

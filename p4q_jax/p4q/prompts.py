@@ -3,10 +3,15 @@
 The token layout of every class prompt is fixed data (`build`): `<start_of_text>`,
 `n_ctx` context slots, the class name and "." in the order the class position asks for
 ("end": ctx name; "middle": half ctx, name, other half; "front": name ctx), then
-`<end_of_text>`, cropped after the longest prompt's EOT. The learned context (one shared
+`<end_of_text>`, cropped after the longest prompt's EOT (a causal tower cannot see the
+positions after it; `crop=False` keeps all 77). The learned context (one shared
 [n_ctx, D], or class-specific [C, n_ctx, D]) is written into the slots of the frozen
 token embeddings (`embed`), and the result goes through the (quantized) text tower's
 embeddings entry point, so gradients reach the context through the tower.
+
+With a shared context, every prompt starts with the same `shared_prefix` positions
+(`<start_of_text>` + context for "end"; + half the context for "middle"), which the
+tower can encode once for all classes (`CLIP.encode_text_prefixed`).
 """
 
 import dataclasses
@@ -33,8 +38,20 @@ class Prompts:
     def n_ctx(self) -> int:
         return self.context_positions.shape[1]
 
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions that are the same in every prompt under a shared context."""
+        slot = np.full(self.tokens.shape, -1)
+        np.put_along_axis(slot, self.context_positions,
+                          np.arange(self.n_ctx)[None].repeat(len(slot), 0), axis=1)
+        same = (self.tokens == self.tokens[:1]).all(0) & (slot == slot[:1]).all(0)
+        differs = np.flatnonzero(~same)
+        length = differs[0] if differs.size else self.tokens.shape[1]
+        return int(min(length, self.eot.min()))  # every EOT stays in the per-class part
 
-def build(class_names, *, n_ctx, position="end", context_length=77, vocab_path=None):
+
+def build(class_names, *, n_ctx, position="end", context_length=77, crop=True,
+          vocab_path=None):
     """Token layouts of "X ... X {name}." for every class (see module docstring)."""
     if position not in POSITIONS:
         raise ValueError(f"class token position {position!r} unknown; expected one of {POSITIONS}")
@@ -61,7 +78,7 @@ def build(class_names, *, n_ctx, position="end", context_length=77, vocab_path=N
                              f"the context length {context_length}")
         rows.append(row)
         slots.append(positions)
-    length = max(len(r) for r in rows)
+    length = max(len(r) for r in rows) if crop else context_length
     tokens = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = row

@@ -1,11 +1,17 @@
 """P4Q's train step: learned prompts through the frozen quantized text tower, the QAdapter on
 cached quantized image features, cross-entropy + distillation from the FP teacher.
 
-Both image towers are frozen, so a batch carries image *features*: the quantized
-student's and the FP teacher's (computed once per image and flip, see DESIGN.md). Per
-step only the text tower runs (forward + backward) over the class prompts, plus the
-adapter. The step is one `jax.jit` with explicit shardings: the batch split over the
-mesh's `data` axis, everything else replicated, the train state donated.
+Both image towers are frozen, so a batch normally carries image *features*: the
+quantized student's and the FP teacher's, cached once per image and flip
+(`p4q.features`, DESIGN.md). Per step only the text tower runs (forward + backward) over
+the class prompts, plus the adapter. A batch of raw images ({"image", "label"}) also
+works: both towers then run inside the step (the cache switched off).
+
+The text tower runs on the prompts' positions up to the last EOT (`prompts.build`) and,
+with `shared_prefix`, encodes the context prefix common to all classes once.
+
+The step is one `jax.jit` with explicit shardings: the batch split over the mesh's
+`data` axis, everything else replicated, the train state donated.
 """
 
 import dataclasses
@@ -28,6 +34,7 @@ class LossWeights:
     distillation: float = 1.0
     distillation_kind: str = "kl"  # kl | official | none
     temperature: float = 1.0
+    contrastive: float = 0.0  # optional symmetric image/class-prompt term
 
 
 @flax.struct.dataclass
@@ -35,7 +42,8 @@ class Frozen:
     """Everything the step reads but never changes (replicated on the mesh)."""
 
     params: dict  # FP CLIP params
-    qstate: object  # the text tower's QState (or None for FP CoOp)
+    qstate: object  # the towers' QState (None: FP CoOp); the image tower's is used only
+                    # when the batch carries images instead of cached features
     token_embeddings: jax.Array  # [C, L, D] of the prompt layouts
     eot: jax.Array  # [C]
     teacher_text: jax.Array  # [C, E] FP zero-shot ensemble, normalized
@@ -49,16 +57,29 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def optimizer(*, prompt_lr, adapter_lr, total_steps, final_fraction=1e-3, adapter_eps=1e-4,
-              adapter_weight_decay=0.01):
-    """The official optimizers: prompts SGD, adapter AdamW, each with cosine decay."""
-    prompt_schedule = optax.cosine_decay_schedule(prompt_lr, total_steps, alpha=final_fraction)
-    adapter_schedule = optax.cosine_decay_schedule(adapter_lr, total_steps)
-    return optax.multi_transform(
-        {"context": optax.sgd(prompt_schedule),
-         "adapter": optax.adamw(adapter_schedule, eps=adapter_eps,
+def schedules(*, prompt_lr, adapter_lr, total_steps, final_fraction=1e-3, warmup_steps=0):
+    """Learning-rate schedules {"context", "adapter"}: optional linear warm-up, then cosine."""
+
+    def schedule(peak, end):
+        if warmup_steps:
+            return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, end)
+        return optax.cosine_decay_schedule(peak, total_steps, alpha=end / peak if peak else 0.0)
+
+    return {"context": schedule(prompt_lr, prompt_lr * final_fraction),
+            "adapter": schedule(adapter_lr, 0.0)}
+
+
+def optimizer(lr_schedules, *, adapter_eps=1e-4, adapter_weight_decay=0.01, clip_norm=None,
+              train_prompts=True):
+    """The official optimizers: prompts SGD, adapter AdamW (optionally after global-norm
+    clipping); `train_prompts=False` keeps the context fixed (the adapter-only ablation)."""
+    context = optax.sgd(lr_schedules["context"]) if train_prompts else optax.set_to_zero()
+    tx = optax.multi_transform(
+        {"context": context,
+         "adapter": optax.adamw(lr_schedules["adapter"], eps=adapter_eps,
                                 weight_decay=adapter_weight_decay)},
         {"context": "context", "adapter": "adapter"})
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
 
 
 def init_state(trainable, tx):
@@ -66,16 +87,40 @@ def init_state(trainable, tx):
                       opt_state=tx.init(trainable))
 
 
-def class_text_features(model, frozen, prompts, context):
-    """Class prompt features [C, E] through the (quantized) text tower."""
+def class_text_features(model, frozen, prompts, context, *, shared_prefix=True):
+    """Class prompt features [C, E] through the (quantized) text tower.
+
+    With `shared_prefix` and a shared context, the positions every prompt starts with are
+    encoded once (`CLIP.encode_text_prefixed`); the result is the same math.
+    """
     x = prompts_lib.embed(prompts, frozen.token_embeddings, context)
+    length = prompts.shared_prefix
+    if shared_prefix and context.ndim == 2 and length:
+        return encode.apply(model, frozen.params, (x[0, :length], x[:, length:],
+                                                   frozen.eot - length),
+                            qstate=frozen.qstate,
+                            method=lambda m, a: m.encode_text_prefixed(*a))
     return encode.apply(model, frozen.params, (x, frozen.eot), qstate=frozen.qstate,
                         method=lambda m, a: m.encode_text_embeddings(*a))
 
 
-def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights):
-    """(total loss, {term: value}) for one batch of cached image features."""
-    text = class_text_features(model, frozen, prompts, trainable["context"])
+def image_features(model, params, qstate, images):
+    """{"student": quantized image features, "teacher": FP image features} of a batch."""
+    method = model.encode_image
+    return {"student": encode.apply(model, params, images, method=method, qstate=qstate),
+            "teacher": encode.apply(model, params, images, method=method)}
+
+
+def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, shared_prefix=True,
+            train_prompts=True):
+    """(total loss, {term: value}) for one batch of cached image features (or images)."""
+    context = trainable["context"]
+    if not train_prompts:
+        context = jax.lax.stop_gradient(context)  # no backward pass through the text tower
+    text = class_text_features(model, frozen, prompts, context, shared_prefix=shared_prefix)
+    if "image" in batch:
+        batch = {**batch, **jax.lax.stop_gradient(
+            image_features(model, frozen.params, frozen.qstate, batch["image"]))}
     student = batch["student"]
     if trainable.get("adapter") is not None:
         student = adapter_lib.train_apply(adapter, trainable["adapter"], student)
@@ -89,17 +134,23 @@ def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights):
     }
     total = (weights.cross_entropy * terms["cross_entropy"]
              + weights.distillation * terms["distillation"])
+    if weights.contrastive:
+        terms["contrastive"] = losses.symmetric_contrastive(student, text, batch["label"],
+                                                            frozen.logit_scale)
+        total = total + weights.contrastive * terms["contrastive"]
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return total, {**terms, "loss": total, "train_accuracy": accuracy}
 
 
-def make_train_step(*, model, prompts, adapter, tx, weights, mesh):
+def make_train_step(*, model, prompts, adapter, tx, weights, mesh, shared_prefix=True,
+                    train_prompts=True):
     """A jitted (state, frozen, batch) -> (state, metrics), batch sharded over `data`."""
 
     def step(state, frozen, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.trainable, frozen, batch, model=model,
-                                      prompts=prompts, adapter=adapter, weights=weights)
+                                      prompts=prompts, adapter=adapter, weights=weights,
+                                      shared_prefix=shared_prefix, train_prompts=train_prompts)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
