@@ -13,6 +13,8 @@ from p4q_jax import evaluate
 from p4q_jax import parallel
 from p4q_jax import quant
 from p4q_jax import results
+from p4q_jax import train
+from p4q_jax.p4q import trained as trained_lib
 
 
 def initialize_distributed(config):
@@ -43,11 +45,14 @@ def build_model(config):
 class _Job:
     """What every mode sets up: mesh, model, dataset info, and a sharded evaluator."""
 
-    def __init__(self, config):
+    def __init__(self, config, *, model_and_params=None):
         self.config = config
         self.mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
         parallel.check_batch_size(config.eval.batch_size, self.mesh, name="eval.batch_size")
-        self.model, params, self.smoke = build_model(config)
+        if model_and_params is None:
+            self.model, params, self.smoke = build_model(config)
+        else:
+            (self.model, params), self.smoke = model_and_params, False
         self.params = parallel.replicate(params, self.mesh)  # copied to the devices once
         self.info = data.info_from_config(config.data)
         self.prompts = data.prompts(self.info.class_names, self.info.templates)
@@ -62,12 +67,13 @@ class _Job:
         return evaluate.zeroshot_classifier(self.model, variables, self.prompts, mesh=self.mesh,
                                             batch_size=self.config.eval.text_batch_size)
 
-    def accuracy(self, variables, classifier, *, desc):
+    def accuracy(self, variables, classifier, *, desc, step=None):
         cfg = self.config
         dataset = data.create_dataset(cfg.data, split="test", batch_size=cfg.eval.batch_size,
                                       image_size=self.image_size, train=False)
         return evaluate.accuracy(
-            self._step, variables, classifier, data.as_numpy_batches(dataset), mesh=self.mesh,
+            step or self._step, variables, classifier, data.as_numpy_batches(dataset),
+            mesh=self.mesh,
             total=data.num_eval_batches(cfg.data, split="test", batch_size=cfg.eval.batch_size),
             desc=desc)
 
@@ -112,25 +118,83 @@ def calibration_images(job):
     return [parallel.to_global(b["image"], job.mesh) for b in batches]
 
 
+def _fp_and_ptq(job, *, quantize=True):
+    """(QState or None, FP teacher class features, [FP zero-shot row, PTQ row]).
+
+    Calibration also yields the FP text features of the prompt ensemble, so the FP
+    classifier costs no second text pass."""
+    fp = job.variables()
+    if not quantize:
+        teacher = job.classifier(fp)
+        return None, teacher, [{"method": "fp_zeroshot",
+                                **job.accuracy(fp, teacher, desc="FP zero-shot")}]
+    texts = [t for class_prompts in job.prompts for t in class_prompts]
+    qconfig = quant.QConfig.parse(job.config.quant.config)
+    qstate, fp_text = quant.calibrate(
+        job.model, job.params, qconfig, images=calibration_images(job), texts=texts,
+        text_batch_size=job.config.eval.text_batch_size, return_text_features=True)
+    teacher = evaluate.ensemble(fp_text, num_classes=len(job.prompts))
+    q = job.variables(qstate)
+    return qstate, teacher, [
+        {"method": "fp_zeroshot", **job.accuracy(fp, teacher, desc="FP zero-shot")},
+        {"method": "ptq", "qconfig": qconfig.name,
+         **job.accuracy(q, job.classifier(q), desc=f"PTQ {qconfig.name}")}]
+
+
 def ptq(config, workdir):
     """Calibrate -> zero-shot FP and PTQ on the test split -> results.json."""
     job = _Job(config)
-    texts = [t for class_prompts in job.prompts for t in class_prompts]
-    qconfig = quant.QConfig.parse(config.quant.config)
-    qstate, fp_text = quant.calibrate(
-        job.model, job.params, qconfig, images=calibration_images(job), texts=texts,
-        text_batch_size=config.eval.text_batch_size, return_text_features=True)
-    fp = job.variables()
-    fp_metrics = job.accuracy(fp, evaluate.ensemble(fp_text, num_classes=len(job.prompts)),
-                              desc="FP zero-shot")
-    q = job.variables(qstate)
-    ptq_metrics = job.accuracy(q, job.classifier(q), desc=f"PTQ {qconfig.name}")
-    rows = [{"method": "fp_zeroshot", **fp_metrics},
-            {"method": "ptq", "qconfig": qconfig.name, **ptq_metrics}]
-    return job.finish(workdir, job.results("ptq", rows, qconfig=qconfig.name))
+    qstate, _, rows = _fp_and_ptq(job)
+    return job.finish(workdir, job.results("ptq", rows, qconfig=qstate.config.name))
 
 
-MODES = {"zeroshot": zeroshot, "ptq": ptq}
+def _trained_accuracy(job, trained, variables, *, desc):
+    """Top-1/top-5 of a trained P4Q (prompts + adapter) on the test split."""
+    class_features = jax.jit(lambda v: trained.class_features(job.model, v))(variables)
+    step = evaluate.make_eval_step(lambda v, x: trained.image_features(job.model, v, x),
+                                   mesh=job.mesh, num_classes=len(job.info.class_names))
+    return job.accuracy(variables, class_features, desc=desc, step=step)
+
+
+def p4q(config, workdir):
+    """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
+    training curves. With `p4q.quantize=False` the FP model is trained (CoOp baseline)."""
+    job = _Job(config)
+    workdir = pathlib.Path(workdir)
+    qstate, teacher, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
+    qstate = parallel.replicate(qstate, job.mesh)
+    out = train.train(config, model=job.model, params=job.params, qstate=qstate,
+                      teacher_text=teacher, class_names=job.info.class_names, mesh=job.mesh,
+                      workdir=workdir)
+    qconfig = None if qstate is None else qstate.config.name
+    variables = out.trained.variables(job.params, qstate)
+    rows.append({"method": config.p4q.method, "qconfig": qconfig,
+                 **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
+    export_dir = pathlib.Path(config.p4q.export_dir or workdir / "export")
+    if jax.process_index() == 0:
+        trained_lib.save(export_dir, job.model, jax.device_get(job.params),
+                         jax.device_get(qstate), out.trained)
+    results.plot_curves(workdir / "training_curves.png", out.history,
+                        title=f"{config.p4q.method} on {config.data.name}")
+    return job.finish(workdir, job.results("p4q", rows, qconfig=qconfig, history=out.history,
+                                           export=str(export_dir)))
+
+
+def evaluate_export(config, workdir):
+    """Top-1/top-5 of an exported P4Q model (`p4q.export_dir`) on the test split."""
+    path = (config.p4q.export_dir if "p4q" in config else None) or pathlib.Path(workdir) / "export"
+    model, params, qstate, trained = trained_lib.load(path)
+    job = _Job(config, model_and_params=(model, params))
+    if tuple(job.info.class_names) != trained.class_names:
+        raise ValueError(f"the export in {path} was trained on {len(trained.class_names)} "
+                         f"classes that are not {config.data.name}'s {len(job.info.class_names)}")
+    variables = trained.variables(job.params, parallel.replicate(qstate, job.mesh))
+    metrics = _trained_accuracy(job, trained, variables, desc="P4Q eval")
+    row = {"method": "p4q", "qconfig": None if qstate is None else qstate.config.name, **metrics}
+    return job.finish(workdir, job.results("eval", [row], export=str(path)))
+
+
+MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export}
 
 
 def run(config, workdir, *, mode=None):

@@ -60,6 +60,22 @@ def test_export_reloads_bit_exactly(tmp_path, tiny, name):
                                   clip.encode_text(model2, params2, tokens, qstate=qstate2))
 
 
+def test_export_stores_the_calibrated_kernels_not_a_requantized_copy(tmp_path, tiny):
+    """A negative 4-bit extreme w = -7.5 * scale sits on a rounding tie: -8 or -7 depending on
+    float op order. The export must keep the calibrated choice, so move one such kernel entry
+    to the other side of the tie and check that the reload follows the QState, not the FP."""
+    model, params = tiny
+    qstate = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
+    name = "visual/conv1"
+    kernel, p = qstate.kernels[name], qstate.weights[name]
+    flipped = jnp.where(kernel == kernel.min(), kernel + p.scale, kernel)  # -8 -> -7 codes
+    assert float(jnp.abs(flipped - kernel).max()) > 0
+    qstate = qstate.replace(kernels={**qstate.kernels, name: flipped})
+    export.save(tmp_path / "q", model, params, qstate)
+    _, _, reloaded = export.load(tmp_path / "q")
+    np.testing.assert_array_equal(reloaded.kernels[name], flipped)
+
+
 def test_export_bytes_on_disk(tmp_path):
     """Kernels at most 27% (8-bit) and 14% (4-bit) of their float32 bytes, scales included."""
     config = configs.vit(embed_dim=128, image_size=32, patch_size=8, vision_width=256,

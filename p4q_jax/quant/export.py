@@ -61,7 +61,10 @@ def save(path, model, params, qstate):
     integer, layout = {}, {}
     for name, p in qstate.weights.items():
         fmt = qstate.config.spec("weight", name).fmt
-        codes = np.asarray(primitives.quantize(kernels[name], p.scale, p.zero_point, fmt))
+        # Codes of the calibrated fake-quantized kernel, not of the FP one: those sit on the
+        # integer grid, whereas an FP value on a rounding tie may round either way.
+        codes = np.asarray(primitives.quantize(qstate.kernels[name], p.scale, p.zero_point,
+                                               fmt))
         packed = fmt.bits <= PACKED_BITS
         integer[name] = {
             "codes": pack_nibbles(codes) if packed else codes.astype(_storage_dtype(fmt)),

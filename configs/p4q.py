@@ -1,0 +1,67 @@
+"""P4Q: calibrate (PTQ), then train learned prompts + an 8-bit QAdapter with distillation.
+
+    python main.py --config=configs/p4q.py --config.model.checkpoint=ViT-B-32.pt \
+        --config.data.name=cifar100 --config.quant.config=w4a4attn8 --workdir=runs/p4q
+
+Writes results.json (FP zero-shot, PTQ and P4Q rows), training_curves.png, TensorBoard
+logs, checkpoints/ (a rerun with the same workdir resumes) and export/ (the trained
+model, for `--mode=eval` and `p4q.trained.load`). Baselines and ablations are variants:
+`configs/baselines.py:coop_fp`, `configs/ablations.py:adapter_only`, ...
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import ptq
+
+
+def get_config():
+    config = ptq.get_config()
+    config.mode = "p4q"
+
+    config.p4q = ml_collections.ConfigDict()
+    config.p4q.method = "p4q"  # the row name in results.json
+    config.p4q.quantize = True  # False: train on the FP model (CoOp)
+    config.p4q.n_ctx = 16
+    config.p4q.ctx_init = ""  # e.g. "a photo of a" (then n_ctx = its token count); "" = N(0, 0.02)
+    config.p4q.position = "end"  # class token position: end | middle | front
+    config.p4q.class_specific = False
+    config.p4q.train_prompts = True  # False: the context stays at its initial value
+    config.p4q.adapter = True
+    config.p4q.adapter_reduction = 4
+    config.p4q.adapter_ratio = 0.2
+    config.p4q.adapter_calib_batches = 10  # training batches the frozen 8-bit ranges come from
+    config.p4q.export_dir = config_dict.placeholder(str)  # default: WORKDIR/export
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128  # global
+    config.train.epochs = 50
+    config.train.num_steps = 0  # > 0 overrides epochs
+    config.train.prompt_lr = config_dict.placeholder(float)  # default 5e-4 x batch_size / 20
+    config.train.prompt_final_fraction = 1e-3  # cosine decay to this fraction of prompt_lr
+    config.train.adapter_lr = 1e-3
+    config.train.adapter_eps = 1e-4
+    config.train.adapter_weight_decay = 0.01
+    config.train.warmup_steps = 0
+    config.train.clip_norm = config_dict.placeholder(float)
+    config.train.log_every = 50
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.cross_entropy = 1.0
+    config.loss.distillation = 1.0
+    config.loss.distillation_kind = "kl"  # kl | official | none
+    config.loss.temperature = 1.0
+    config.loss.contrastive = 0.0  # symmetric image/class-prompt term
+
+    # The rules of DESIGN.md "where the time goes"; each off gives the same training, slower.
+    config.speed = ml_collections.ConfigDict()
+    config.speed.feature_cache = True  # cached student/teacher image features (flip-only aug.)
+    config.speed.cache_dir = config_dict.placeholder(str)  # default: WORKDIR/feature_cache
+    config.speed.crop_text = True  # text tower on max_eot + 1 positions, not 77
+    config.speed.shared_prefix = True  # the context prefix encoded once for all classes
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 500
+    config.checkpoint.keep = 3
+    config.checkpoint.async_save = True
+    return config

@@ -1,0 +1,149 @@
+"""Cache of the frozen image features, and the training input built on it.
+
+Both image towers are frozen and the only augmentation is a horizontal flip, so the
+quantized student's and the FP teacher's feature of every training image, in both
+views, are computed once (`build_cache`, with the sharded encoder) and each step
+samples from them (`CachedInput`): exactly the training the per-step encoder would do,
+without the two image towers in the step (DESIGN.md, "where the time goes").
+
+Each process keeps the features of its own part of the training set, in host memory or
+in `.npy` files under a directory (memory-mapped when read back, for large datasets).
+The order of the examples and the views are a function of (seed, step) alone, so a run
+resumed at step n reads exactly the batches an uninterrupted run reads.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from p4q_jax import parallel
+from p4q_jax.p4q import step as step_lib
+
+FIELDS = ("student", "teacher", "label")
+_MARKER = "fingerprint.json"
+
+
+def make_encoder(model, mesh):
+    """Jitted (params, qstate, images [B, H, W, 3]) -> {"student", "teacher"}: [B, 2, E] each,
+    view 0 the image as given and view 1 its horizontal flip; batch sharded over `data`."""
+
+    def encode(params, qstate, images):
+        both = jnp.concatenate([images, images[:, :, ::-1]])
+        out = step_lib.image_features(model, params, qstate, both)
+        return jax.tree.map(lambda f: jnp.stack(jnp.split(f, 2), axis=1), out)
+
+    replicated = parallel.replicated(mesh)
+    return jax.jit(encode, in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.batch_sharding(mesh))
+
+
+def build_cache(model, params, qstate, batches, *, mesh, total=None):
+    """Features of this process's training examples, both views -> {"student", "teacher":
+    float32 [n, 2, E], "label": int32 [n]} (numpy).
+
+    `batches` are this process's un-augmented, padded and masked batches
+    (`data.create_dataset(..., train=False)` on the training split).
+    """
+    encoder = make_encoder(model, mesh)
+    spec = jax.sharding.PartitionSpec(parallel.DATA)
+    parts = {name: [] for name in FIELDS}
+    for batch in tqdm.tqdm(batches, total=total, desc="feature cache", unit="batch",
+                           disable=jax.process_index() != 0, leave=False):
+        out = encoder(params, qstate, parallel.to_global(batch["image"], mesh))
+        local = multihost_utils.global_array_to_host_local_array(out, mesh, spec)
+        keep = np.asarray(batch["mask"], bool)
+        for name in ("student", "teacher"):
+            parts[name].append(np.asarray(local[name], np.float32)[keep])
+        parts["label"].append(np.asarray(batch["label"], np.int32)[keep])
+    if not parts["label"]:
+        raise ValueError("feature cache: the training split yielded no batches")
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def fingerprint(**what):
+    """A short hash of everything the cached features depend on (JSON-serializable values
+    and arrays), so a cache built for another model, quantization or dataset is never read."""
+    digest = hashlib.sha256()
+    for key in sorted(what):
+        digest.update(key.encode())
+        for leaf in jax.tree.leaves(what[key]):
+            if isinstance(leaf, (np.ndarray, jax.Array)):
+                digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+            else:
+                digest.update(json.dumps(leaf, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _process_dir(directory):
+    return pathlib.Path(directory) / f"process_{jax.process_index()}_of_{jax.process_count()}"
+
+
+def save_cache(directory, cache, key):
+    """Writes this process's cache as .npy files (each to a temp name, then renamed)."""
+    path = _process_dir(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / _MARKER).unlink(missing_ok=True)  # invalid until every array is in place
+    for name in FIELDS:
+        tmp = path / f".{name}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, cache[name])
+        os.replace(tmp, path / f"{name}.npy")
+    tmp = path / f".{_MARKER}.tmp"
+    tmp.write_text(json.dumps({"key": key}))
+    os.replace(tmp, path / _MARKER)
+
+
+def load_cache(directory, key):
+    """This process's cache if one was saved under `key` (memory-mapped), else None."""
+    path = _process_dir(directory)
+    try:
+        stored = json.loads((path / _MARKER).read_text())["key"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    if stored != key:
+        logging.info("feature cache in %s is for another setup; rebuilding it", path)
+        return None
+    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in FIELDS}
+
+
+class CachedInput:
+    """Training batches sampled from a feature cache, a function of (seed, step) alone.
+
+    Epoch e visits this process's examples in the order of a permutation seeded by
+    (seed, e, process); each example's view (as is / flipped) is drawn per step. An epoch
+    is `num_examples // global_batch` steps; the rest of the permutation is dropped.
+    """
+
+    def __init__(self, cache, *, global_batch, num_examples, seed, flip=True):
+        self.cache = cache
+        self.local_batch = global_batch // jax.process_count()
+        self.steps_per_epoch = num_examples // global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"train.batch_size={global_batch} exceeds the {num_examples} "
+                             "training examples")
+        self.seed, self.flip = seed, flip
+        self._epoch, self._order = None, None
+
+    def batch(self, step):
+        """This process's part of the global batch of `step` (numpy)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch, jax.process_index()])
+            self._epoch, self._order = epoch, rng.permutation(len(self.cache["label"]))
+        rows = np.sort(self._order[index * self.local_batch:(index + 1) * self.local_batch])
+        if self.flip:
+            rng = np.random.default_rng([self.seed, step, jax.process_index(), 1])
+            views = rng.integers(0, 2, len(rows))
+        else:
+            views = np.zeros(len(rows), np.int64)
+        return {"student": np.asarray(self.cache["student"][rows, views]),
+                "teacher": np.asarray(self.cache["teacher"][rows, views]),
+                "label": np.asarray(self.cache["label"][rows])}

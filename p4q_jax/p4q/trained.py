@@ -1,0 +1,143 @@
+"""A trained P4Q classifier: learned prompts + QAdapter on a (quantized) CLIP, saved and loaded.
+
+    model, params, qstate, trained = p4q.trained.load("runs/p4q/export")
+    variables = trained.variables(params, qstate)
+    text = trained.class_features(model, variables)             # [C, E], normalized
+    image = trained.image_features(model, variables, images)    # [B, E]
+
+An export directory holds
+  towers/    the frozen CLIP: integer kernels + scales (`quant.export`) when quantized,
+             the FP params (`clip.save`) otherwise; self-contained, no base checkpoint needed;
+  trained/   the learned context and the adapter's params and frozen 8-bit state (Orbax);
+  p4q.json   class names, prompt layout, adapter shape.
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from p4q_jax import clip
+from p4q_jax.clip import checkpoints
+from p4q_jax.p4q import adapter as adapter_lib
+from p4q_jax.p4q import prompts as prompts_lib
+from p4q_jax.p4q import step as step_lib
+from p4q_jax.quant import export as quant_export
+from p4q_jax.quant import state as state_lib
+
+MARKER = "p4q.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What P4Q learned, and how its prompts are laid out."""
+
+    class_names: tuple
+    position: str  # class token position: end | middle | front
+    context: jax.Array  # [n_ctx, D] or [C, n_ctx, D]
+    adapter: adapter_lib.QAdapter | None
+    adapter_params: dict | None
+    adapter_qstate: state_lib.QState | None  # frozen 8-bit ranges (see adapter.py)
+
+    @property
+    def prompts(self):
+        return prompts_lib.build(self.class_names, n_ctx=self.context.shape[-2],
+                                 position=self.position)
+
+    def variables(self, params, qstate):
+        """The pytree the jitted evaluation functions take."""
+        return {"params": params, "qstate": qstate, "context": self.context,
+                "adapter": self.adapter_params, "adapter_qstate": self.adapter_qstate}
+
+    def class_features(self, model, variables):
+        """Normalized class prompt features [C, E] through the (quantized) text tower."""
+        prompts = self.prompts
+        frozen = step_lib.Frozen(
+            params=variables["params"], qstate=variables["qstate"],
+            token_embeddings=model.apply({"params": variables["params"]}, prompts.tokens,
+                                         method=model.embed_tokens),
+            eot=jnp.asarray(prompts.eot), teacher_text=None, logit_scale=None)
+        text = step_lib.class_text_features(model, frozen, prompts, variables["context"])
+        return text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+
+    def image_features(self, model, variables, images):
+        """Image features [B, E]: the (quantized) image tower, then the frozen adapter."""
+        f = clip.encode.apply(model, variables["params"], images, method=model.encode_image,
+                              qstate=variables["qstate"])
+        if self.adapter is None:
+            return f
+        return adapter_lib.apply(self.adapter, variables["adapter"], f,
+                                 variables["adapter_qstate"])
+
+
+def _qstate_tree(qstate):
+    return {"acts": {n: {"scale": p.scale, "zero_point": p.zero_point}
+                     for n, p in qstate.acts.items()},
+            "weights": {n: {"scale": p.scale, "zero_point": p.zero_point}
+                        for n, p in qstate.weights.items()},
+            "kernels": qstate.kernels}
+
+
+def _qstate_from_tree(tree, config):
+    qparams = lambda d: {n: state_lib.QParams(jnp.asarray(p["scale"]), jnp.asarray(p["zero_point"]))
+                         for n, p in d.items()}
+    return state_lib.QState(config=config, acts=qparams(tree["acts"]),
+                            weights=qparams(tree["weights"]),
+                            kernels=jax.tree.map(jnp.asarray, tree["kernels"]))
+
+
+def save(path, model, params, qstate, trained):
+    """Writes the export directory (atomically; an existing one is replaced) -> its path."""
+    path = pathlib.Path(path).absolute()
+    staged = path.with_name(path.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    with checkpoints.atomic_directory(staged) as tmp:
+        if qstate is None:
+            clip.save(tmp / "towers", model.config, params)
+        else:
+            quant_export.save(tmp / "towers", model, params, qstate)
+        tree = {"context": trained.context}
+        if trained.adapter is not None:
+            tree["adapter"] = {"params": trained.adapter_params,
+                               "state": _qstate_tree(trained.adapter_qstate)}
+        checkpoints.save_tree(tmp / "trained", tree)
+        adapter = trained.adapter
+        (tmp / MARKER).write_text(json.dumps({
+            "class_names": list(trained.class_names),
+            "position": trained.position,
+            "quantized": qstate is not None,
+            "adapter": None if adapter is None else {"reduction": adapter.reduction,
+                                                     "ratio": adapter.ratio},
+        }, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    staged.rename(path)
+    return path
+
+
+def load(path):
+    """Reads an export directory -> (model, params, qstate or None, Trained)."""
+    path = pathlib.Path(path)
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
+                                "`main.py --config=configs/p4q.py` first")
+    meta = json.loads((path / MARKER).read_text())
+    if meta["quantized"]:
+        model, params, qstate = quant_export.load(path / "towers")
+    else:
+        (model, params), qstate = clip.load(path / "towers"), None
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(path / "trained")
+    adapter = adapter_params = adapter_qstate = None
+    if meta["adapter"] is not None:
+        adapter = adapter_lib.QAdapter(**meta["adapter"])
+        adapter_params = jax.tree.map(jnp.asarray, tree["adapter"]["params"])
+        adapter_qstate = _qstate_from_tree(tree["adapter"]["state"], adapter_lib.QCONFIG)
+    trained = Trained(class_names=tuple(meta["class_names"]), position=meta["position"],
+                      context=jnp.asarray(np.asarray(tree["context"])), adapter=adapter,
+                      adapter_params=adapter_params, adapter_qstate=adapter_qstate)
+    return model, params, qstate, trained

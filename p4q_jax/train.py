@@ -1,0 +1,224 @@
+"""P4Q's training loop: prompts + QAdapter on a frozen (quantized) CLIP, resumable.
+
+`train` builds the prompt layout, the frozen inputs of the step (FP params, quant state,
+teacher text features), the trainable tree and the optimizers from the config, then runs
+the jitted step over the training input:
+
+* with `speed.feature_cache` (default), batches of cached student/teacher image features
+  (`p4q.features`), read back from `speed.cache_dir` on a restart;
+* without it, batches of images from the tf.data pipeline (both image towers then run in
+  every step; a restart skips the batches already seen).
+
+Either way the batch of step n is fixed by (seed, n), and `checkpoint.Checkpointer` saves
+the train state with the input position, so a killed run resumes where it stopped and
+ends with the parameters of an uninterrupted one. Loss terms and learning rates go to
+CLU metric writers (TensorBoard + log) and a progress bar with ETA.
+
+After the last step the adapter's 8-bit input ranges are calibrated (OMSE) on
+`p4q.adapter_calib_batches` training batches of student features with the final
+weights, and frozen for evaluation (see `p4q/adapter.py`).
+"""
+
+import dataclasses
+import itertools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+from clu import metric_writers
+
+from p4q_jax import checkpoint as checkpoint_lib
+from p4q_jax import clip
+from p4q_jax import data
+from p4q_jax import parallel
+from p4q_jax.clip import tokenizer as tokenizer_lib
+from p4q_jax.p4q import adapter as adapter_lib
+from p4q_jax.p4q import features as features_lib
+from p4q_jax.p4q import prompts as prompts_lib
+from p4q_jax.p4q import step as step_lib
+from p4q_jax.p4q import trained as trained_lib
+
+
+def prompt_lr(cfg):
+    """The official prompt learning rate, 5e-4 x batch / 20, unless set."""
+    return cfg.prompt_lr if cfg.prompt_lr is not None else 5e-4 * cfg.batch_size / 20
+
+
+def _initial_context(config, model, params, num_classes, key):
+    cfg = config.p4q
+    if cfg.ctx_init:
+        context = clip.encode.apply(
+            model, params, jnp.asarray([tokenizer_lib.Tokenizer().encode(cfg.ctx_init)]),
+            method=model.embed_tokens)[0]
+        if not context.shape[0]:
+            raise ValueError(f"p4q.ctx_init={cfg.ctx_init!r} has no tokens")
+    else:
+        context = prompts_lib.init_context(key, n_ctx=cfg.n_ctx, width=model.config.text.width)
+    if cfg.class_specific:
+        context = jnp.broadcast_to(context, (num_classes, *context.shape))
+    return jnp.asarray(context, jnp.float32)
+
+
+class _PipelineInput:
+    """Image batches from tf.data (the cache switched off); step n is the pipeline's n-th."""
+
+    def __init__(self, config, image_size, start):
+        ds = data.create_dataset(config.data, split="train", batch_size=config.train.batch_size,
+                                 image_size=image_size, train=True, seed=config.seed)
+        self._iter = iter(data.as_numpy_batches(ds.skip(start)))
+        self._next = start
+
+    def batch(self, step):
+        if step != self._next:
+            raise ValueError(f"the pipeline input is sequential: expected step {self._next}, "
+                             f"got {step}")
+        self._next += 1
+        batch = next(self._iter)
+        return {"image": batch["image"], "label": batch["label"]}
+
+
+def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_examples):
+    cfg = config.speed
+    key = features_lib.fingerprint(
+        checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
+        data={k: config.data[k] for k in ("name", "num_shots", "shot_seed", "folder",
+                                          "synthetic_classes", "synthetic_examples")},
+        image_size=image_size,
+        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
+    directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"
+    cache = features_lib.load_cache(directory, key)
+    if cache is None:
+        batch_size = config.eval.batch_size
+        ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
+                                 image_size=image_size, train=False)
+        total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
+        cache = features_lib.build_cache(model, params, qstate, data.as_numpy_batches(ds),
+                                         mesh=mesh, total=total)
+        features_lib.save_cache(directory, cache, key)
+        logging.info("feature cache: %d examples x 2 views -> %s", len(cache["label"]), directory)
+    return features_lib.CachedInput(cache, global_batch=config.train.batch_size,
+                                    num_examples=num_examples, seed=config.seed,
+                                    flip=config.data.flip)
+
+
+@dataclasses.dataclass
+class Result:
+    trained: trained_lib.Trained
+    history: list  # [{"step": n, metric: mean since the previous entry, ...}]
+
+
+def train(config, *, model, params, qstate, teacher_text, class_names, mesh, workdir):
+    """Trains P4Q (or a baseline/ablation, as configured) -> Result.
+
+    Args:
+      config: the experiment ConfigDict (sections p4q, train, loss, speed, checkpoint, data).
+      model, params: the CLIP and its FP params (replicated on `mesh`).
+      qstate: the calibrated QState of both towers, or None to train on the FP model.
+      teacher_text: the FP zero-shot ensemble text features [C, E], normalized.
+      class_names: the C class names, in label order.
+      mesh: the device mesh; the global batch is split over its `data` axis.
+      workdir: checkpoints, the feature cache and the metric logs go here.
+    """
+    cfg, tcfg = config.p4q, config.train
+    parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
+    key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
+    context = _initial_context(config, model, params, len(class_names), key_context)
+    prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
+                                crop=config.speed.crop_text)
+    frozen = parallel.replicate(step_lib.Frozen(
+        params=params, qstate=qstate,
+        token_embeddings=clip.encode.apply(model, params, prompts.tokens,
+                                           method=model.embed_tokens),
+        eot=jnp.asarray(prompts.eot), teacher_text=jnp.asarray(teacher_text),
+        logit_scale=jnp.exp(params["logit_scale"])), mesh)
+    adapter = adapter_params = None
+    if cfg.adapter:
+        adapter = adapter_lib.QAdapter(reduction=cfg.adapter_reduction, ratio=cfg.adapter_ratio)
+        adapter_params = adapter.init(key_adapter, jnp.zeros((1, model.config.embed_dim)))["params"]
+
+    image_size = model.config.vision.image_size
+    num_examples = data.num_examples(config.data, split="train")
+    if config.speed.feature_cache:
+        source = _cached_input(config, model, params, qstate, mesh, workdir, image_size,
+                               num_examples)
+        steps_per_epoch = source.steps_per_epoch
+    else:
+        source, steps_per_epoch = None, num_examples // tcfg.batch_size
+    total_steps = tcfg.num_steps or tcfg.epochs * steps_per_epoch
+    if total_steps < 1:
+        raise ValueError(f"no training steps: train.num_steps={tcfg.num_steps}, train.epochs="
+                         f"{tcfg.epochs}, {steps_per_epoch} steps per epoch")
+
+    lrs = step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+                             total_steps=total_steps, final_fraction=tcfg.prompt_final_fraction,
+                             warmup_steps=tcfg.warmup_steps)
+    tx = step_lib.optimizer(lrs, adapter_eps=tcfg.adapter_eps,
+                            adapter_weight_decay=tcfg.adapter_weight_decay,
+                            clip_norm=tcfg.clip_norm, train_prompts=cfg.train_prompts)
+    state = parallel.replicate(step_lib.init_state(
+        {"context": context, "adapter": adapter_params}, tx), mesh)
+    train_step = step_lib.make_train_step(
+        model=model, prompts=prompts, adapter=adapter, tx=tx, mesh=mesh,
+        weights=step_lib.LossWeights(**config.loss.to_dict()),
+        shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts)
+
+    checkpointer = checkpoint_lib.Checkpointer(
+        pathlib.Path(workdir).absolute() / "checkpoints", every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    restored, meta = checkpointer.restore_latest(state)
+    history = []
+    if restored is not None:
+        if meta["seed"] != config.seed or meta["total_steps"] != total_steps:
+            raise ValueError(f"the checkpoint in {workdir} is from another run (seed "
+                             f"{meta['seed']}, {meta['total_steps']} steps); use a new workdir")
+        state, history = restored, meta["history"]
+    start = int(state.step)
+    if source is None:
+        source = _PipelineInput(config, image_size, start)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    pending = []
+    progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
+                         desc="P4Q train", unit="step", disable=jax.process_index() != 0)
+    for step in progress:
+        state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
+        pending.append(metrics)
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == total_steps:
+            means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
+            pending = []
+            means.update({f"lr_{name}": float(s(step)) for name, s in lrs.items()})
+            writer.write_scalars(done, means)
+            history.append({"step": done, **means})
+            progress.set_postfix(loss=f"{means['loss']:.4f}")
+        checkpointer.save(done, state, {"input_position": done, "seed": config.seed,
+                                        "total_steps": total_steps, "history": list(history)},
+                          force=done == total_steps)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.flush()
+
+    trainable = jax.device_get(state.trainable)
+    adapter_qstate = None
+    if adapter is not None:
+        adapter_qstate = adapter_lib.calibrate(adapter, trainable["adapter"], _calibration_features(
+            config, model, frozen, mesh, image_size, source, cfg.adapter_calib_batches))
+    trained = trained_lib.Trained(
+        class_names=tuple(class_names), position=cfg.position,
+        context=jnp.asarray(trainable["context"]), adapter=adapter,
+        adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
+    return Result(trained=trained, history=history)
+
+
+def _calibration_features(config, model, frozen, mesh, image_size, source, num_batches):
+    """Student image features of the first `num_batches` training batches (global arrays)."""
+    if isinstance(source, features_lib.CachedInput):
+        return [parallel.to_global(source.batch(i)["student"], mesh) for i in range(num_batches)]
+    encode = jax.jit(lambda p, q, x: step_lib.image_features(model, p, q, x)["student"])
+    ds = data.create_dataset(config.data, split="train", batch_size=config.train.batch_size,
+                             image_size=image_size, train=True, seed=config.seed)
+    return [encode(frozen.params, frozen.qstate, parallel.to_global(b["image"], mesh))
+            for b in itertools.islice(data.as_numpy_batches(ds), num_batches)]
