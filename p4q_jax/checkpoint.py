@@ -21,17 +21,20 @@ class Checkpointer:
             raise ValueError(f"checkpoint.every_steps={every_steps} must be >= 1")
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be >= 1")
+        self.every_steps = every_steps
         self.manager = ocp.CheckpointManager(
             directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every_steps,
-                enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                 enable_async_checkpointing=async_save),
             item_names=("state", "meta"))
 
     def save(self, step, state, meta, *, force=False):
-        """Starts saving (in the background) when `step` is due, or always with `force`."""
+        """Starts saving (in the background) when `step` is a multiple of `every_steps`, or
+        with `force` -> whether a save started."""
+        if not force and step % self.every_steps:
+            return False
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore_latest(self, template):
         """(state, meta) of the newest readable checkpoint, placed like `template`; or

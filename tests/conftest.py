@@ -19,3 +19,16 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight `tiny` CLIP saved in the Orbax form, for main.py runs."""
+    from p4q_jax import clip  # pylint: disable=g-import-not-at-top
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model, params = clip.init("tiny", seed=1)
+    clip.save(path, model.config, params)
+    return path

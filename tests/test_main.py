@@ -1,9 +1,6 @@
 """End-to-end runs of `main.py` on mock TFDS data (no network, tiny models)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,34 +9,9 @@ import tensorflow_datasets as tfds
 from p4q_jax import clip
 from p4q_jax import data
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# ml_collections' config flags register `--config.*` overrides from sys.argv once per
-# process, so every run of main.py gets its own process (with the test's 8 fake devices).
-_DRIVER = """
-import sys
-import tensorflow_datasets as tfds
-from absl import app
-import main
-num_examples = int(sys.argv[1])
-sys.argv = ["main.py", *sys.argv[2:]]
-with tfds.testing.mock_data(num_examples=num_examples):
-    app.run(main.main)
-"""
+import main_runner
 
-
-def _run_main(argv, *, mock_examples=50):
-    done = subprocess.run([sys.executable, "-c", _DRIVER, str(mock_examples), *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model, params = clip.init("tiny", seed=1)
-    clip.save(path, model.config, params)
-    return path
+_run_main = main_runner.run_main
 
 
 def _mock_test_split(config_module, dataset):

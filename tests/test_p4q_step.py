@@ -5,46 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p4q_jax import clip
-from p4q_jax import evaluate
 from p4q_jax import parallel
-from p4q_jax import quant
-from p4q_jax.p4q import adapter as adapter_lib
-from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 
-CLASSES = ["cat", "dog", "truck", "ship"]
-TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}."]
+import toy_p4q
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model, params = clip.init("tiny", seed=5)
-    texts = [t.format(c) for c in CLASSES for t in TEMPLATES]
-    qstate, fp_text = quant.calibrate(
-        model, params, quant.QConfig(name="w4a4-text", rules=quant.QConfig.parse("w4a4attn8").rules,
-                                     towers=("text",)),
-        texts=texts, return_text_features=True)
-    prompts = prompts_lib.build(CLASSES, n_ctx=4)
-    frozen = step_lib.Frozen(
-        params=params, qstate=qstate,
-        token_embeddings=model.apply({"params": params}, prompts.tokens, method=model.embed_tokens),
-        eot=jnp.asarray(prompts.eot),
-        teacher_text=evaluate.ensemble(fp_text, num_classes=len(CLASSES)),
-        logit_scale=jnp.exp(params["logit_scale"]))
-    adapter = adapter_lib.QAdapter()
-    trainable = {
-        "context": prompts_lib.init_context(jax.random.key(0), n_ctx=4, width=64),
-        "adapter": adapter.init(jax.random.key(1), jnp.zeros((1, 64)))["params"],
-    }
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, len(CLASSES), size=16)
-    # Features whose class is readable from the teacher's text features: a learnable task.
-    centers = np.asarray(frozen.teacher_text)
-    teacher = centers[labels] + 0.3 * rng.normal(size=(16, 64)).astype(np.float32)
-    batch = {"student": teacher + 0.1 * rng.normal(size=teacher.shape).astype(np.float32),
-             "teacher": teacher, "label": labels.astype(np.int32)}
-    return model, prompts, adapter, frozen, trainable, batch
+    return toy_p4q.build_setup()
 
 
 def _run(setup, mesh, steps):

@@ -1,0 +1,39 @@
+"""Runs `main.py` in a child process under `tfds.testing.mock_data` (shared by the tests).
+
+ml_collections' config flags register `--config.*` overrides from sys.argv once per
+process, so every run of main.py gets its own process (with the test's 8 fake devices).
+"""
+
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_DRIVER = """
+import sys
+import tensorflow_datasets as tfds
+from absl import app
+import main
+num_examples = int(sys.argv[1])
+sys.argv = ["main.py", *sys.argv[2:]]
+with tfds.testing.mock_data(num_examples=num_examples):
+    app.run(main.main)
+"""
+
+
+def command(argv, *, mock_examples=50):
+    return [sys.executable, "-c", _DRIVER, str(mock_examples), *argv]
+
+
+def run_main(argv, *, mock_examples=50):
+    """Runs main.py to completion -> its log (stderr); fails the test if it fails."""
+    done = subprocess.run(command(argv, mock_examples=mock_examples), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def start_main(argv, *, mock_examples=50):
+    """Starts main.py without waiting -> the Popen (output discarded)."""
+    return subprocess.Popen(command(argv, mock_examples=mock_examples), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

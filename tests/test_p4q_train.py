@@ -1,0 +1,178 @@
+"""P4Q training: the feature cache, checkpoints, and `main.py` p4q / eval runs end to end,
+including a run killed with SIGKILL and resumed."""
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from p4q_jax import checkpoint as checkpoint_lib
+from p4q_jax import clip
+from p4q_jax import parallel
+from p4q_jax import quant
+from p4q_jax.p4q import features
+from p4q_jax.p4q import trained as trained_lib
+
+import main_runner
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, params = clip.init("tiny", seed=4)
+    images = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
+    qstate = quant.calibrate(model, params, quant.QConfig.parse("w4a4attn8"), images=[images],
+                             texts=["a photo of a cat.", "a photo of a dog."])
+    return model, params, qstate, images
+
+
+def test_cache_holds_both_views_of_student_and_teacher(tiny):
+    model, params, qstate, images = tiny
+    mesh = parallel.make_mesh()
+    labels = np.arange(16, dtype=np.int32) % 3
+    mask = np.arange(16) < 13  # the padded tail of an eval-style batch
+    batches = [{"image": images[:8], "label": labels[:8], "mask": mask[:8]},
+               {"image": images[8:], "label": labels[8:], "mask": mask[8:]}]
+    cache = features.build_cache(model, params, qstate, batches, mesh=mesh)
+    assert cache["student"].shape == (13, 2, 64) and cache["label"].tolist() == labels[:13].tolist()
+    flipped = images[:13, :, ::-1]  # horizontal flip of NHWC images, independently of the code
+    for view, x in ((0, images[:13]), (1, flipped)):
+        np.testing.assert_allclose(cache["student"][:, view],
+                                   clip.encode_image(model, params, x, qstate=qstate),
+                                   atol=2e-5)
+        np.testing.assert_allclose(cache["teacher"][:, view], clip.encode_image(model, params, x),
+                                   atol=2e-5)
+    assert np.abs(cache["student"] - cache["teacher"]).max() > 1e-3  # the student is quantized
+
+
+def test_cached_input_is_a_function_of_seed_and_step():
+    n = 24
+    cache = {"student": np.arange(n * 2 * 3, dtype=np.float32).reshape(n, 2, 3),
+             "teacher": -np.arange(n * 2 * 3, dtype=np.float32).reshape(n, 2, 3),
+             "label": np.arange(n, dtype=np.int32)}
+    source = features.CachedInput(cache, global_batch=8, num_examples=n, seed=3)
+    assert source.steps_per_epoch == 3
+    for epoch in range(2):  # every example once per epoch
+        seen = np.concatenate([source.batch(epoch * 3 + i)["label"] for i in range(3)])
+        assert sorted(seen.tolist()) == list(range(n))
+    later = source.batch(7)
+    again = features.CachedInput(cache, global_batch=8, num_examples=n, seed=3).batch(7)
+    for name in features.FIELDS:
+        np.testing.assert_array_equal(later[name], again[name])
+    views = np.concatenate([source.batch(s)["student"][:, 0] % 6 >= 3 for s in range(6)])
+    assert 0.2 < views.mean() < 0.8  # both views are drawn
+    np.testing.assert_array_equal(later["teacher"], -later["student"])  # rows stay paired
+    with pytest.raises(ValueError, match="train.batch_size=32"):
+        features.CachedInput(cache, global_batch=32, num_examples=n, seed=3)
+
+
+def test_cache_on_disk_round_trips_and_checks_its_key(tmp_path):
+    cache = {"student": np.ones((5, 2, 4), np.float32), "teacher": np.zeros((5, 2, 4), np.float32),
+             "label": np.arange(5, dtype=np.int32)}
+    key = features.fingerprint(model="tiny", acts={"a": np.ones(3)})
+    assert key != features.fingerprint(model="tiny", acts={"a": np.full(3, 2.0)})
+    features.save_cache(tmp_path, cache, key)
+    loaded = features.load_cache(tmp_path, key)
+    for name in features.FIELDS:
+        np.testing.assert_array_equal(loaded[name], cache[name])
+    assert features.load_cache(tmp_path, "another") is None
+    assert features.load_cache(tmp_path / "missing", key) is None
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, every_steps=1, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {"w": np.full(3, float(step))}, {"input_position": step})
+    ckpt.wait()
+    data_files = [p for p in (tmp_path / "2").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data_files
+    for path in data_files:
+        os.truncate(path, path.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING):
+        state, meta = ckpt.restore_latest({"w": np.zeros(3)})
+    assert meta == {"input_position": 1}
+    np.testing.assert_array_equal(state["w"], np.ones(3))
+    assert "step 2" in caplog.text and "unreadable" in caplog.text
+    assert ckpt.manager.all_steps() == [1]
+    ckpt.close()
+
+
+_P4Q_FLAGS = ["--config=configs/p4q.py", "--config.data.name=cifar10",
+              "--config.quant.calib_batches=2", "--config.quant.calib_batch_size=16",
+              "--config.eval.batch_size=24", "--config.eval.text_batch_size=64",
+              "--config.train.batch_size=16", "--config.p4q.n_ctx=4",
+              "--config.p4q.adapter_calib_batches=2"]
+
+
+def _export_leaves(workdir):
+    _, _, _, trained = trained_lib.load(workdir / "export")
+    return [np.asarray(x) for x in jax.tree.leaves(
+        (trained.context, trained.adapter_params, trained.adapter_qstate))]
+
+
+_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_checkpoint):
+    """(flags, workdir) of one uninterrupted p4q run of main.py on mock CIFAR-10."""
+    flags = [*_P4Q_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}",
+             f"--config.train.num_steps={_STEPS}", "--config.train.log_every=10",
+             "--config.checkpoint.every_steps=10"]
+    workdir = tmp_path_factory.mktemp("straight")
+    main_runner.run_main([*flags, f"--workdir={workdir}"])
+    return flags, workdir
+
+
+def test_p4q_then_eval_through_main(straight_run):
+    _, workdir = straight_run
+    results = json.loads((workdir / "results.json").read_text())
+    fp, ptq, p4q = results["rows"]
+    assert (fp["method"], ptq["method"], p4q["method"]) == ("fp_zeroshot", "ptq", "p4q")
+    assert ptq["qconfig"] == p4q["qconfig"] == "w4a4attn8"
+    assert fp["count"] == ptq["count"] == p4q["count"] == 50
+    assert [h["step"] for h in results["history"]] == list(range(10, _STEPS + 1, 10))
+    assert {"cross_entropy", "distillation", "lr_context", "lr_adapter"} <= set(
+        results["history"][0])
+    assert (workdir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard scalars
+    assert _complete_steps(workdir / "checkpoints") == [40, 50, 60]  # the last 3 kept
+
+    eval_dir = workdir / "eval"
+    main_runner.run_main(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=cifar10",
+                          "--config.eval.batch_size=24", f"--config.p4q.export_dir={workdir}/export",
+                          f"--workdir={eval_dir}"])
+    (row,) = json.loads((eval_dir / "results.json").read_text())["rows"]
+    assert row["top1"] == p4q["top1"] and row["top5"] == p4q["top5"]
+
+
+def _complete_steps(directory):
+    """Steps with a finished checkpoint (Orbax renames a step's directory when complete)."""
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, straight_run):
+    flags, straight = straight_run
+    workdir = tmp_path / "killed"
+    process = main_runner.start_main([*flags, f"--workdir={workdir}"])
+    deadline = time.monotonic() + 300
+    while not _complete_steps(workdir / "checkpoints") and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(_complete_steps(workdir / "checkpoints"))
+    assert killed_at < _STEPS and not (workdir / "results.json").exists()
+
+    log = main_runner.run_main([*flags, f"--workdir={workdir}"])
+    assert f"resuming from the checkpoint at step {killed_at}" in log
+    results = json.loads((workdir / "results.json").read_text())
+    assert [h["step"] for h in results["history"]] == list(range(10, _STEPS + 1, 10))
+    for resumed, uninterrupted in zip(_export_leaves(workdir), _export_leaves(straight)):
+        np.testing.assert_array_equal(resumed, uninterrupted)
