@@ -1,0 +1,45 @@
+"""Every experiment config loads, and its values are ones the code accepts."""
+
+import importlib
+import pathlib
+
+import pytest
+
+from p4q_jax import data
+from p4q_jax import quant
+from p4q_jax.p4q import losses
+from p4q_jax.p4q import prompts
+from p4q_jax.p4q import step
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+                 if p.stem != "__init__")
+
+
+def _variants(name):
+    module = importlib.import_module(f"configs.{name}")
+    return [module.get_config(v) for v in module.VARIANTS] if hasattr(module, "VARIANTS") \
+        else [module.get_config()]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_values_are_accepted(name):
+    for config in _variants(name):
+        assert config.mode in ("zeroshot", "ptq", "p4q")
+        data.info_from_config(config.data)
+        if "quant" in config:
+            quant.QConfig.parse(config.quant.config)
+        if config.mode == "p4q":
+            step.LossWeights(**config.loss.to_dict())
+            assert config.loss.distillation_kind in losses.DISTILLATIONS
+            assert config.p4q.position in prompts.POSITIONS
+
+
+def test_variants_differ_where_they_say():
+    from configs import ablations, baselines  # pylint: disable=g-import-not-at-top
+    assert not baselines.get_config("coop_fp").p4q.quantize
+    assert baselines.get_config("coop_ptq").p4q.quantize
+    assert not ablations.get_config("prompts_only").p4q.adapter
+    assert not ablations.get_config("adapter_only").p4q.train_prompts
+    assert ablations.get_config("no_distillation").loss.distillation_kind == "none"
+    with pytest.raises(ValueError, match="ablation 'nope' unknown"):
+        ablations.get_config("nope")
