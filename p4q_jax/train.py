@@ -127,13 +127,11 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
     context = _initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
+                                context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
-    frozen = parallel.replicate(step_lib.Frozen(
-        params=params, qstate=qstate,
-        token_embeddings=clip.encode.apply(model, params, prompts.tokens,
-                                           method=model.embed_tokens),
-        eot=jnp.asarray(prompts.eot), teacher_text=jnp.asarray(teacher_text),
-        logit_scale=jnp.exp(params["logit_scale"])), mesh)
+    frozen = parallel.replicate(step_lib.make_frozen(
+        model, params, qstate, prompts, teacher_text,
+        image_towers=not config.speed.feature_cache), mesh)
     adapter = adapter_params = None
     if cfg.adapter:
         adapter = adapter_lib.QAdapter(reduction=cfg.adapter_reduction, ratio=cfg.adapter_ratio)

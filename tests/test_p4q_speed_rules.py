@@ -48,7 +48,8 @@ def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, share
     model, params, qstates, teacher_text, adapter, trainable, images, labels = setup
     qstate = qstates.get(qstate_name)
     prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX, position=position, crop=crop)
-    frozen = _frozen(model, params, qstate, prompts, teacher_text)
+    frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
+                                  image_towers=not cached)
     if cached:
         batch = jax.jit(step_lib.image_features, static_argnums=0)(model, params, qstate, images)
         batch["label"] = labels
@@ -117,6 +118,7 @@ def test_cropping_after_last_eot_same_loss_and_gradients(setup):
 
 @pytest.mark.parametrize("qstate_name", [None, "w4a4attn8"])
 def test_cached_features_same_loss_and_gradients(setup, qstate_name):
+    """Cached: the step holds the text tower only (quantized kernels swapped in once)."""
     cached = _loss_and_grads(setup, qstate_name=qstate_name, cached=True)
     in_step = _loss_and_grads(setup, qstate_name=qstate_name, cached=False)
     _assert_same(cached, in_step, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ from p4q_jax.clip import encode
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts as prompts_lib
+from p4q_jax.quant import sites
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +49,24 @@ class Frozen:
     eot: jax.Array  # [C]
     teacher_text: jax.Array  # [C, E] FP zero-shot ensemble, normalized
     logit_scale: jax.Array  # exp(CLIP's logit_scale)
+
+
+def make_frozen(model, params, qstate, prompts, teacher_text, *, image_towers=False):
+    """The step's frozen inputs. Without `image_towers` (batches of cached features) only the
+    text tower is kept, with its quantized kernels swapped in once: the image tower's
+    weights and the text tower's FP kernels are not held in device memory."""
+    if not image_towers:
+        params = {name: p for name, p in params.items() if name != "visual"}
+        if qstate is not None:
+            text = lambda d: {n: v for n, v in d.items() if not n.startswith("visual/")}
+            params = sites.replace_kernels(params, text(qstate.kernels))
+            qstate = qstate.replace(acts=text(qstate.acts), weights=text(qstate.weights),
+                                    kernels={})
+    return Frozen(
+        params=params, qstate=qstate,
+        token_embeddings=encode.apply(model, params, prompts.tokens, method=model.embed_tokens),
+        eot=jnp.asarray(prompts.eot), teacher_text=jnp.asarray(teacher_text),
+        logit_scale=jnp.exp(params["logit_scale"]))
 
 
 @flax.struct.dataclass

@@ -1,0 +1,189 @@
+"""One P4Q train step of ViT-B/32 (random weights, W4A4): speed and peak memory per speed rule.
+
+    python benchmarks/train_step.py [--model=ViT-B/32] [--batches=32,128] [--steps=3]
+        [--steps_off=1] [--settings=all_on,no_feature_cache,no_crop_text,no_shared_prefix,all_off]
+    python benchmarks/train_step.py --model=tiny --steps=1   # a quick smoke run
+
+The step is the one `p4q_jax.train` runs: n_ctx=16 shared context, class token at the
+end, the QAdapter on, default loss weights, CIFAR-100's 100 classes, a 1-device mesh
+(all local devices), the `w4a4attn8` quantized CLIP. The speed rules (DESIGN.md, "Where
+the time goes") are switched on and off:
+
+* feature_cache: the batch carries cached student/teacher image features (random values);
+  off, it carries images and both image towers (quantized student, FP teacher) run in it;
+* crop_text: the text tower runs on the positions up to the last EOT; off, on all 77;
+* shared_prefix: the context prefix common to all classes is encoded once.
+
+Settings: all rules on, all off, and each single rule off. One subprocess calibrates
+(not measured: the text tower on 100 classes x `--templates` CIFAR templates, default 1,
+"a photo of a {}."; the image tower on one random batch of 32), then every (setting,
+batch) runs in its own subprocess, whose peak RSS (`ru_maxrss`; GB here = 2^30 bytes)
+covers JAX, model init, the calibration read back, compilation and the steps, but not
+TensorFlow (the data pipeline; ~0.5 GB more in a training process). The parent stays
+small on purpose: on Linux a child's `ru_maxrss` starts at its parent's peak RSS.
+"compile s" is the first call (trace + compile + one step); "s/step" the median of the
+timed steps after it. The batch is on the device before timing starts.
+
+Target on the 2-core CPU dev machine: at most 1.7 s/step and 3 GB peak RSS at batch 32
+with all rules on. The public PyTorch code takes a median 34.5 s/step and 9.7 GB RSS
+at the same shapes on that machine.
+"""
+
+import json
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+from p4q_jax import clip
+from p4q_jax import evaluate
+from p4q_jax import parallel
+from p4q_jax import quant
+from p4q_jax.p4q import adapter as adapter_lib
+from p4q_jax.p4q import prompts as prompts_lib
+from p4q_jax.p4q import step as step_lib
+
+RULES = ("feature_cache", "crop_text", "shared_prefix")
+SETTINGS = {"all_on": RULES, **{f"no_{r}": tuple(x for x in RULES if x != r) for r in RULES},
+            "all_off": ()}  # setting -> the rules switched on
+N_CTX = 16
+
+_MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config (random weights).")
+_QUANT = flags.DEFINE_string("quant", "w4a4attn8", "Quantization preset.")
+_SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to measure.")
+_BATCHES = flags.DEFINE_list("batches", ["32", "128"], "Global batch sizes.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the first call.", lower_bound=1)
+_STEPS_OFF = flags.DEFINE_integer("steps_off", None,
+                                  "Timed steps of the (slow) settings with a rule off; "
+                                  "default --steps.", lower_bound=1)
+_TEMPLATES = flags.DEFINE_integer("templates", 1, "CIFAR templates to calibrate the text on.",
+                                 lower_bound=1)
+# Set by the parent for each subprocess.
+_SETTING = flags.DEFINE_enum("setting", None, list(SETTINGS), "Measure this setting only.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch of --setting.")
+_CALIBRATION = flags.DEFINE_string("calibration", None,
+                                   "Calibration pickle: written when given alone, read with "
+                                   "--setting.")
+
+
+def _calibrate(path):
+    """Calibrates the model; pickles ((QState, FP teacher text features [C, E]), class names)."""
+    from p4q_jax import data  # here only: it loads TensorFlow, which the step does not need
+
+    model, params = clip.init(_MODEL.value)
+    info = data.get_info("cifar100")
+    texts = [t for c in data.prompts(info.class_names, info.templates[:_TEMPLATES.value])
+             for t in c]
+    size = model.config.vision.image_size
+    images = np.random.default_rng(0).normal(size=(32, size, size, 3)).astype(np.float32)
+    start = time.perf_counter()
+    qstate, fp_text = quant.calibrate(model, params, quant.QConfig.parse(_QUANT.value),
+                                      images=[images], texts=texts, return_text_features=True)
+    teacher_text = evaluate.ensemble(fp_text, num_classes=len(info.class_names))
+    with open(path, "wb") as f:
+        pickle.dump((jax.device_get((qstate, teacher_text)), info.class_names), f, protocol=5)
+    print(f"calibration: {time.perf_counter() - start:.1f} s ({len(texts)} prompts, "
+          f"{len(images)} images; not measured)")
+
+
+def _load_calibration(mesh):
+    """What `_calibrate` pickled, the arrays moved to the mesh one at a time (so that no
+    second host copy of the quantized kernels adds to the peak RSS)."""
+    with open(_CALIBRATION.value, "rb") as f:
+        calibration, class_names = pickle.load(f)
+    leaves, treedef = jax.tree.flatten(calibration)
+    del calibration
+    for i, leaf in enumerate(leaves):
+        leaves[i] = parallel.replicate(leaf, mesh)
+    return (*jax.tree.unflatten(treedef, leaves), class_names)
+
+
+def _measure(setting, batch_size, steps):
+    """Runs one setting -> {"compile_s", "step_s", "peak_rss_gb"} of this process."""
+    rules = SETTINGS[setting]
+    model, params = clip.init(_MODEL.value)
+    jax.block_until_ready(params)  # the init's temporaries are freed before the loading
+    mesh = parallel.make_mesh()
+    qstate, teacher_text, class_names = _load_calibration(mesh)
+    prompts = prompts_lib.build(class_names, n_ctx=N_CTX, crop="crop_text" in rules,
+                                context_length=model.config.text.context_length)
+    frozen = parallel.replicate(step_lib.make_frozen(
+        model, params, qstate, prompts, teacher_text,
+        image_towers="feature_cache" not in rules), mesh)
+    del params, qstate  # what the step does not read is freed, as in p4q_jax.train
+    adapter = adapter_lib.QAdapter()
+    embed_dim = model.config.embed_dim
+    key_context, key_adapter = jax.random.split(jax.random.key(0))
+    trainable = {
+        "context": prompts_lib.init_context(key_context, n_ctx=N_CTX,
+                                            width=model.config.text.width),
+        "adapter": adapter.init(key_adapter, jnp.zeros((1, embed_dim)))["params"]}
+    tx = step_lib.optimizer(step_lib.schedules(  # the official learning rates
+        prompt_lr=5e-4 * batch_size / 20, adapter_lr=1e-3, total_steps=1000))
+    state = parallel.replicate(step_lib.init_state(trainable, tx), mesh)
+    train_step = step_lib.make_train_step(
+        model=model, prompts=prompts, adapter=adapter, tx=tx, weights=step_lib.LossWeights(),
+        mesh=mesh, shared_prefix="shared_prefix" in rules)
+
+    rng = np.random.default_rng(0)
+    if "feature_cache" in rules:
+        batch = {name: rng.normal(size=(batch_size, embed_dim)).astype(np.float32)
+                 for name in ("student", "teacher")}
+    else:
+        size = model.config.vision.image_size
+        batch = {"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)}
+    batch["label"] = rng.integers(0, len(class_names), batch_size).astype(np.int32)
+    batch = parallel.to_global(batch, mesh)
+
+    seconds = []
+    for _ in range(1 + steps):
+        start = time.perf_counter()
+        state, metrics = train_step(state, frozen, batch)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - start)
+    return {"compile_s": seconds[0], "step_s": float(np.median(seconds[1:])),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _child(*args):
+    """Runs this script in a subprocess with `args` -> its stdout."""
+    return subprocess.run(
+        [sys.executable, __file__, f"--model={_MODEL.value}", f"--quant={_QUANT.value}",
+         f"--templates={_TEMPLATES.value}", *args],
+        check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+
+
+def main(argv):
+    del argv
+    if _SETTING.value is not None:
+        print(json.dumps(_measure(_SETTING.value, _BATCH.value, _STEPS.value)))
+        return
+    if _CALIBRATION.value is not None:
+        _calibrate(_CALIBRATION.value)
+        return
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {_MODEL.value}, "
+          f"{_QUANT.value}, 100 classes, n_ctx={N_CTX}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"--calibration={tmp}/calibration.pkl"
+        print(_child(path))
+        print(f"{'setting':<17} {'batch':>5} {'compile s':>9} {'s/step':>8} {'images/s':>9} "
+              f"{'peak RSS GB':>11}", flush=True)
+        for batch_size in map(int, _BATCHES.value):
+            for setting in _SETTINGS.value:
+                steps = _STEPS.value if setting == "all_on" else (_STEPS_OFF.value or _STEPS.value)
+                r = json.loads(_child(path, f"--setting={setting}", f"--batch={batch_size}",
+                                      f"--steps={steps}").splitlines()[-1])
+                print(f"{setting:<17} {batch_size:>5} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
+                      f"{batch_size / r['step_s']:>9.1f} {r['peak_rss_gb']:>11.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
