@@ -291,8 +291,14 @@ def atomic_directory(path):
 
 
 def save_tree(path, tree):
-    """Writes a pytree of arrays with Orbax (as numpy, so any device layout works)."""
-    with ocp.StandardCheckpointer() as ckptr:
+    """Writes a pytree of arrays with Orbax (as numpy, so any device layout works).
+
+    The calling process writes alone (no cross-process barrier), so in a multi-host run
+    one process (e.g. process 0) can write an export while the others carry on.
+    """
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
         ckptr.save(path, jax.tree.map(np.asarray, tree))
 
 
