@@ -32,6 +32,21 @@ def replicated(mesh):
     return NamedSharding(mesh, P())
 
 
+def weight_shardings(tree, mesh, *, min_size=2**16):
+    """Shardings for frozen weights. With a `model` axis of size n > 1, every 2-D array of at
+    least `min_size` entries whose last dimension n divides is split over `model` along it
+    (tensor parallelism for towers that do not fit on one device; XLA inserts the
+    collectives); everything else is replicated."""
+    n = mesh.shape[MODEL]
+
+    def sharding(x):
+        if n > 1 and np.ndim(x) == 2 and x.shape[-1] % n == 0 and np.size(x) >= min_size:
+            return NamedSharding(mesh, P(None, MODEL))
+        return replicated(mesh)
+
+    return jax.tree.map(sharding, tree)
+
+
 def batch_sharding(mesh):
     """Leading (batch) dimension split over `data`, the rest replicated."""
     return NamedSharding(mesh, P(DATA))

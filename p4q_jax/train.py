@@ -129,9 +129,10 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
-    frozen = parallel.replicate(step_lib.make_frozen(
-        model, params, qstate, prompts, teacher_text,
-        image_towers=not config.speed.feature_cache), mesh)
+    frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
+                                  image_towers=not config.speed.feature_cache)
+    frozen_shardings = parallel.weight_shardings(frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_shardings)
     adapter = adapter_params = None
     if cfg.adapter:
         adapter = adapter_lib.QAdapter(reduction=cfg.adapter_reduction, ratio=cfg.adapter_ratio)
@@ -161,7 +162,8 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     train_step = step_lib.make_train_step(
         model=model, prompts=prompts, adapter=adapter, tx=tx, mesh=mesh,
         weights=step_lib.LossWeights(**config.loss.to_dict()),
-        shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts)
+        shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
+        frozen_shardings=frozen_shardings)
 
     checkpointer = checkpoint_lib.Checkpointer(
         pathlib.Path(workdir).absolute() / "checkpoints", every_steps=config.checkpoint.every_steps,

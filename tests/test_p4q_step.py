@@ -21,13 +21,14 @@ def setup():
     return toy_p4q.build_setup()
 
 
-def _run(setup, mesh, steps):
+def _run(setup, mesh, steps, frozen_shardings=None):
     model, prompts, adapter, frozen, trainable, batch = setup
     tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.5, adapter_lr=1e-2, total_steps=50))
     train_step = step_lib.make_train_step(model=model, prompts=prompts, adapter=adapter, tx=tx,
-                                          weights=step_lib.LossWeights(), mesh=mesh)
+                                          weights=step_lib.LossWeights(), mesh=mesh,
+                                          frozen_shardings=frozen_shardings)
     state = parallel.replicate(step_lib.init_state(jax.tree.map(jnp.array, trainable), tx), mesh)
-    frozen = parallel.replicate(frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_shardings or parallel.replicated(mesh))
     history = []
     for _ in range(steps):
         state, metrics = train_step(state, frozen, parallel.to_global(batch, mesh))
@@ -47,6 +48,22 @@ def test_one_device_and_eight_devices_agree(setup):
         assert h1[name] == pytest.approx(h8[name], abs=1e-5), name
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                  s1.trainable, s8.trainable)
+
+
+def test_model_axis_shards_the_frozen_kernels_with_the_same_step(setup):
+    """A (data 4, model 2) mesh with the text tower's kernels split over `model`."""
+    one = parallel.make_mesh(devices=jax.devices()[:1])
+    mesh = parallel.make_mesh(data=4, model=2)
+    shardings = parallel.weight_shardings(setup[3], mesh, min_size=0)
+    split = [s for s in jax.tree.leaves(shardings) if s.spec == jax.sharding.PartitionSpec(
+        None, parallel.MODEL)]
+    assert len(split) >= 8  # every 2-D kernel of the tiny text tower
+    s1, (h1,), _ = _run(setup, one, 1)
+    s2, (h2,), _ = _run(setup, mesh, 1, frozen_shardings=shardings)
+    for name in h1:
+        assert h1[name] == pytest.approx(h2[name], abs=1e-5), name
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 s1.trainable, s2.trainable)
 
 
 def test_loss_falls_without_recompiling(setup):

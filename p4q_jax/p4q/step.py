@@ -162,8 +162,11 @@ def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, share
 
 
 def make_train_step(*, model, prompts, adapter, tx, weights, mesh, shared_prefix=True,
-                    train_prompts=True):
-    """A jitted (state, frozen, batch) -> (state, metrics), batch sharded over `data`."""
+                    train_prompts=True, frozen_shardings=None):
+    """A jitted (state, frozen, batch) -> (state, metrics), batch sharded over `data`.
+
+    `frozen` is replicated unless `frozen_shardings` (`parallel.weight_shardings`) splits
+    its large kernels over the mesh's `model` axis."""
 
     def step(state, frozen, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -175,5 +178,7 @@ def make_train_step(*, model, prompts, adapter, tx, weights, mesh, shared_prefix
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
     replicated = parallel.replicated(mesh)
-    return jax.jit(step, in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
+    frozen_shardings = replicated if frozen_shardings is None else frozen_shardings
+    return jax.jit(step, in_shardings=(replicated, frozen_shardings,
+                                       parallel.batch_sharding(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
