@@ -6,6 +6,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 from absl import logging
+from clu import metric_writers
 
 from p4q_jax import clip
 from p4q_jax import data
@@ -170,6 +171,10 @@ def p4q(config, workdir):
     variables = out.trained.variables(job.params, qstate)
     rows.append({"method": config.p4q.method, "qconfig": qconfig,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_scalars(out.history[-1]["step"] if out.history else 0, {
+        f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
+    writer.close()
     export_dir = pathlib.Path(config.p4q.export_dir or workdir / "export")
     if jax.process_index() == 0:
         trained_lib.save(export_dir, job.model, jax.device_get(job.params),

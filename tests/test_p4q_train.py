@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
@@ -139,7 +140,10 @@ def test_p4q_then_eval_through_main(straight_run):
     assert {"cross_entropy", "distillation", "lr_context", "lr_adapter"} <= set(
         results["history"][0])
     assert (workdir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard scalars
+    tags = {value.tag for path in workdir.glob("events.out.tfevents.*")
+            for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
+            for value in tf.compat.v1.Event.FromString(record).summary.value}
+    assert {"cross_entropy", "lr_context", "eval/ptq_top1", "eval/p4q_top5"} <= tags
     assert _complete_steps(workdir / "checkpoints") == [40, 50, 60]  # the last 3 kept
 
     eval_dir = workdir / "eval"
