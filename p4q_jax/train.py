@@ -185,6 +185,10 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
                          desc="P4Q train", unit="step", disable=jax.process_index() != 0)
     for step in progress:
         state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
+        if pending:
+            # At most two steps in flight: a deep queue of steps whose collectives wait on
+            # each other can starve XLA:CPU's rendezvous on hosts with few cores.
+            jax.block_until_ready(pending[-1])
         pending.append(metrics)
         done = step + 1
         if done % tcfg.log_every == 0 or done == total_steps:

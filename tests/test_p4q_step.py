@@ -103,8 +103,10 @@ def test_accuracy_rises_above_ptq_on_held_out_features(setup):
                                           weights=step_lib.LossWeights(), mesh=mesh)
     state = parallel.replicate(step_lib.init_state(jax.tree.map(jnp.array, trainable), tx), mesh)
     train = parallel.to_global(_toy_features(frozen, 256, seed=2), mesh)
+    placed = parallel.replicate(frozen, mesh)
     for _ in range(300):
-        state, _ = train_step(state, parallel.replicate(frozen, mesh), train)
+        state, metrics = train_step(state, placed, train)
+        jax.block_until_ready(metrics)  # see train.py: bounded steps in flight
     learned = jax.device_get(state.trainable)
     adapter_qstate = adapter_lib.calibrate(adapter, learned["adapter"], [train["student"]])
     text = step_lib.class_text_features(model, frozen, prompts, learned["context"])
