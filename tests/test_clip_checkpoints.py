@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from p4q_jax import clip
-from p4q_jax.clip import checkpoints
 from p4q_jax.clip import configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from p4q_jax import clip
 from p4q_jax.quant import observers
