@@ -7,23 +7,19 @@
 Targets the paper's ImageNet ViT-B/32 result: 8-bit P4Q 66.94 top-1, above the
 full-precision CoOp baseline's 64.70 (`configs/baselines.py:coop_fp` with this dataset).
 The public code has no ImageNet recipe; this config assumes CoOp's ImageNet protocol
-(16 shots per class, 50 epochs) with P4Q's batch and learning rates. ImageNet is prepared
+(16 shots per class, 50 epochs) with P4Q's batch, learning rates and calibration
+(those of `configs/cifar100_vitb32_w4a4attn8.py`). ImageNet is prepared
 from `manual_dir` (TFDS never downloads it here). The feature cache (1.28M images x 2
 views x 2 towers would be ~10 GB for the full set) is kept on disk in the workdir.
 """
 
-from configs import p4q
+from configs import cifar100_vitb32_w4a4attn8
 
 
 def get_config():
-    config = p4q.get_config()
-    config.model.name = "ViT-B/32"
+    config = cifar100_vitb32_w4a4attn8.get_config()  # the same recipe and hyper-parameters
     config.data.name = "imagenet2012"
     config.data.num_shots = 16
     config.quant.config = "w8a8"
-    config.quant.calib_batches = 10
-    config.quant.calib_batch_size = 128
-    config.train.batch_size = 128
-    config.train.epochs = 50
     config.eval.batch_size = 256
     return config

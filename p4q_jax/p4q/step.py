@@ -51,10 +51,11 @@ class Frozen:
     logit_scale: jax.Array  # exp(CLIP's logit_scale)
 
 
-def make_frozen(model, params, qstate, prompts, teacher_text, *, image_towers=False):
+def make_frozen(model, params, qstate, prompts, teacher_text=None, *, image_towers=False):
     """The step's frozen inputs. Without `image_towers` (batches of cached features) only the
     text tower is kept, with its quantized kernels swapped in once: the image tower's
-    weights and the text tower's FP kernels are not held in device memory."""
+    weights and the text tower's FP kernels are not held in device memory. `teacher_text`
+    may be None where no loss is computed (class features for evaluation)."""
     if not image_towers:
         params = {name: p for name, p in params.items() if name != "visual"}
         if qstate is not None:
@@ -65,7 +66,8 @@ def make_frozen(model, params, qstate, prompts, teacher_text, *, image_towers=Fa
     return Frozen(
         params=params, qstate=qstate,
         token_embeddings=encode.apply(model, params, prompts.tokens, method=model.embed_tokens),
-        eot=jnp.asarray(prompts.eot), teacher_text=jnp.asarray(teacher_text),
+        eot=jnp.asarray(prompts.eot),
+        teacher_text=None if teacher_text is None else jnp.asarray(teacher_text),
         logit_scale=jnp.exp(params["logit_scale"]))
 
 

@@ -57,11 +57,7 @@ class Trained:
     def class_features(self, model, variables):
         """Normalized class prompt features [C, E] through the (quantized) text tower."""
         prompts = self.prompts
-        frozen = step_lib.Frozen(
-            params=variables["params"], qstate=variables["qstate"],
-            token_embeddings=model.apply({"params": variables["params"]}, prompts.tokens,
-                                         method=model.embed_tokens),
-            eot=jnp.asarray(prompts.eot), teacher_text=None, logit_scale=None)
+        frozen = step_lib.make_frozen(model, variables["params"], variables["qstate"], prompts)
         text = step_lib.class_text_features(model, frozen, prompts, variables["context"])
         return text / jnp.linalg.norm(text, axis=-1, keepdims=True)
 
