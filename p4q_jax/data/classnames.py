@@ -6,7 +6,8 @@ the ImageNet prompt-engineering notebook; the ImageNet literals were copied from
 and 744, "sunglasses" at 836 and 837); they are kept so indices match CLIP's.
 
 Few-shot TFDS datasets take their names from the TFDS builder's label feature, cleaned the way
-CoOp (Zhou et al., 2022) cleans them, and CoOp's single template per dataset.
+CoOp (Zhou et al., 2022) cleans them, and CoOp's single template per dataset. The rendered
+shapes dataset's names and templates live with its renderer (`data/shapes.py`), which draws them.
 """
 
 CIFAR10_CLASSNAMES = (

@@ -47,6 +47,10 @@ class _TfdsSource:
 
     def _builder(self):
         builder = tfds.builder(self.info.tfds_name, data_dir=self.data_dir)
+        if self.info.generated and not builder.is_prepared():
+            # Rendered locally, once (seconds); never looks for a prepared copy online.
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False))
         if self.manual_dir and builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not builder.is_prepared():
             # Preparing from manually downloaded archives reads only local files.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

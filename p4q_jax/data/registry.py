@@ -6,6 +6,7 @@ import tensorflow_datasets as tfds
 
 from p4q_jax.data import classnames
 from p4q_jax.data import folder as folder_lib
+from p4q_jax.data import shapes
 from p4q_jax.data import synthetic
 
 SPLITS = ("train", "test")
@@ -27,6 +28,8 @@ class DatasetInfo:
         image_key: the image feature's key in a TFDS example.
         label_key: the label feature's key in a TFDS example.
         root: the image folder, for "folder".
+        generated: the project's own TFDS builder renders the data, so a missing dataset is
+            prepared on first read (offline) instead of being an error.
     """
 
     name: str
@@ -38,6 +41,7 @@ class DatasetInfo:
     image_key: str = "image"
     label_key: str = "label"
     root: str | None = None
+    generated: bool = False
 
     @property
     def num_classes(self):
@@ -64,9 +68,14 @@ class _TfdsSpec:
     templates: tuple
     class_names: tuple | None = None
     clean: Callable | None = None
+    generated: bool = False
 
 
 _TFDS_DATASETS = {
+    # Rendered here by `shapes.ShapesBuilder`: the offline demo's dataset.
+    "shapes": _TfdsSpec(
+        tfds_name=shapes.ShapesBuilder.name, train_split="train", test_split="test",
+        templates=shapes.TEMPLATES, class_names=shapes.CLASS_NAMES, generated=True),
     "cifar10": _TfdsSpec(
         tfds_name="cifar10", train_split="train", test_split="test",
         templates=classnames.CIFAR_TEMPLATES, class_names=classnames.CIFAR10_CLASSNAMES),
@@ -129,7 +138,8 @@ def _tfds_info(name, spec, data_dir):
         names = spec.clean(label.names)
     return DatasetInfo(
         name=name, tfds_name=spec.tfds_name, train_split=spec.train_split,
-        test_split=spec.test_split, class_names=tuple(names), templates=spec.templates)
+        test_split=spec.test_split, class_names=tuple(names), templates=spec.templates,
+        generated=spec.generated)
 
 
 def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10):

@@ -1,0 +1,178 @@
+"""Shapes: a procedurally rendered image-text dataset for the offline demo (no download).
+
+Each image is one coloured shape on a grey background. The class is the (colour, shape) pair,
+e.g. "red triangle" (40 classes); size, position, background brightness, colour jitter and pixel
+noise vary within a class, and a caption names them all ("a small red triangle in the top left
+on a dark background."), so a CLIP pretrained on (image, caption) pairs learns colour and shape
+as words it can be prompted with. Everything is a deterministic function of a seed.
+
+`ShapesBuilder` serves it as the TFDS dataset "p4q_shapes" (train and test splits, generated on
+this machine the first time it is read; nothing is downloaded). The pretraining stream
+(`experiments/tiny_clip/`) draws from seeds disjoint from both splits.
+"""
+import numpy as np
+import tensorflow_datasets as tfds
+
+IMAGE_SIZE = 32
+COLOURS = {  # neighbouring hues are close, so colour needs more than a few bits to tell apart
+    "red": (215, 40, 40),
+    "orange": (240, 140, 30),
+    "yellow": (225, 215, 40),
+    "green": (40, 170, 60),
+    "teal": (30, 170, 170),
+    "blue": (45, 85, 220),
+    "purple": (140, 60, 200),
+    "pink": (235, 100, 180),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+SIZES = {"small": (3.0, 5.5), "large": (7.0, 11.0)}  # shape radius in pixels
+BACKGROUNDS = {"dark": (20, 80), "light": (150, 210)}  # grey level
+_ROWS, _COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
+_COLOUR_JITTER = 25.0
+_NOISE_STD = 12.0
+
+CLASS_NAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+
+# Zero-shot prompt ensemble (the registry's templates for "shapes").
+TEMPLATES = (
+    "a {}.",
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a small {}.",
+    "a large {}.",
+)
+
+# Pretraining caption forms; each names the class and any subset of the nuisance attributes.
+_CAPTIONS = (
+    "a {size} {colour} {shape} {where} on a {bg} background.",
+    "a {colour} {shape} {where}.",
+    "a {size} {colour} {shape}.",
+    "a {colour} {shape} on a {bg} background.",
+    "a photo of a {colour} {shape}.",
+    "a drawing of a {size} {colour} {shape} {where}.",
+    "{where}, a {colour} {shape}.",
+    "a {colour} {shape}.",
+)
+
+
+def _where(row, col):
+    if (row, col) == (1, 1):
+        return "in the centre"
+    if row == 1:
+        return f"on the {_COLS[col]}"
+    if col == 1:
+        return f"at the {_ROWS[row]}"
+    return f"in the {_ROWS[row]} {_COLS[col]}"
+
+
+def _masks(shape_ids, radius, cx, cy):
+    """Boolean [n, H, W]: which pixels each example's shape covers."""
+    grid = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
+    dx = grid[None, None, :] - cx[:, None, None]
+    dy = grid[None, :, None] - cy[:, None, None]
+    r = radius[:, None, None]
+    dist = np.hypot(dx, dy)
+    masks = {
+        "circle": dist <= r,
+        "square": np.maximum(abs(dx), abs(dy)) <= 0.8 * r,
+        "triangle": (dy <= 0.7 * r) & (abs(dx) <= (dy + r) * 0.6),
+        "cross": ((abs(dx) <= 0.3 * r) & (abs(dy) <= r)) | ((abs(dy) <= 0.3 * r) & (abs(dx) <= r)),
+        "ring": (dist <= r) & (dist >= 0.55 * r),
+    }
+    stacked = np.stack([masks[name] for name in SHAPES])  # [S, n, H, W]
+    return stacked[shape_ids, np.arange(len(shape_ids))]
+
+
+def render(labels, *, seed):
+    """Images and captions for the given class labels.
+
+    Args:
+        labels: int [n], indices into `CLASS_NAMES`.
+        seed: everything else (size, position, background, jitter, noise, caption form) is drawn
+            from `np.random.default_rng(seed)` (an int or a sequence of ints).
+
+    Returns:
+        (images uint8 [n, 32, 32, 3], captions: list of n strings).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size and not (
+            0 <= labels.min() and labels.max() < len(CLASS_NAMES)):
+        raise ValueError(f"labels must be a 1-D array of indices below {len(CLASS_NAMES)}.")
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    colour_ids, shape_ids = np.divmod(labels, len(SHAPES))
+    size_ids = rng.integers(len(SIZES), size=n)
+    bg_ids = rng.integers(len(BACKGROUNDS), size=n)
+    radius = rng.uniform(*np.array(list(SIZES.values())).T[:, size_ids])
+    # Centre: a random cell of a 3 x 3 grid, then a random offset that keeps the shape inside.
+    row, col = rng.integers(3, size=n), rng.integers(3, size=n)
+    free = np.maximum(IMAGE_SIZE - 2 * radius, 0.0)
+    cy = radius + free * (row + rng.uniform(0.1, 0.9, n)) / 3
+    cx = radius + free * (col + rng.uniform(0.1, 0.9, n)) / 3
+    grey = rng.uniform(*np.array(list(BACKGROUNDS.values())).T[:, bg_ids])
+    colour = np.array(list(COLOURS.values()), np.float32)[colour_ids]
+    colour = colour + rng.normal(0.0, _COLOUR_JITTER / 2, (n, 3))
+    mask = _masks(shape_ids, radius, cx, cy)[..., None]
+    images = np.where(mask, colour[:, None, None, :], grey[:, None, None, None])
+    images = images + rng.normal(0.0, _NOISE_STD, images.shape)
+    images = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    forms = rng.integers(len(_CAPTIONS), size=n)
+    colour_names, sizes, bgs = list(COLOURS), list(SIZES), list(BACKGROUNDS)
+    captions = [
+        _CAPTIONS[forms[i]].format(
+            size=sizes[size_ids[i]], colour=colour_names[colour_ids[i]],
+            shape=SHAPES[shape_ids[i]], where=_where(row[i], col[i]), bg=bgs[bg_ids[i]])
+        for i in range(n)]
+    return images, captions
+
+
+def balanced_labels(num_examples, *, seed):
+    """`num_examples` labels, every class equally often (up to one), in a seeded random order."""
+    return np.random.default_rng(seed).permutation(
+        np.arange(num_examples) % len(CLASS_NAMES)).astype(np.int64)
+
+
+_SPLITS = {"train": (1, 100), "test": (2, 40)}  # split -> (seed, examples per class)
+
+
+def split_examples(split):
+    """(images, labels, captions) of a TFDS split, exactly as `ShapesBuilder` stores them."""
+    seed, per_class = _SPLITS[split]
+    labels = balanced_labels(per_class * len(CLASS_NAMES), seed=(0, seed, 0))
+    images, captions = render(labels, seed=(0, seed, 1))
+    return images, labels, captions
+
+
+def stream_seed(seed, step):
+    """The seeds of pretraining batch `step`: (labels seed, render seed), disjoint from the splits."""
+    return (1, seed, step, 0), (1, seed, step, 1)
+
+
+class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder "p4q_shapes": 100 train and 40 test images per class, rendered locally."""
+
+    name = "p4q_shapes"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "40 colour x shape classes, 32 x 32 pixels."}
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            description=__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                "caption": tfds.features.Text(),
+            }),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download.
+        return {split: self._generate_examples(split) for split in _SPLITS}
+
+    def _generate_examples(self, split):
+        images, labels, captions = split_examples(split)
+        for i, (image, label, caption) in enumerate(zip(images, labels, captions)):
+            yield i, {"image": image, "label": int(label), "caption": caption}
