@@ -302,11 +302,17 @@ def save_tree(path, tree):
         ckptr.save(path, jax.tree.map(np.asarray, tree))
 
 
-def save(path, config, params):
-    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically via a temp dir."""
+def save(path, config, params, *, provenance=None):
+    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically via a temp dir.
+
+    `provenance` (JSON-serialisable: how the weights were made) is stored in `p4q_clip.json`
+    beside the config; loading ignores it."""
+    meta = {"config": config.to_dict()}
+    if provenance is not None:
+        meta["provenance"] = provenance
     with atomic_directory(path) as tmp:
         save_tree(tmp / "params", params)
-        (tmp / ORBAX_MARKER).write_text(json.dumps({"config": config.to_dict()}, indent=2))
+        (tmp / ORBAX_MARKER).write_text(json.dumps(meta, indent=2))
 
 
 def _load_orbax_dir(path):

@@ -42,7 +42,7 @@ def _to_pil(image):
     return Image.fromarray(image)
 
 
-def _normalize(pixels):
+def normalize(pixels):
     """uint8 [..., 3] -> float32 CLIP-normalized, in torchvision's ToTensor + Normalize order."""
     scaled = pixels.astype(np.float32) / np.float32(255)
     return (scaled - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
@@ -66,7 +66,7 @@ def preprocess(image, *, size=224):
         image = image.resize(new_shape[::-1], Image.Resampling.BICUBIC)
     top, left = _crop_offsets(*new_shape, size)
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    return _normalize(np.asarray(image))
+    return normalize(np.asarray(image))
 
 
 def preprocess_tf(image, *, size=224):
