@@ -1,9 +1,9 @@
-"""Default config: the offline smoke run (zero-shot, no downloads).
+"""Base config: the fields every job shares, set for a zero-shot run of a random `tiny` CLIP.
 
-With no checkpoint, a randomly initialised `tiny` CLIP is evaluated on generated data,
-which exercises the whole pipeline and says so in its output: its accuracy is chance.
-Variants load this file and change a few fields; every field can be overridden from the
-command line, e.g. `--config.data.name=cifar100 --config.model.checkpoint=ViT-B-32.pt`.
+With no checkpoint, a randomly initialised `model.name` CLIP is used (a smoke run that says so
+in its output: its accuracy is chance). The job configs (`zeroshot.py`, `ptq.py`, `p4q.py`,
+`default.py`, ...) load this file and change a few fields; every field can be overridden from
+the command line, e.g. `--config.data.name=cifar100 --config.model.checkpoint=ViT-B-32.pt`.
 """
 
 import ml_collections
@@ -23,7 +23,7 @@ def get_config():
     config.model.activation = config_dict.placeholder(str)  # OpenAI-layout override
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "synthetic"  # cifar10 | cifar100 | imagenet2012 | folder | ...
+    config.data.name = "synthetic"  # shapes | cifar10 | cifar100 | imagenet2012 | folder | ...
     config.data.data_dir = config_dict.placeholder(str)
     config.data.manual_dir = config_dict.placeholder(str)
     config.data.folder = config_dict.placeholder(str)  # root of a folder dataset

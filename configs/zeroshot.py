@@ -4,11 +4,11 @@
         --config.data.name=cifar100 --workdir=runs/zeroshot_cifar100
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.mode = "zeroshot"
     config.model.name = "ViT-B/32"
     config.data.name = "cifar100"

@@ -199,7 +199,72 @@ def evaluate_export(config, workdir):
     return job.finish(workdir, job.results("eval", [row], export=str(path)))
 
 
-MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export}
+def _bytes_on_disk(path):
+    """Size of a file, or of every file under a directory."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+_DEMO_NAMES = {"fp_zeroshot": "FP zero-shot", "ptq": "PTQ", "p4q": "P4Q"}
+
+
+def demo_report(rows):
+    """The demo's table (markdown) from its rows."""
+    return results.markdown_table(
+        ["bits", "method", "top-1 (%)", "top-5 (%)", "size on disk (bytes)"],
+        [[row["qconfig"] or "fp32", _DEMO_NAMES[row["method"]], f"{row['top1']:.2f}",
+          f"{row['top5']:.2f}", f"{row['bytes']:,}"] for row in rows])
+
+
+def demo(config, workdir):
+    """FP zero-shot, then PTQ and P4Q at each bit setting of `config.demo.qconfigs`.
+
+    Each setting is a `p4q` run in WORKDIR/<setting>/ (its own results.json, curves,
+    checkpoints and export). Prints the table and writes results.json, results.md (the table)
+    and results.png (top-1 bars) to the workdir. Sizes are bytes on disk: the FP checkpoint,
+    the exported quantized towers (PTQ), and the towers plus prompts and adapter (P4Q)."""
+    workdir = pathlib.Path(workdir)
+    settings = list(config.demo.qconfigs)
+    if not settings:
+        raise ValueError("config.demo.qconfigs is empty: name at least one bit setting.")
+    runs, rows = {}, []
+    for i, name in enumerate(settings):
+        logging.info("demo %d/%d: PTQ and P4Q at %s", i + 1, len(settings), name)
+        sub = config.copy_and_resolve_references()
+        sub.quant.config = name
+        sub.p4q.export_dir = None
+        runs[name] = run = p4q(sub, workdir / name)
+        fp, ptq_row, p4q_row = run["rows"]
+        export = pathlib.Path(run["export"])
+        if not rows:
+            checkpoint = config.model.checkpoint
+            rows.append({**fp, "qconfig": None,
+                         "bytes": _bytes_on_disk(checkpoint) if checkpoint else None})
+        rows.append({**ptq_row, "bytes": _bytes_on_disk(export / "towers")})
+        rows.append({**p4q_row, "bytes": _bytes_on_disk(export)})
+    table = demo_report(rows)
+    print(f"\n{config.data.name}, {runs[settings[0]]['num_classes']} classes:\n{table}")
+    results.write_text(workdir / "results.md", table)
+    fp_top1 = rows[0]["top1"]
+    results.plot_bars(
+        workdir / "results.png", settings,
+        {"FP zero-shot": [fp_top1] * len(settings),
+         "PTQ": [r["top1"] for r in rows if r["method"] == "ptq"],
+         "P4Q": [r["top1"] for r in rows if r["method"] == "p4q"]},
+        title=f"{config.data.name}: top-1 on the test split")
+    first = runs[settings[0]]
+    out = {"mode": "demo", "smoke_run": first["smoke_run"], "checkpoint": first["checkpoint"],
+           "model": first["model"], "dataset": first["dataset"],
+           "num_classes": first["num_classes"], "num_templates": first["num_templates"],
+           "rows": rows, "runs": {name: str(workdir / name) for name in settings}}
+    results.write_json(workdir / "results.json", out)
+    logging.info("results -> %s (+ results.md, results.png)", workdir / "results.json")
+    return out
+
+
+MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export, "demo": demo}
 
 
 def run(config, workdir, *, mode=None):

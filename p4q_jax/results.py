@@ -10,6 +10,19 @@ import jax
 
 def write_json(path, obj):
     """Atomically writes `obj` as JSON (process 0 only; others return immediately)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def markdown_table(header, rows):
+    """A GitHub markdown table: `header` is a list of column titles, `rows` lists of cells."""
+    lines = ["| " + " | ".join(map(str, header)) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path, text):
+    """Atomically writes a text file (process 0 only)."""
     if jax.process_index() != 0:
         return
     path = pathlib.Path(path)
@@ -17,22 +30,40 @@ def write_json(path, obj):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
+def _pyplot():
+    import matplotlib  # pylint: disable=g-import-not-at-top; plotting only here
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    return plt
+
+
+def _save_figure(plt, fig, path):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
 def plot_curves(path, history, *, title=""):
     """Training curves (loss terms; learning rates) as a PNG, atomically (process 0 only)."""
     if jax.process_index() != 0 or not history:
         return
-    import matplotlib  # pylint: disable=g-import-not-at-top; plotting only here
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
+    plt = _pyplot()
     steps = [h["step"] for h in history]
     fig, (losses, rates) = plt.subplots(1, 2, figsize=(11, 4))
     for name in sorted(history[0]):
@@ -47,15 +78,34 @@ def plot_curves(path, history, *, title=""):
         axis.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    _save_figure(plt, fig, path)
+
+
+def plot_bars(path, groups, series, *, errors=None, ylabel="top-1 (%)", title=""):
+    """Grouped bars as a PNG, atomically (process 0 only).
+
+    Args:
+        path: the PNG to write.
+        groups: a label per group on the x axis (e.g. bit settings).
+        series: {name: one value per group, None where it has none} (e.g. FP, PTQ, P4Q).
+        errors: optional {name: one error-bar half-length per group (or None)}.
+    """
+    if jax.process_index() != 0:
+        return
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(max(5, 1.6 * len(groups) * len(series) / 2 + 2), 4))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        errs = (errors or {}).get(name) or [None] * len(values)
+        kept = [(x, v, e or 0.0) for x, v, e in zip(xs, values, errs) if v is not None]
+        bars = axis.bar([k[0] for k in kept], [k[1] for k in kept], width, label=name,
+                        yerr=[k[2] for k in kept] if errors else None, capsize=3)
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+    axis.set_xticks(range(len(groups)), groups)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend()
+    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_figure(plt, fig, path)

@@ -1,4 +1,4 @@
-"""Runs `main.py` in a child process under `tfds.testing.mock_data` (shared by the tests).
+"""Runs `main.py` in a child process, under `tfds.testing.mock_data` unless told not to.
 
 ml_collections' config flags register `--config.*` overrides from sys.argv once per
 process, so every run of main.py gets its own process (with the test's 8 fake devices).
@@ -22,15 +22,19 @@ with tfds.testing.mock_data(num_examples=num_examples):
 
 
 def command(argv, *, mock_examples=50):
+    """main.py under mock TFDS data of `mock_examples` per split; None: main.py itself."""
+    if mock_examples is None:
+        return [sys.executable, str(REPO / "main.py"), *argv]
     return [sys.executable, "-c", _DRIVER, str(mock_examples), *argv]
 
 
-def run_main(argv, *, mock_examples=50):
-    """Runs main.py to completion -> its log (stderr); fails the test if it fails."""
+def run_main(argv, *, mock_examples=50, with_stdout=False):
+    """Runs main.py to completion -> its log (stderr), or (stdout, log) with `with_stdout`;
+    fails the test if it fails."""
     done = subprocess.run(command(argv, mock_examples=mock_examples), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stderr
+    return (done.stdout, done.stderr) if with_stdout else done.stderr
 
 
 def start_main(argv, *, mock_examples=50):

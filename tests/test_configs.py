@@ -24,11 +24,16 @@ def _variants(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_values_are_accepted(name):
     for config in _variants(name):
-        assert config.mode in ("zeroshot", "ptq", "p4q")
+        assert config.mode in ("zeroshot", "ptq", "p4q", "demo")
         data.info_from_config(config.data)
         if "quant" in config:
             quant.QConfig.parse(config.quant.config)
-        if config.mode == "p4q":
+        if config.mode == "demo":
+            assert config.demo.qconfigs
+            for name in config.demo.qconfigs:
+                quant.QConfig.parse(name)
+            assert pathlib.Path(config.model.checkpoint).is_dir()
+        if config.mode in ("p4q", "demo"):
             step.LossWeights(**config.loss.to_dict())
             assert config.loss.distillation_kind in losses.DISTILLATIONS
             assert config.p4q.position in prompts.POSITIONS

@@ -54,12 +54,12 @@ def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
     assert 0 <= row["top1"] <= row["top5"] <= 100
 
 
-def test_default_main_is_an_offline_smoke_run(tmp_path):
-    log = _run_main([f"--workdir={tmp_path}"])
+def test_no_checkpoint_is_an_offline_smoke_run(tmp_path):
+    log = _run_main(["--config=configs/base.py", f"--workdir={tmp_path}"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["smoke_run"] is True
-    from configs import default  # pylint: disable=g-import-not-at-top
-    assert results["rows"][0]["count"] == default.get_config().data.synthetic_examples
+    from configs import base  # pylint: disable=g-import-not-at-top
+    assert results["rows"][0]["count"] == base.get_config().data.synthetic_examples
     assert "SMOKE RUN" in log
 
 
