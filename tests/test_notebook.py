@@ -1,0 +1,27 @@
+"""experiments/quickstart.ipynb runs top to bottom (its last cell asserts the reload)."""
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+import main_runner
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    path = main_runner.REPO / "experiments" / "quickstart.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "XLA_FLAGS": ""}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(notebook, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
+                      for o in c.outputs)
+    assert "PTQ w4a4attn8 top-1" in outputs and "reloaded from" in outputs
