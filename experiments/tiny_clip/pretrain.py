@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 
 from p4q_jax import clip
+from p4q_jax import evaluate
 from p4q_jax.clip import transforms
 from p4q_jax.data import registry
 from p4q_jax.data import shapes
@@ -75,8 +76,7 @@ def zeroshot_top1(model, params, test_images, test_labels):
     info = registry.get_info("shapes")
     texts = [t for group in registry.prompts(info.class_names, info.templates) for t in group]
     txt = clip.encode_text(model, params, clip.crop_to_eot(clip.tokenize(texts)))
-    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
-    classes = txt.reshape(info.num_classes, len(info.templates), -1).mean(1)
+    classes = evaluate.ensemble(txt, num_classes=info.num_classes)
     img = clip.encode_image(model, params, test_images)
     predictions = np.asarray(jnp.argmax(img @ classes.T, axis=-1))
     return float(100 * np.mean(predictions == test_labels))
