@@ -215,7 +215,8 @@ def demo_report(rows):
     return results.markdown_table(
         ["bits", "method", "top-1 (%)", "top-5 (%)", "size on disk (bytes)"],
         [[row["qconfig"] or "fp32", _DEMO_NAMES[row["method"]], f"{row['top1']:.2f}",
-          f"{row['top5']:.2f}", f"{row['bytes']:,}"] for row in rows])
+          f"{row['top5']:.2f}", "-" if row["bytes"] is None else f"{row['bytes']:,}"]
+         for row in rows])
 
 
 def demo(config, workdir):
@@ -229,6 +230,8 @@ def demo(config, workdir):
     settings = list(config.demo.qconfigs)
     if not settings:
         raise ValueError("config.demo.qconfigs is empty: name at least one bit setting.")
+    if not config.p4q.quantize:
+        raise ValueError("the demo compares PTQ and P4Q: it needs config.p4q.quantize=True.")
     runs, rows = {}, []
     for i, name in enumerate(settings):
         logging.info("demo %d/%d: PTQ and P4Q at %s", i + 1, len(settings), name)
@@ -245,7 +248,8 @@ def demo(config, workdir):
         rows.append({**ptq_row, "bytes": _bytes_on_disk(export / "towers")})
         rows.append({**p4q_row, "bytes": _bytes_on_disk(export)})
     table = demo_report(rows)
-    print(f"\n{config.data.name}, {runs[settings[0]]['num_classes']} classes:\n{table}")
+    if jax.process_index() == 0:
+        print(f"\n{config.data.name}, {runs[settings[0]]['num_classes']} classes:\n{table}")
     results.write_text(workdir / "results.md", table)
     fp_top1 = rows[0]["top1"]
     results.plot_bars(

@@ -43,7 +43,8 @@ def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     stdout, _ = main_runner.run_main(
         [f"--workdir={workdir}", "--config.demo.qconfigs=('w4a4attn8',)",
-         "--config.train.num_steps=150", f"--config.data.data_dir={workdir / 'tfds'}"],
+         "--config.train.num_steps=150", "--config.data.num_shots=16",
+         f"--config.data.data_dir={workdir / 'tfds'}"],
         mock_examples=None, with_stdout=True)
     return workdir, stdout
 
