@@ -1,13 +1,24 @@
-"""Test-session set-up: 8 fake CPU devices for every test, and a safe import order.
+"""Test-session set-up: 8 fake CPU devices for every test, a shared compilation cache,
+and a safe import order.
 
-XLA_FLAGS must be set before jax initialises its backends, so it is set here, before
-anything imports jax.
+XLA_FLAGS and the cache settings must be set before jax is imported, so they are set
+here, before anything imports jax. The subprocesses that tests start (main.py, the
+multi-process runs, the notebook kernel) inherit them.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# Many tests compile the same programs (each main.py run, each clip.init of ViT-B/32):
+# JAX's persistent compilation cache, fresh for this session, compiles each one once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="p4q-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
