@@ -110,22 +110,36 @@ def search_rows(x, max_elements):
     return rows[jnp.sort(idx)]
 
 
+def search_input(spec, x, max_elements=SEARCH_MAX_ELEMENTS):
+    """The part of a final-batch tensor that `qparams` needs: for omse / ptf at most
+    `max_elements` of `x` as whole rows (see `search_rows`; rank kept; None: all of them),
+    float32; None for the other observers, which use the statistics alone."""
+    if spec.observer not in ("omse", "ptf"):
+        return None
+    x = x.astype(jnp.float32)
+    if x.ndim < 2:
+        return x
+    rows = search_rows(x, max_elements)  # same rank as the statistics
+    return rows.reshape((1,) * (x.ndim - 2) + rows.shape)
+
+
+def qparams_from_search_input(spec, stats, searched):
+    """(scale, zero_point) from the statistics and `search_input`'s output."""
+    if spec.observer == "omse":
+        return _omse(spec, stats, searched)
+    if spec.observer == "ptf":
+        if not spec.per_channel:
+            raise ValueError("the ptf observer needs per_channel=True")
+        return _ptf(spec, stats, searched)
+    if spec.observer == "log2":
+        return jnp.ones(()), jnp.zeros(())
+    return range_qparams(stats["lo"], stats["hi"], spec)
+
+
 def qparams(spec, stats, x_last, *, max_elements=SEARCH_MAX_ELEMENTS):
     """(scale, zero_point) for a site from its statistics and the final batch's tensor.
 
     The search-based observers (omse, ptf) score candidates on at most `max_elements`
     elements of `x_last` (see `search_rows`; None: all of them).
     """
-    x_last = x_last.astype(jnp.float32)
-    if spec.observer in ("omse", "ptf") and x_last.ndim >= 2:
-        rows = search_rows(x_last, max_elements)  # same rank as the statistics
-        x_last = rows.reshape((1,) * (x_last.ndim - 2) + rows.shape)
-    if spec.observer == "omse":
-        return _omse(spec, stats, x_last)
-    if spec.observer == "ptf":
-        if not spec.per_channel:
-            raise ValueError("the ptf observer needs per_channel=True")
-        return _ptf(spec, stats, x_last)
-    if spec.observer == "log2":
-        return jnp.ones(()), jnp.zeros(())
-    return range_qparams(stats["lo"], stats["hi"], spec)
+    return qparams_from_search_input(spec, stats, search_input(spec, x_last, max_elements))
