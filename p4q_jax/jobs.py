@@ -15,6 +15,7 @@ from p4q_jax import parallel
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import train
+from p4q_jax.clip import checkpoints
 from p4q_jax.p4q import trained as trained_lib
 
 
@@ -199,14 +200,6 @@ def evaluate_export(config, workdir):
     return job.finish(workdir, job.results("eval", [row], export=str(path)))
 
 
-def _bytes_on_disk(path):
-    """Size of a file, or of every file under a directory."""
-    path = pathlib.Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 _DEMO_NAMES = {"fp_zeroshot": "FP zero-shot", "ptq": "PTQ", "p4q": "P4Q"}
 
 
@@ -244,9 +237,9 @@ def demo(config, workdir):
         if not rows:
             checkpoint = config.model.checkpoint
             rows.append({**fp, "qconfig": None,
-                         "bytes": _bytes_on_disk(checkpoint) if checkpoint else None})
-        rows.append({**ptq_row, "bytes": _bytes_on_disk(export / "towers")})
-        rows.append({**p4q_row, "bytes": _bytes_on_disk(export)})
+                         "bytes": checkpoints.bytes_on_disk(checkpoint) if checkpoint else None})
+        rows.append({**ptq_row, "bytes": checkpoints.bytes_on_disk(export / "towers")})
+        rows.append({**p4q_row, "bytes": checkpoints.bytes_on_disk(export)})
     table = demo_report(rows)
     if jax.process_index() == 0:
         print(f"\n{config.data.name}, {runs[settings[0]]['num_classes']} classes:\n{table}")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from p4q_jax import clip
+from p4q_jax.clip import checkpoints
 from p4q_jax.clip import configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -151,3 +152,12 @@ def test_zip_without_data_pickle(tmp_path):
         z.writestr("archive/readme", "nothing")
     with pytest.raises(ValueError, match="expected one data.pkl"):
         clip.load(tmp_path / "empty.pt")
+
+
+def test_bytes_on_disk_counts_files_at_any_depth(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "top").write_bytes(b"x" * 3)
+    (tmp_path / "a" / "b" / "deep").write_bytes(b"y" * 40)
+    (tmp_path / "empty").mkdir()
+    assert checkpoints.bytes_on_disk(tmp_path) == 43
+    assert checkpoints.bytes_on_disk(tmp_path / "top") == 3

@@ -290,6 +290,14 @@ def atomic_directory(path):
         raise
 
 
+def bytes_on_disk(path) -> int:
+    """Size of a file, or of every file under a directory."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def save_tree(path, tree):
     """Writes a pytree of arrays with Orbax (as numpy, so any device layout works).
 

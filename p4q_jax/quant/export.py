@@ -82,9 +82,7 @@ def save(path, model, params, qstate):
             "clip_config": model.config.to_dict(),
             "qconfig": qstate.config.to_dict(),
             "kernels": layout}, indent=2))
-    integer_bytes = sum(f.stat().st_size for f in (pathlib.Path(path) / "integer").rglob("*")
-                        if f.is_file())
-    return {"integer_bytes": integer_bytes,
+    return {"integer_bytes": checkpoints.bytes_on_disk(pathlib.Path(path) / "integer"),
             "fp32_bytes": sum(4 * int(np.prod(kernels[n].shape)) for n in integer)}
 
 
