@@ -4,8 +4,15 @@
 
 Calibration follows the P4Q set-up: the text tower on CIFAR-100's zero-shot ensemble
 (100 classes x 18 templates), the image tower on 2 batches of 32, and the FP teacher's
-ensemble text features come out of the same pass. Times include compilation. Throughput
-is measured after a warm-up call; prompts are cropped after the last EOT, as in training.
+ensemble text features come out of the same pass. Times include compilation.
+
+Throughput: every encoder (float32, then each preset's fake-quant and int8 states) is
+warmed up, then timed one call at a time in interleaved rounds, the order reversed
+every other round. Each encoder's median call is reported, and its speed relative to
+float32 as the median of per-round ratios (each paired with float32's call in the same
+round), with their range. Load that drifts during the run then hits every encoder alike
+(on a shared 2-core machine two back-to-back runs of the same call can differ by 20%).
+Prompts are cropped after the last EOT, as in training.
 """
 
 import tempfile
@@ -27,21 +34,39 @@ _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config.")
 _CONFIGS = flags.DEFINE_list("configs", ["w8a8", "w6a6", "w4a4attn8"], "Quantization presets.")
 _IMAGE_BATCH = flags.DEFINE_integer("image_batch", 32, "Images per call.")
 _TEXT_BATCH = flags.DEFINE_integer("text_batch", 256, "Prompts per call.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls after one warm-up call.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timed rounds after one warm-up call.")
 
 
-def _per_second(fn, items):
-    jax.block_until_ready(fn())
+def _seconds(fn):
     start = time.perf_counter()
-    for _ in range(_REPEATS.value):
-        jax.block_until_ready(fn())
-    return items * _REPEATS.value / (time.perf_counter() - start)
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
 
 
-def _throughput(label, model, params, images, tokens, qstate):
-    img = _per_second(lambda: clip.encode_image(model, params, images, qstate=qstate), len(images))
-    txt = _per_second(lambda: clip.encode_text(model, params, tokens, qstate=qstate), len(tokens))
-    print(f"  {label:<24} {img:9.1f} images/s {txt:9.1f} prompts/s")
+def _throughput(model, params, images, tokens, states):
+    """Prints images/s and prompts/s per {label: qstate}, timed in interleaved rounds."""
+    calls = {label: (lambda s=state: clip.encode_image(model, params, images, qstate=s),
+                     lambda s=state: clip.encode_text(model, params, tokens, qstate=s))
+             for label, state in states.items()}
+    for fns in calls.values():
+        for fn in fns:
+            _seconds(fn)
+    times = {label: ([], []) for label in calls}
+    for r in range(_ROUNDS.value):
+        for label in list(calls)[:: 1 if r % 2 == 0 else -1]:
+            for fn, out in zip(calls[label], times[label]):
+                out.append(_seconds(fn))
+    print(f"throughput (median of {_ROUNDS.value} interleaved rounds, batch {len(images)} images / "
+          f"{len(tokens)} prompts; ratio to float32: median [min, max] of the per-round ratios):")
+    base = [np.asarray(t) for t in next(iter(times.values()))]
+    for label, timed in times.items():
+        cells = []
+        for t, fp, n, unit in zip(map(np.asarray, timed), base, (len(images), len(tokens)),
+                                  ("images/s", "prompts/s")):
+            ratio = fp / t
+            cells.append(f"{n / np.median(t):9.1f} {unit} ({np.median(ratio):.2f}x "
+                         f"[{ratio.min():.2f}, {ratio.max():.2f}])")
+        print(f"  {label:<24} " + "  ".join(cells))
 
 
 def main(argv):
@@ -58,8 +83,7 @@ def main(argv):
     fp_img = np.asarray(clip.encode_image(model, params, images))
     fp_txt = np.asarray(clip.encode_text(model, params, tokens))
 
-    print("throughput (after warm-up):")
-    _throughput("float32", model, params, images, tokens, None)
+    states = {"float32": None}
     for name in _CONFIGS.value:
         start = time.perf_counter()
         qstate, teacher = quant.calibrate(model, params, name, images=calib, texts=texts,
@@ -72,10 +96,9 @@ def main(argv):
         print(f"{name}: calibration + FP teacher text features {seconds:.1f} s "
               f"({len(texts)} prompts, {len(calib)}x{len(calib[0])} images); "
               f"cosine to FP: image {cos[0]:.4f}, text {cos[1]:.4f}")
-        _throughput(f"{name} fake-quant", model, params, images, tokens, qstate)
+        states[f"{name} fake-quant"] = qstate
         try:
-            int_state = integer.integer_state(qstate, params)
-            _throughput(f"{name} int8 (qwix)", model, params, images, tokens, int_state)
+            states[f"{name} int8 (qwix)"] = integer.integer_state(qstate, params)
         except ValueError:
             pass
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +106,7 @@ def main(argv):
         print(f"  export: quantized kernels {sizes['integer_bytes'] / 2**20:.1f} MiB on disk vs "
               f"{sizes['fp32_bytes'] / 2**20:.1f} MiB float32 "
               f"({100 * sizes['integer_bytes'] / sizes['fp32_bytes']:.1f}%)")
+    _throughput(model, params, images, tokens, states)
 
 
 if __name__ == "__main__":
