@@ -1,5 +1,6 @@
 """Result files: written by process 0 only, to a temporary name and then renamed."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -21,20 +22,27 @@ def markdown_table(header, rows):
     return "\n".join(lines) + "\n"
 
 
-def write_text(path, text):
-    """Atomically writes a text file (process 0 only)."""
-    if jax.process_index() != 0:
-        return
+@contextlib.contextmanager
+def _atomic_file(path, suffix=""):
+    """Yields a temp file name beside `path` that replaces `path` only if the block succeeds."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text(path, text):
+    """Atomically writes a text file (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    with _atomic_file(path) as tmp:
+        pathlib.Path(tmp).write_text(text)
 
 
 def _pyplot():
@@ -45,16 +53,9 @@ def _pyplot():
 
 
 def _save_figure(plt, fig, path):
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with _atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
 
