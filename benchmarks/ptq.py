@@ -99,8 +99,8 @@ def main(argv):
         states[f"{name} fake-quant"] = qstate
         try:
             states[f"{name} int8 (qwix)"] = integer.integer_state(qstate, params)
-        except ValueError:
-            pass
+        except ValueError as e:  # only W8A8 configs have an int8 path
+            print(f"  no int8 path: {e}")
         with tempfile.TemporaryDirectory() as tmp:
             sizes = export.save(f"{tmp}/q", model, params, qstate)
         print(f"  export: quantized kernels {sizes['integer_bytes'] / 2**20:.1f} MiB on disk vs "
