@@ -27,6 +27,7 @@ from p4q_jax import evaluate
 from p4q_jax.clip import transforms
 from p4q_jax.data import registry
 from p4q_jax.data import shapes
+from p4q_jax.p4q import losses
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the Orbax checkpoint (must not exist).",
                            required=True)
@@ -54,14 +55,10 @@ def batch(seed, step, batch_size):
 
 
 def contrastive_loss(model, params, images, tokens):
-    """CLIP's symmetric cross-entropy over the batch's image-text cosine logits."""
+    """CLIP's symmetric cross-entropy over the batch's image-text cosine logits (each image's
+    "class" is its own caption)."""
     img, txt, logit_scale = model.apply({"params": params}, images, tokens)
-    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
-    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
-    logits = jnp.exp(logit_scale) * img @ txt.T
-    labels = jnp.arange(len(logits))
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
+    return losses.symmetric_contrastive(img, txt, jnp.arange(len(img)), jnp.exp(logit_scale))
 
 
 def make_optimizer(steps):
@@ -84,6 +81,9 @@ def zeroshot_top1(model, params, test_images, test_labels):
 
 def main(argv):
     del argv
+    if not 0 <= _WARMUP.value < _STEPS.value:
+        raise app.UsageError(f"--warmup_steps={_WARMUP.value} must be in [0, --steps="
+                             f"{_STEPS.value}): the cosine decay needs steps after the warm-up.")
     start = time.time()
     model, params = clip.init(CONFIG, seed=_SEED.value)
     optimizer = make_optimizer(_STEPS.value)
@@ -101,13 +101,13 @@ def main(argv):
 
     test_images, test_labels, _ = shapes.split_examples("test")
     test_images = transforms.normalize(test_images)
-    losses = []
+    history = []
     for step in range(_STEPS.value):
         images, tokens = batch(_SEED.value, step, _BATCH.value)
         params, opt_state, loss = train_step(params, opt_state, images, tokens)
-        losses.append(loss)
+        history.append(loss)
         if (step + 1) % _EVAL_EVERY.value == 0 or step + 1 == _STEPS.value:
-            recent = float(np.mean(jax.device_get(losses[-_EVAL_EVERY.value:])))
+            recent = float(np.mean(jax.device_get(history[-_EVAL_EVERY.value:])))
             top1 = zeroshot_top1(model, params, test_images, test_labels)
             logging.info("step %d/%d  loss %.3f  zero-shot test top-1 %.1f%%  (%.0f s)",
                          step + 1, _STEPS.value, recent, top1, time.time() - start)
