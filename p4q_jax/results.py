@@ -1,12 +1,10 @@
-"""Result files: written by process 0 only, to a temporary name and then renamed."""
+"""Result files: written by process 0 only, atomically (`p4q_jax.atomic`)."""
 
-import contextlib
 import json
-import os
-import pathlib
-import tempfile
 
 import jax
+
+from p4q_jax import atomic
 
 
 def write_json(path, obj):
@@ -22,27 +20,11 @@ def markdown_table(header, rows):
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def _atomic_file(path, suffix=""):
-    """Yields a temp file name beside `path` that replaces `path` only if the block succeeds."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_text(path, text):
     """Atomically writes a text file (process 0 only)."""
     if jax.process_index() != 0:
         return
-    with _atomic_file(path) as tmp:
-        pathlib.Path(tmp).write_text(text)
+    atomic.write_text(path, text)
 
 
 def _pyplot():
@@ -54,7 +36,7 @@ def _pyplot():
 
 def _save_figure(plt, fig, path):
     try:
-        with _atomic_file(path, suffix=".png") as tmp:
+        with atomic.file(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)

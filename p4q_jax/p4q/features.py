@@ -14,7 +14,6 @@ resumed at step n reads exactly the batches an uninterrupted run reads.
 
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
@@ -24,6 +23,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
+from p4q_jax import atomic
 from p4q_jax import parallel
 from p4q_jax.p4q import step as step_lib
 
@@ -87,18 +87,14 @@ def _process_dir(directory):
 
 
 def save_cache(directory, cache, key):
-    """Writes this process's cache as .npy files (each to a temp name, then renamed)."""
+    """Writes this process's cache as .npy files, each atomically; the fingerprint last."""
     path = _process_dir(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / _MARKER).unlink(missing_ok=True)  # invalid until every array is in place
     for name in FIELDS:
-        tmp = path / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
+        with atomic.file(path / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, cache[name])
-        os.replace(tmp, path / f"{name}.npy")
-    tmp = path / f".{_MARKER}.tmp"
-    tmp.write_text(json.dumps({"key": key}))
-    os.replace(tmp, path / _MARKER)
+    atomic.write_text(path / _MARKER, json.dumps({"key": key}))
 
 
 def load_cache(directory, key):

@@ -15,13 +15,13 @@ An export directory holds
 import dataclasses
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from p4q_jax import atomic
 from p4q_jax import clip
 from p4q_jax.clip import checkpoints
 from p4q_jax.p4q import adapter as adapter_lib
@@ -88,11 +88,10 @@ def _qstate_from_tree(tree, config):
 
 
 def save(path, model, params, qstate, trained):
-    """Writes the export directory (atomically; an existing one is replaced) -> its path."""
+    """Writes the export directory -> its absolute path. Atomic: an existing export is replaced
+    only once the new one is complete; a killed save's temporaries go on the next save."""
     path = pathlib.Path(path).absolute()
-    staged = path.with_name(path.name + ".new")
-    shutil.rmtree(staged, ignore_errors=True)
-    with checkpoints.atomic_directory(staged) as tmp:
+    with atomic.directory(path, replace=True) as tmp:
         if qstate is None:
             clip.save(tmp / "towers", model.config, params)
         else:
@@ -110,14 +109,12 @@ def save(path, model, params, qstate, trained):
             "adapter": None if adapter is None else {"reduction": adapter.reduction,
                                                      "ratio": adapter.ratio},
         }, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    staged.rename(path)
     return path
 
 
 def load(path):
     """Reads an export directory -> (model, params, qstate or None, Trained)."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
                                 "`main.py --config=configs/p4q.py` first")

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from p4q_jax import atomic
 from p4q_jax import clip
 from p4q_jax.clip import checkpoints
 from p4q_jax.quant import primitives
@@ -75,7 +76,7 @@ def save(path, model, params, qstate):
         {k: v for k, v in flat.items() if k.removesuffix("/kernel") not in integer}, sep="/")
     acts = {name: {"scale": p.scale, "zero_point": p.zero_point}
             for name, p in qstate.acts.items()}
-    with checkpoints.atomic_directory(path) as tmp:
+    with atomic.directory(path) as tmp:
         checkpoints.save_tree(tmp / "integer", integer)
         checkpoints.save_tree(tmp / "float", {"params": float_params, "acts": acts})
         (tmp / MARKER).write_text(json.dumps({
@@ -88,7 +89,7 @@ def save(path, model, params, qstate):
 
 def load(path):
     """Reads what `save` wrote -> (model, params, qstate); features equal the saved model's."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a quantized p4q_jax model (no {MARKER})")
     meta = json.loads((path / MARKER).read_text())
