@@ -1,22 +1,26 @@
 """Every experiment config loads, and its values are ones the code accepts."""
 
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
+from p4q_jax import configs
 from p4q_jax import data
 from p4q_jax import quant
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step
 
-CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+CONFIGS = sorted(p.stem for p in pathlib.Path(configs.__file__).parent.glob("*.py")
                  if p.stem != "__init__")
 
 
 def _variants(name):
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"p4q_jax.configs.{name}")
     return [module.get_config(v) for v in module.VARIANTS] if hasattr(module, "VARIANTS") \
         else [module.get_config()]
 
@@ -40,7 +44,7 @@ def test_config_values_are_accepted(name):
 
 
 def test_variants_differ_where_they_say():
-    from configs import ablations, baselines  # pylint: disable=g-import-not-at-top
+    from p4q_jax.configs import ablations, baselines  # pylint: disable=g-import-not-at-top
     assert not baselines.get_config("coop_fp").p4q.quantize
     assert baselines.get_config("coop_ptq").p4q.quantize
     assert not ablations.get_config("prompts_only").p4q.adapter
@@ -48,3 +52,21 @@ def test_variants_differ_where_they_say():
     assert ablations.get_config("no_distillation").loss.distillation_kind == "none"
     with pytest.raises(ValueError, match="ablation 'nope' unknown"):
         ablations.get_config("nope")
+
+
+def test_configs_import_from_the_installed_package_outside_the_repository(tmp_path):
+    """A Colab user has the package, not the repository: no `configs/` beside them."""
+    code = ("import pathlib, p4q_jax.configs as c, importlib; "
+            "names = [p.stem for p in pathlib.Path(c.__file__).parent.glob('*.py')]; "
+            "[importlib.import_module('p4q_jax.configs.' + n) for n in names]; "
+            "from p4q_jax.configs import default; print(default.get_config().mode)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "demo"
+
+
+def test_repository_configs_link_is_the_package():
+    """`--config=configs/NAME.py` (README) and the package are one set of files."""
+    link = pathlib.Path(__file__).parents[1] / "configs"
+    assert link.resolve() == pathlib.Path(configs.__file__).parent.resolve()

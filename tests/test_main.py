@@ -43,7 +43,7 @@ def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
     _run_main(["--config=configs/zeroshot.py", f"--config.model.checkpoint={tiny_checkpoint}",
                "--config.data.name=cifar100", "--config.eval.batch_size=24",
                "--config.eval.text_batch_size=64", f"--workdir={tmp_path}"])
-    from configs import zeroshot  # pylint: disable=g-import-not-at-top
+    from p4q_jax.configs import zeroshot  # pylint: disable=g-import-not-at-top
     images, labels = _mock_test_split(zeroshot, "cifar100")
     results = json.loads((tmp_path / "results.json").read_text())
     (row,) = results["rows"]
@@ -58,7 +58,7 @@ def test_no_checkpoint_is_an_offline_smoke_run(tmp_path):
     log = _run_main(["--config=configs/base.py", f"--workdir={tmp_path}"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["smoke_run"] is True
-    from configs import base  # pylint: disable=g-import-not-at-top
+    from p4q_jax.configs import base  # pylint: disable=g-import-not-at-top
     assert results["rows"][0]["count"] == base.get_config().data.synthetic_examples
     assert "SMOKE RUN" in log
 
@@ -69,7 +69,7 @@ def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
                "--config.eval.text_batch_size=64", "--config.quant.calib_batches=2",
                "--config.quant.calib_batch_size=16", "--config.quant.config=w6a6",
                f"--workdir={tmp_path}"])
-    from configs import ptq  # pylint: disable=g-import-not-at-top
+    from p4q_jax.configs import ptq  # pylint: disable=g-import-not-at-top
     images, labels = _mock_test_split(ptq, "cifar10")
     results = json.loads((tmp_path / "results.json").read_text())
     fp, q = results["rows"]

@@ -6,7 +6,7 @@ prompts_only | adapter_only | no_distillation.
 * no_distillation: prompts + adapter, cross-entropy only.
 """
 
-from configs import p4q
+from p4q_jax.configs import p4q
 
 VARIANTS = ("prompts_only", "adapter_only", "no_distillation")
 

@@ -5,7 +5,7 @@
 * coop_ptq: CoOp prompts on the PTQ model, without adapter or distillation.
 """
 
-from configs import p4q
+from p4q_jax.configs import p4q
 
 VARIANTS = ("coop_fp", "coop_ptq")
 

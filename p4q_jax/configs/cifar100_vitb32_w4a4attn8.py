@@ -13,7 +13,7 @@ prompts SGD 5e-4 x 128 / 20 with cosine, adapter AdamW 1e-3 (eps 1e-4) with cosi
 `--config.quant.config=w4a4attn8` runs a true 4-bit model instead.
 """
 
-from configs import p4q
+from p4q_jax.configs import p4q
 
 
 def get_config():

@@ -9,7 +9,7 @@ The CIFAR-100 recipe (`configs/cifar100_vitb32_w4a4attn8.py`) on CIFAR-10's 10 c
 the reference points are the run's own FP zero-shot and PTQ rows in results.json.
 """
 
-from configs import cifar100_vitb32_w4a4attn8
+from p4q_jax.configs import cifar100_vitb32_w4a4attn8
 
 VARIANTS = ("w4a4attn8", "w8a8", "official")
 

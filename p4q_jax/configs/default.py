@@ -8,7 +8,7 @@ FP model) on the train split. Prints the FP / PTQ / P4Q table and writes `result
 own results, curves, checkpoints and export). Nothing is downloaded.
 """
 
-from configs import p4q
+from p4q_jax.configs import p4q
 from p4q_jax import assets
 
 

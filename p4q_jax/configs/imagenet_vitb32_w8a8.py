@@ -13,7 +13,7 @@ from `manual_dir` (TFDS never downloads it here). The feature cache (1.28M image
 views x 2 towers would be ~10 GB for the full set) is kept on disk in the workdir.
 """
 
-from configs import cifar100_vitb32_w4a4attn8
+from p4q_jax.configs import cifar100_vitb32_w4a4attn8
 
 
 def get_config():

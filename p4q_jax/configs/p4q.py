@@ -12,7 +12,7 @@ model, for `--mode=eval` and `p4q.trained.load`). Baselines and ablations are va
 import ml_collections
 from ml_collections import config_dict
 
-from configs import ptq
+from p4q_jax.configs import ptq
 
 
 def get_config():

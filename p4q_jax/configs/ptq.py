@@ -8,7 +8,7 @@ on the dataset's zero-shot prompt ensemble (as the public P4Q code does: 10 batc
 128 images, 100 classes x 18 templates for CIFAR-100).
 """
 
-from configs import zeroshot
+from p4q_jax.configs import zeroshot
 
 
 def get_config():

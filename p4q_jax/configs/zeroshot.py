@@ -4,7 +4,7 @@
         --config.data.name=cifar100 --workdir=runs/zeroshot_cifar100
 """
 
-from configs import base
+from p4q_jax.configs import base
 
 
 def get_config():
