@@ -4,12 +4,15 @@ Only parses flags; the jobs live in `p4q_jax.jobs` so they can be scripted from 
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from p4q_jax import checkpoint
 from p4q_jax import jobs
+from p4q_jax import preflight
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
@@ -23,7 +26,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     jobs.initialize_distributed(_CONFIG.value)
-    jobs.run(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
+    try:
+        jobs.run(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
+    except (preflight.ConfigError, checkpoint.RunMismatchError) as e:
+        sys.exit(f"error: {e}")  # found before any work: the message says it all
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 from absl import logging
 from clu import metric_writers
 
+from p4q_jax import atomic
 from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import parallel
+from p4q_jax import preflight
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import train
@@ -93,7 +95,7 @@ class _Job:
         }
 
     def finish(self, workdir, out):
-        path = pathlib.Path(workdir) / "results.json"
+        path = results.file_for(workdir, out["mode"])
         results.write_json(path, out)
         for row in out["rows"]:
             logging.info("%s %s: top-1 %.2f top-5 %.2f (%d images)", row["method"],
@@ -161,8 +163,11 @@ def _trained_accuracy(job, trained, variables, *, desc):
 def p4q(config, workdir):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
     training curves. With `p4q.quantize=False` the FP model is trained (CoOp baseline)."""
-    job = _Job(config)
     workdir = pathlib.Path(workdir)
+    export_dir = pathlib.Path(config.p4q.export_dir or workdir / "export")
+    if jax.process_index() == 0:
+        atomic.clean_leftovers(export_dir)  # temporaries of an export killed in a past run
+    job = _Job(config)
     qstate, teacher, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
     qstate = parallel.replicate(qstate, job.mesh)
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,
@@ -176,7 +181,6 @@ def p4q(config, workdir):
     writer.write_scalars(out.history[-1]["step"] if out.history else 0, {
         f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
     writer.close()
-    export_dir = pathlib.Path(config.p4q.export_dir or workdir / "export")
     if jax.process_index() == 0:
         trained_lib.save(export_dir, job.model, jax.device_get(job.params),
                          jax.device_get(qstate), out.trained)
@@ -187,7 +191,8 @@ def p4q(config, workdir):
 
 
 def evaluate_export(config, workdir):
-    """Top-1/top-5 of an exported P4Q model (`p4q.export_dir`) on the test split."""
+    """Top-1/top-5 of an exported P4Q model (`p4q.export_dir`, default WORKDIR/export) on
+    the test split -> eval_results.json (a training workdir's results.json is kept)."""
     path = (config.p4q.export_dir if "p4q" in config else None) or pathlib.Path(workdir) / "export"
     model, params, qstate, trained = trained_lib.load(path)
     job = _Job(config, model_and_params=(model, params))
@@ -220,18 +225,11 @@ def demo(config, workdir):
     and results.png (top-1 bars) to the workdir. Sizes are bytes on disk: the FP checkpoint,
     the exported quantized towers (PTQ), and the towers plus prompts and adapter (P4Q)."""
     workdir = pathlib.Path(workdir)
-    settings = list(config.demo.qconfigs)
-    if not settings:
-        raise ValueError("config.demo.qconfigs is empty: name at least one bit setting.")
-    if not config.p4q.quantize:
-        raise ValueError("the demo compares PTQ and P4Q: it needs config.p4q.quantize=True.")
+    settings = list(config.demo.qconfigs)  # at least one, and p4q.quantize (preflight)
     runs, rows = {}, []
-    for i, name in enumerate(settings):
+    for i, (name, (sub, subdir)) in enumerate(zip(settings, _demo_runs(config, workdir))):
         logging.info("demo %d/%d: PTQ and P4Q at %s", i + 1, len(settings), name)
-        sub = config.copy_and_resolve_references()
-        sub.quant.config = name
-        sub.p4q.export_dir = None
-        runs[name] = run = p4q(sub, workdir / name)
+        runs[name] = run = p4q(sub, subdir)
         fp, ptq_row, p4q_row = run["rows"]
         export = pathlib.Path(run["export"])
         if not rows:
@@ -261,12 +259,34 @@ def demo(config, workdir):
     return out
 
 
+def _demo_runs(config, workdir):
+    """The demo's p4q runs: (config, WORKDIR/<setting>) per bit setting."""
+    runs = []
+    for name in config.demo.qconfigs:
+        sub = config.copy_and_resolve_references()
+        sub.quant.config = name
+        sub.p4q.export_dir = None
+        runs.append((sub, pathlib.Path(workdir) / name))
+    return runs
+
+
 MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export, "demo": demo}
 
 
 def run(config, workdir, *, mode=None):
+    """Runs `mode` (default `config.mode`) in `workdir` -> its results dict.
+
+    Before any work the config is checked (`preflight.check`: every field, path and batch
+    size), paths are made absolute, and a workdir holding checkpoints of a run with another
+    config is refused (or, with `checkpoint.restart`, that run is moved aside)."""
     mode = mode or config.mode
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not available; choose one of {sorted(MODES)}")
+        raise preflight.ConfigError(f"mode {mode!r} is not available; choose one of "
+                                    f"{sorted(MODES)}")
+    config, workdir = preflight.check(config, workdir, mode=mode)
+    training = {"p4q": lambda: [(config, workdir)],
+                "demo": lambda: _demo_runs(config, workdir)}.get(mode, list)()
+    for run_config, run_workdir in training:
+        preflight.check_resumable(run_config, run_workdir)
     logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
     return MODES[mode](config, workdir)

@@ -1,10 +1,21 @@
 """Result files: written by process 0 only, atomically (`p4q_jax.atomic`)."""
 
 import json
+import pathlib
 
 import jax
 
 from p4q_jax import atomic
+
+
+# The file each mode writes in its workdir: an evaluation of an export (often in the
+# training workdir, where the export is by default) must not overwrite the training's.
+_FILES = {"eval": "eval_results.json"}
+
+
+def file_for(workdir, mode):
+    """The results file of `mode` in `workdir`."""
+    return pathlib.Path(workdir) / _FILES.get(mode, "results.json")
 
 
 def write_json(path, obj):

@@ -11,7 +11,8 @@ the jitted step over the training input:
 
 Either way the batch of step n is fixed by (seed, n), and `checkpoint.Checkpointer` saves
 the train state with the input position, so a killed run resumes where it stopped and
-ends with the parameters of an uninterrupted one. Loss terms and learning rates go to
+ends with the parameters of an uninterrupted one. A checkpoint of a run with another
+config is never resumed (`checkpoint.fingerprint`); `checkpoint.restart` moves it aside. Loss terms and learning rates go to
 CLU metric writers (TensorBoard + log) and a progress bar with ETA.
 
 After the last step the adapter's 8-bit input ranges are calibrated (OMSE) on
@@ -165,15 +166,20 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
         shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
         frozen_shardings=frozen_shardings)
 
+    if config.checkpoint.restart:
+        checkpoint_lib.move_run_aside(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
         pathlib.Path(workdir).absolute() / "checkpoints", every_steps=config.checkpoint.every_steps,
-        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+        fingerprint=checkpoint_lib.fingerprint(config))
     restored, meta = checkpointer.restore_latest(state)
     history = []
     if restored is not None:
-        if meta["seed"] != config.seed or meta["total_steps"] != total_steps:
-            raise ValueError(f"the checkpoint in {workdir} is from another run (seed "
-                             f"{meta['seed']}, {meta['total_steps']} steps); use a new workdir")
+        if meta["total_steps"] != total_steps:  # same config, but the data changed size
+            raise checkpoint_lib.RunMismatchError(
+                f"the checkpoint in {workdir} is of a {meta['total_steps']}-step run; this "
+                f"config and data give {total_steps} steps. Use another --workdir, or "
+                "--config.checkpoint.restart=True to move the old run aside.")
         state, history = restored, meta["history"]
     start = int(state.step)
     if source is None:
@@ -198,8 +204,8 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
             writer.write_scalars(done, means)
             history.append({"step": done, **means})
             progress.set_postfix(loss=f"{means['loss']:.4f}")
-        checkpointer.save(done, state, {"input_position": done, "seed": config.seed,
-                                        "total_steps": total_steps, "history": list(history)},
+        checkpointer.save(done, state, {"input_position": done, "total_steps": total_steps,
+                                        "history": list(history)},
                           force=done == total_steps)
     checkpointer.wait()
     checkpointer.close()

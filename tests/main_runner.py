@@ -4,6 +4,8 @@ ml_collections' config flags register `--config.*` overrides from sys.argv once 
 process, so every run of main.py gets its own process (with the test's 8 fake devices).
 """
 
+import hashlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -41,3 +43,18 @@ def start_main(argv, *, mock_examples=50):
     """Starts main.py without waiting -> the Popen (output discarded)."""
     return subprocess.Popen(command(argv, mock_examples=mock_examples), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def relative(path):
+    """`path` relative to the repository root, where main.py runs (as a user's paths are)."""
+    return os.path.relpath(path, REPO)
+
+
+def tree_digest(directory):
+    """A hash of every name and byte under `directory`: equal digests, untouched tree."""
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(directory).rglob("*")):
+        digest.update(str(path.relative_to(directory)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

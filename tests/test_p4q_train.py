@@ -2,9 +2,9 @@
 including a run killed with SIGKILL and resumed."""
 
 import json
-import logging
-import os
+import shutil
 import signal
+import subprocess
 import time
 
 import jax
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
 from p4q_jax import parallel
 from p4q_jax import quant
@@ -84,24 +83,6 @@ def test_cache_on_disk_round_trips_and_checks_its_key(tmp_path):
     assert features.load_cache(tmp_path / "missing", key) is None
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-    ckpt = checkpoint_lib.Checkpointer(tmp_path, every_steps=1, keep=3)
-    for step in (1, 2):
-        ckpt.save(step, {"w": np.full(3, float(step))}, {"input_position": step})
-    ckpt.wait()
-    data_files = [p for p in (tmp_path / "2").rglob("*") if p.is_file() and p.parent.name == "d"]
-    assert data_files
-    for path in data_files:
-        os.truncate(path, path.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING):
-        state, meta = ckpt.restore_latest({"w": np.zeros(3)})
-    assert meta == {"input_position": 1}
-    np.testing.assert_array_equal(state["w"], np.ones(3))
-    assert "step 2" in caplog.text and "unreadable" in caplog.text
-    assert ckpt.manager.all_steps() == [1]
-    ckpt.close()
-
-
 _P4Q_FLAGS = ["--config=configs/p4q.py", "--config.data.name=cifar10",
               "--config.quant.calib_batches=2", "--config.quant.calib_batch_size=16",
               "--config.eval.batch_size=24", "--config.eval.text_batch_size=64",
@@ -120,12 +101,17 @@ _STEPS = 60
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_checkpoint):
-    """(flags, workdir) of one uninterrupted p4q run of main.py on mock CIFAR-10."""
-    flags = [*_P4Q_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}",
+    """(flags, workdir) of one uninterrupted p4q run of main.py on mock CIFAR-10, given
+    relative paths as in the README (Orbax itself takes only absolute ones)."""
+    flags = [*_P4Q_FLAGS, f"--config.model.checkpoint={main_runner.relative(tiny_checkpoint)}",
              f"--config.train.num_steps={_STEPS}", "--config.train.log_every=10",
              "--config.checkpoint.every_steps=10"]
     workdir = tmp_path_factory.mktemp("straight")
-    main_runner.run_main([*flags, f"--workdir={workdir}"])
+    leftover = workdir / ".export.tmp-killed"  # what an export killed mid-write leaves
+    (leftover / "trained").mkdir(parents=True)
+    main_runner.run_main([*flags, f"--workdir={main_runner.relative(workdir)}",
+                          f"--config.p4q.export_dir={main_runner.relative(workdir)}/export"])
+    assert not leftover.exists()
     return flags, workdir
 
 
@@ -146,12 +132,45 @@ def test_p4q_then_eval_through_main(straight_run):
     assert {"cross_entropy", "lr_context", "eval/ptq_top1", "eval/p4q_top5"} <= tags
     assert _complete_steps(workdir / "checkpoints") == [40, 50, 60]  # the last 3 kept
 
-    eval_dir = workdir / "eval"
+    # Evaluating the export (WORKDIR/export by default) keeps the training's results.json.
+    training_results = (workdir / "results.json").read_bytes()
     main_runner.run_main(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=cifar10",
-                          "--config.eval.batch_size=24", f"--config.p4q.export_dir={workdir}/export",
-                          f"--workdir={eval_dir}"])
-    (row,) = json.loads((eval_dir / "results.json").read_text())["rows"]
+                          "--config.eval.batch_size=24",
+                          f"--workdir={main_runner.relative(workdir)}"])
+    (row,) = json.loads((workdir / "eval_results.json").read_text())["rows"]
     assert row["top1"] == p4q["top1"] and row["top5"] == p4q["top5"]
+    assert (workdir / "results.json").read_bytes() == training_results
+
+
+def test_rerun_with_another_config_is_refused_and_loses_nothing(straight_run):
+    flags, workdir = straight_run
+    before = main_runner.tree_digest(workdir)
+    done = subprocess.run(main_runner.command(
+        [*flags, "--config.p4q.adapter=False", "--config.p4q.n_ctx=8",
+         "--config.quant.config=w8a8", f"--workdir={workdir}"]),
+        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    for line in ("p4q.adapter: True -> False", "p4q.n_ctx: 4 -> 8",
+                 "quant.config: 'w4a4attn8' -> 'w8a8'", "--config.checkpoint.restart=True"):
+        assert line in done.stderr
+    assert main_runner.tree_digest(workdir) == before
+
+
+def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_run):
+    flags, straight = straight_run
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    old_results = (workdir / "results.json").read_bytes()
+    main_runner.run_main([*flags, "--config.p4q.n_ctx=8", "--config.train.num_steps=10",
+                          "--config.checkpoint.restart=True", f"--workdir={workdir}"])
+    (previous,) = (workdir / "previous").iterdir()
+    assert (previous / "results.json").read_bytes() == old_results
+    assert _complete_steps(previous / "checkpoints") == [40, 50, 60]
+    assert (previous / "export" / "p4q.json").exists()
+    results = json.loads((workdir / "results.json").read_text())
+    assert [h["step"] for h in results["history"]] == [10]
+    _, _, _, trained = trained_lib.load(workdir / "export")
+    assert trained.context.shape[0] == 8
 
 
 def _complete_steps(directory):

@@ -30,8 +30,12 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+# OpenAI's models use quick_gelu; open_clip's and Hugging Face's non-OpenAI ones exact gelu.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximate=False)}
+
+
 def _activation(name):
-    return {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximate=False)}[name]
+    return ACTIVATIONS[name]
 
 
 class Attention(nn.Module):

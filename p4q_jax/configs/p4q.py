@@ -64,4 +64,7 @@ def get_config():
     config.checkpoint.every_steps = 500
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
+    # A rerun resumes only the same run; True moves a previous run's checkpoints, export and
+    # results to WORKDIR/previous/<time>/ and starts afresh.
+    config.checkpoint.restart = False
     return config

@@ -1,0 +1,274 @@
+"""Everything the config alone decides, checked before the first JAX computation.
+
+A bad field should cost seconds, not the minutes of calibration and evaluation that come
+before the code that would otherwise trip on it. `check` makes every path the user gave
+absolute (Orbax needs absolute paths, and a job's meaning must not depend on the directory
+it runs from), then collects every problem it finds: enum fields, dtype and bit-spec
+names, batch sizes against the devices and processes, step counts, input paths that must
+exist, a workdir that must be writable, result files of another mode that a run would
+overwrite. It raises one `ConfigError` naming each field, its value and what is allowed.
+"""
+
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+
+from p4q_jax import checkpoint as checkpoint_lib
+from p4q_jax import data
+from p4q_jax import quant
+from p4q_jax import results
+from p4q_jax.clip import configs as clip_configs
+from p4q_jax.clip import model as model_lib
+from p4q_jax.p4q import losses
+from p4q_jax.p4q import prompts
+from p4q_jax.p4q import trained as trained_lib
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Fields that hold paths, made absolute by `resolve_paths` (those a config has).
+PATH_FIELDS = ("model.checkpoint", "data.data_dir", "data.manual_dir", "data.folder",
+               "p4q.export_dir", "speed.cache_dir")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every field that is wrong."""
+
+
+def absolute(path):
+    """`path` made absolute (`~` expanded); URLs such as gs://bucket/dir are kept."""
+    path = str(path)
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _get(config, dotted):
+    section, name = dotted.split(".")
+    return config[section][name] if section in config and name in config[section] else None
+
+
+def resolve_paths(config, workdir):
+    """A copy of `config` with every path field absolute, and the absolute workdir."""
+    config = config.copy_and_resolve_references()
+    for dotted in PATH_FIELDS:
+        value = _get(config, dotted)
+        if value:
+            section, name = dotted.split(".")
+            config[section][name] = absolute(value)
+    return config, pathlib.Path(absolute(workdir))
+
+
+class _Problems:
+    def __init__(self):
+        self.lines = []
+
+    def add(self, field, value, expected):
+        self.lines.append(f"{field}={value!r}: {expected}")
+
+    def one_of(self, field, value, allowed):
+        if value not in allowed:
+            self.add(field, value, f"expected one of {list(allowed)}")
+
+    def at_least(self, field, value, low):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            self.add(field, value, f"expected an integer >= {low}")
+
+    def positive(self, field, value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            self.add(field, value, "expected a number > 0")
+
+    def parses(self, field, value, parse):
+        try:
+            parse(value)
+        except (ValueError, TypeError, KeyError) as e:
+            self.add(field, value, str(e))
+
+
+def _data_shards(config, problems):
+    """Devices along the mesh's `data` axis (None when the mesh fields are invalid)."""
+    n = jax.device_count()
+    model, data_size = config.mesh.model, config.mesh.data
+    if not isinstance(model, int) or model < 1 or n % model:
+        problems.add("mesh.model", model, f"expected an integer >= 1 dividing the {n} devices")
+        return None
+    if data_size == -1:
+        return n // model
+    if data_size * model != n:
+        problems.add("mesh.data", data_size,
+                     f"expected -1 or {n // model} (mesh.data x mesh.model = the {n} devices)")
+        return None
+    return data_size
+
+
+def _batch(problems, field, value, shards):
+    problems.at_least(field, value, 1)
+    if not isinstance(value, int) or value < 1 or shards is None:
+        return
+    processes = jax.process_count()
+    if value % shards or value % processes:
+        problems.add(field, value, f"expected a multiple of the {shards} data-parallel devices "
+                     f"and the {processes} processes")
+
+
+def _writable_dir(problems, field, path):
+    """A directory that takes files, or whose nearest existing ancestor does (a temporary
+    file is created there and removed: a read-only mount fails even for root)."""
+    path = pathlib.Path(path)
+    if "://" in str(path):
+        return
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.add(field, str(path), f"{existing} is a file, not a directory")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        problems.add(field, str(path), f"cannot write in {existing} ({e.strerror})")
+
+
+def _model(config, problems):
+    cfg = config.model
+    if cfg.checkpoint:
+        if "://" not in cfg.checkpoint and not os.path.exists(cfg.checkpoint):
+            problems.add("model.checkpoint", cfg.checkpoint, "no such file or directory")
+    else:
+        problems.one_of("model.name", cfg.name, clip_configs.NAMED)
+    problems.one_of("model.dtype", cfg.dtype, DTYPES)
+    if cfg.activation is not None:
+        problems.one_of("model.activation", cfg.activation, model_lib.ACTIVATIONS)
+
+
+def _data(config, problems):
+    cfg, before = config.data, len(problems.lines)
+    problems.one_of("data.name", cfg.name, data.NAMES)
+    problems.at_least("data.num_shots", cfg.num_shots, 0)
+    if cfg.name == "folder" and cfg.folder and not os.path.isdir(cfg.folder):
+        problems.add("data.folder", cfg.folder, "no such directory")
+    if cfg.manual_dir and "://" not in cfg.manual_dir and not os.path.isdir(cfg.manual_dir):
+        problems.add("data.manual_dir", cfg.manual_dir, "no such directory")
+    if cfg.name == "synthetic":
+        problems.at_least("data.synthetic_classes", cfg.synthetic_classes, 2)
+    if problems.lines[before:]:
+        return
+    try:  # class names: reads the folder listing or TFDS's metadata, no images
+        data.info_from_config(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        problems.add("data.name", cfg.name, str(e))
+
+
+def _quant(config, problems, shards):
+    cfg = config.quant
+    problems.parses("quant.config", cfg.config, quant.QConfig.parse)
+    problems.at_least("quant.calib_batches", cfg.calib_batches, 1)
+    _batch(problems, "quant.calib_batch_size", cfg.calib_batch_size, shards)
+
+
+def _p4q(config, problems, shards):
+    cfg, tcfg, lcfg = config.p4q, config.train, config.loss
+    problems.one_of("p4q.position", cfg.position, prompts.POSITIONS)
+    if not cfg.ctx_init:
+        problems.at_least("p4q.n_ctx", cfg.n_ctx, 1)
+    problems.at_least("p4q.adapter_reduction", cfg.adapter_reduction, 1)
+    if not isinstance(cfg.adapter_ratio, (int, float)) or not 0 <= cfg.adapter_ratio <= 1:
+        problems.add("p4q.adapter_ratio", cfg.adapter_ratio, "expected a number in [0, 1]")
+    if cfg.adapter:
+        problems.at_least("p4q.adapter_calib_batches", cfg.adapter_calib_batches, 1)
+    if cfg.export_dir:
+        _writable_dir(problems, "p4q.export_dir", cfg.export_dir)
+    _batch(problems, "train.batch_size", tcfg.batch_size, shards)
+    problems.at_least("train.num_steps", tcfg.num_steps, 0)
+    if not tcfg.num_steps:
+        problems.at_least("train.epochs", tcfg.epochs, 1)
+    problems.at_least("train.warmup_steps", tcfg.warmup_steps, 0)
+    if tcfg.num_steps and isinstance(tcfg.warmup_steps, int) and \
+            tcfg.warmup_steps >= tcfg.num_steps:
+        problems.add("train.warmup_steps", tcfg.warmup_steps,
+                     f"expected fewer than train.num_steps={tcfg.num_steps}")
+    problems.at_least("train.log_every", tcfg.log_every, 1)
+    for field in ("prompt_lr", "adapter_lr", "adapter_eps", "clip_norm"):
+        if tcfg[field] is not None:
+            problems.positive(f"train.{field}", tcfg[field])
+    problems.one_of("loss.distillation_kind", lcfg.distillation_kind, losses.DISTILLATIONS)
+    problems.positive("loss.temperature", lcfg.temperature)
+    for field in ("cross_entropy", "distillation", "contrastive"):
+        if not isinstance(lcfg[field], (int, float)) or lcfg[field] < 0:
+            problems.add(f"loss.{field}", lcfg[field], "expected a number >= 0")
+    problems.at_least("checkpoint.every_steps", config.checkpoint.every_steps, 1)
+    problems.at_least("checkpoint.keep", config.checkpoint.keep, 1)
+    if config.speed.cache_dir:
+        _writable_dir(problems, "speed.cache_dir", config.speed.cache_dir)
+
+
+def _results_of_another_mode(workdir, mode, problems):
+    path = results.file_for(workdir, mode)
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("mode")
+    except (ValueError, AttributeError):
+        stored = "<unreadable>"
+    if stored != mode:
+        problems.add("workdir", str(workdir), f"{path} holds the results of mode {stored!r}, "
+                     f"which mode {mode!r} would overwrite; use another --workdir")
+
+
+def check(config, workdir, *, mode):
+    """Validates `config` for `mode` -> (config with absolute paths, absolute workdir).
+
+    Raises ConfigError listing every problem. Runs no JAX computation (it asks JAX for the
+    device and process counts, which the batch sizes must divide)."""
+    config, workdir = resolve_paths(config, workdir)
+    problems = _Problems()
+    _writable_dir(problems, "workdir", workdir)
+    if workdir.is_dir():
+        _results_of_another_mode(workdir, mode, problems)
+    shards = _data_shards(config, problems)
+    _model(config, problems)
+    _data(config, problems)
+    _batch(problems, "eval.batch_size", config.eval.batch_size, shards)
+    _batch(problems, "eval.text_batch_size", config.eval.text_batch_size, shards)
+    if mode in ("ptq", "p4q", "demo"):
+        _quant(config, problems, shards)
+    if mode in ("p4q", "demo"):
+        if "p4q" not in config:
+            problems.add("mode", mode, "needs a config with p4q/train/loss sections, e.g. "
+                         "--config=configs/p4q.py")
+        else:
+            _p4q(config, problems, shards)
+    if mode == "demo":
+        qconfigs = list(config.demo.qconfigs) if "demo" in config else []
+        if not qconfigs:
+            problems.add("demo.qconfigs", qconfigs, "name at least one bit setting")
+        for i, name in enumerate(qconfigs):
+            problems.parses(f"demo.qconfigs[{i}]", name, quant.QConfig.parse)
+        if "p4q" in config and not config.p4q.quantize:
+            problems.add("p4q.quantize", False, "the demo compares PTQ and P4Q: expected True")
+    if mode == "eval":
+        export = pathlib.Path(_get(config, "p4q.export_dir") or workdir / "export")
+        if not (export / trained_lib.MARKER).is_file():
+            problems.add("p4q.export_dir", str(export),
+                         f"not a P4Q export (no {trained_lib.MARKER}); train with "
+                         "--config=configs/p4q.py first")
+    if problems.lines:
+        raise ConfigError(f"the {mode} job cannot run with this config "
+                          f"({len(problems.lines)} problem(s)):\n  " + "\n  ".join(problems.lines))
+    return config, workdir
+
+
+def check_resumable(config, workdir):
+    """Raises checkpoint.RunMismatchError if WORKDIR/checkpoints holds a run with another
+    fingerprint (skipped with `checkpoint.restart`, which moves that run aside instead)."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if config.checkpoint.restart or not directory.is_dir():
+        return
+    checkpointer = checkpoint_lib.Checkpointer(
+        directory, every_steps=1, fingerprint=checkpoint_lib.fingerprint(config))
+    try:
+        checkpointer.check_resumable()
+    finally:
+        checkpointer.close()

@@ -1,0 +1,134 @@
+"""Everything the config alone decides is refused before any work, naming the field."""
+
+import os
+import subprocess
+
+import pytest
+
+from p4q_jax import preflight
+from p4q_jax import results
+from p4q_jax.configs import base as base_config
+from p4q_jax.configs import default as default_config
+from p4q_jax.configs import p4q as p4q_config
+
+import main_runner
+
+
+def _p4q(**fields):
+    config = p4q_config.get_config()
+    config.data.name = "synthetic"
+    for dotted, value in fields.items():
+        section, name = dotted.split("__")
+        config[section][name] = value
+    return config
+
+
+def _problems(config, workdir, mode="p4q"):
+    with pytest.raises(preflight.ConfigError) as e:
+        preflight.check(config, workdir, mode=mode)
+    return str(e.value)
+
+
+def test_a_good_config_passes_and_paths_become_absolute(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    config = _p4q(model__checkpoint=tiny_checkpoint.name, p4q__export_dir="runs/x/export",
+                  speed__cache_dir="~/cache")
+    checked, workdir = preflight.check(config, "runs/x", mode="p4q")
+    assert workdir == tiny_checkpoint.parent / "runs" / "x"
+    assert checked.model.checkpoint == str(tiny_checkpoint)
+    assert checked.p4q.export_dir == str(tiny_checkpoint.parent / "runs/x/export")
+    assert checked.speed.cache_dir == os.path.expanduser("~/cache")
+    assert config.model.checkpoint == tiny_checkpoint.name  # the caller's config is not changed
+    assert not (tiny_checkpoint.parent / "runs").exists()  # nothing created
+
+
+def test_urls_are_kept_as_they_are():
+    assert preflight.absolute("gs://bucket/run") == "gs://bucket/run"
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"p4q__position": "middel"}, "p4q.position='middel': expected one of ['end', 'middle', "
+                                  "'front']"),
+    ({"loss__distillation_kind": "kld"}, "loss.distillation_kind='kld': expected one of ['kl', "
+                                         "'official', 'none']"),
+    ({"model__dtype": "float99"}, "model.dtype='float99': expected one of"),
+    ({"train__batch_size": 100}, "train.batch_size=100: expected a multiple of the 8 "
+                                 "data-parallel devices"),
+    ({"quant__calib_batch_size": 30}, "quant.calib_batch_size=30: expected a multiple of the 8"),
+    ({"eval__batch_size": 12}, "eval.batch_size=12: expected a multiple of the 8"),
+    ({"quant__config": "w9a3"}, "quant.config='w9a3': "),
+    ({"train__num_steps": -1}, "train.num_steps=-1: expected an integer >= 0"),
+    ({"train__num_steps": 0, "train__epochs": 0}, "train.epochs=0: expected an integer >= 1"),
+    ({"train__num_steps": 10, "train__warmup_steps": 10}, "train.warmup_steps=10: expected "
+                                                          "fewer than train.num_steps=10"),
+    ({"loss__temperature": 0.0}, "loss.temperature=0.0: expected a number > 0"),
+    ({"p4q__adapter_ratio": 1.5}, "p4q.adapter_ratio=1.5: expected a number in [0, 1]"),
+    ({"checkpoint__every_steps": 0}, "checkpoint.every_steps=0: expected an integer >= 1"),
+    ({"mesh__model": 3}, "mesh.model=3: expected an integer >= 1 dividing the 8 devices"),
+    ({"model__checkpoint": "/no/such/ViT-B-32.pt"}, "model.checkpoint='/no/such/ViT-B-32.pt': "
+                                                    "no such file or directory"),
+    ({"data__name": "cifar1000"}, "data.name='cifar1000': expected one of"),
+])
+def test_each_bad_field_is_named_with_what_is_allowed(tmp_path, fields, expected):
+    assert expected in _problems(_p4q(**fields), tmp_path)
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    message = _problems(_p4q(p4q__position="x", loss__distillation_kind="y",
+                             train__batch_size=7), tmp_path)
+    assert "(3 problem(s))" in message
+    assert all(f in message for f in ("p4q.position", "loss.distillation_kind",
+                                      "train.batch_size"))
+
+
+def test_workdir_that_is_a_file_or_unwritable(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    assert f"workdir='{file}': {file} is a file" in _problems(_p4q(), file)
+    assert f"{file} is a file" in _problems(_p4q(), file / "sub" / "dir")
+    # /sys refuses new files even to root (CI runs as root).
+    assert "workdir='/sys/p4q_run': cannot write in /sys" in _problems(_p4q(), "/sys/p4q_run")
+    assert "p4q.export_dir='/sys/export': cannot write" in _problems(
+        _p4q(p4q__export_dir="/sys/export"), tmp_path)
+
+
+def test_a_mode_never_overwrites_another_modes_results(tmp_path):
+    results.write_json(results.file_for(tmp_path, "p4q"), {"mode": "p4q", "rows": []})
+    config = base_config.get_config()
+    message = _problems(config, tmp_path, mode="zeroshot")
+    assert f"{tmp_path}/results.json holds the results of mode 'p4q'" in message
+    preflight.check(_p4q(), tmp_path, mode="p4q")  # its own results: a rerun may rewrite them
+    assert results.file_for(tmp_path, "eval") != results.file_for(tmp_path, "p4q")
+
+
+def test_eval_needs_an_export(tmp_path):
+    assert f"p4q.export_dir='{tmp_path}/export': not a P4Q export" in _problems(
+        _p4q(), tmp_path, mode="eval")
+
+
+def test_demo_needs_bit_settings_and_quantization(tmp_path):
+    config = default_config.get_config()
+    config.demo.qconfigs = ()
+    config.p4q.quantize = False
+    message = _problems(config, tmp_path, mode="demo")
+    assert "demo.qconfigs=[]: name at least one bit setting" in message
+    assert "p4q.quantize=False" in message
+
+
+def test_folder_dataset_root_must_exist(tmp_path):
+    config = _p4q(data__name="folder", data__folder=str(tmp_path / "missing"))
+    assert f"data.folder='{tmp_path}/missing': no such directory" in _problems(config, tmp_path)
+
+
+def test_main_refuses_a_bad_config_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        main_runner.command(["--config=configs/p4q.py", "--config.p4q.position=middel",
+                             "--config.train.batch_size=100", f"--workdir={workdir}"],
+                            mock_examples=None),
+        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "error: the p4q job cannot run with this config (2 problem(s))" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not workdir.exists()
+
