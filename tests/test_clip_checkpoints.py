@@ -1,7 +1,9 @@
 """Checkpoint loading errors and the converter CLI."""
 
+import json
 import pathlib
-import pickle
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,6 +11,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from p4q_jax import clip
@@ -123,7 +126,8 @@ def test_refuses_arbitrary_pickled_objects(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"logit_scale": torch.zeros(()), "x": Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError, match=r"evil.pt: refusing to load '(__builtin__|builtins).print'"):
+    with pytest.raises(clip.CheckpointError,
+                       match=r"evil.pt: refusing to load '(__builtin__|builtins).print'"):
         clip.load(path)
 
 
@@ -161,3 +165,130 @@ def test_bytes_on_disk_counts_files_at_any_depth(tmp_path):
     (tmp_path / "empty").mkdir()
     assert checkpoints.bytes_on_disk(tmp_path) == 43
     assert checkpoints.bytes_on_disk(tmp_path / "top") == 3
+
+
+def test_state_dict_without_clip_keys_names_the_file(tmp_path):
+    path = _save({"head.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(clip.CheckpointError, match=re.escape(str(path)) + r": cannot infer the "
+                       r"architecture \(not an OpenAI-layout .*'visual.conv1.weight'"):
+        clip.load(path)
+
+
+def _hf_dir(path, *, config_text, weights):
+    """A Hugging Face-layout directory holding the given config.json text and safetensors bytes."""
+    path.mkdir()
+    (path / "config.json").write_text(config_text)
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def _safetensors_bytes(tmp_path):
+    safetensors.numpy.save_file({"logit_scale": np.zeros((), np.float32),
+                                 "text_projection.weight": np.ones((4, 4), np.float32)},
+                                tmp_path / "w.safetensors")
+    return (tmp_path / "w.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("config_text,message", [
+    ('{"text_config": {"hidden_size": 6', "not a readable JSON file"),
+    ("", "not a readable JSON file"),
+    ('{"text_config": 3, "vision_config": {}}', "not a valid CLIP config"),
+    ('{"vision_config": {}}', "not a valid CLIP config .*text_config"),
+], ids=["truncated", "empty", "wrong_type", "missing_tower"])
+def test_bad_hf_config_json_is_named(tmp_path, config_text, message):
+    path = _hf_dir(tmp_path / "hf", config_text=config_text, weights=_safetensors_bytes(tmp_path))
+    with pytest.raises(clip.CheckpointError,
+                       match=re.escape(str(path / "config.json")) + ": " + message):
+        clip.load(path)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 40, -1], ids=lambda c: f"cut{c}")
+@pytest.mark.parametrize("layout", ["hf_dir", "file"])
+def test_truncated_safetensors_is_named(tmp_path, layout, cut):
+    weights = _safetensors_bytes(tmp_path)[:cut]
+    if layout == "hf_dir":
+        path = _hf_dir(tmp_path / "hf", config_text='{"text_config": {}, "vision_config": {}}',
+                       weights=weights)
+        named = path / "model.safetensors"
+    else:
+        path = named = tmp_path / "cut.safetensors"
+        path.write_bytes(weights)
+    with pytest.raises(clip.CheckpointError,
+                       match=re.escape(str(named)) + ": not a readable safetensors file"):
+        clip.load(path)
+
+
+def _orbax_copy(tiny_checkpoint, tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("cut", [0, 10, -5], ids=lambda c: f"cut{c}")
+def test_truncated_orbax_json_is_named(tiny_checkpoint, tmp_path, cut):
+    path = _orbax_copy(tiny_checkpoint, tmp_path)
+    marker = path / checkpoints.ORBAX_MARKER
+    marker.write_text(marker.read_text()[:cut])
+    with pytest.raises(clip.CheckpointError,
+                       match=re.escape(str(marker)) + ": not a readable JSON file"):
+        clip.load(path)
+
+
+def test_orbax_json_without_a_config_is_named(tiny_checkpoint, tmp_path):
+    path = _orbax_copy(tiny_checkpoint, tmp_path)
+    (path / checkpoints.ORBAX_MARKER).write_text('{"provenance": {}}')
+    with pytest.raises(clip.CheckpointError, match=re.escape(str(path / checkpoints.ORBAX_MARKER))
+                       + r": not a valid CLIP config \(KeyError: 'config'\)"):
+        clip.load(path)
+
+
+@pytest.mark.parametrize("tower,field,value,message", [
+    ("vision", "width", 128,
+     r"\['visual'\]\['class_embedding'\]: expected \(128,\), found \(64,\)"),
+    ("text", "layers", 3,
+     r"\['text'\]\['transformer'\]\['resblocks_2'\]\['attn'\]\['in_proj'\]\['bias'\]: "
+     r"expected \(192,\), found None"),
+    ("text", "layers", 1,
+     r"\['text'\]\['transformer'\]\['resblocks_1'\]\['attn'\]\['in_proj'\]\['bias'\]: "
+     r"expected None, found \(192,\)"),
+    ("vision", "patch_size", 16,
+     r"\['visual'\]\['conv1'\]\['kernel'\]: expected \(16, 16, 3, 64\), found \(8, 8, 3, 64\)"),
+], ids=["width", "more_layers", "fewer_layers", "patch"])
+def test_orbax_config_that_does_not_match_the_params_is_refused(tiny_checkpoint, tmp_path, tower,
+                                                                field, value, message):
+    """The stored array shapes are checked against the config before anything is restored."""
+    path = _orbax_copy(tiny_checkpoint, tmp_path)
+    marker = path / checkpoints.ORBAX_MARKER
+    meta = json.loads(marker.read_text())
+    meta["config"][tower][field] = value
+    marker.write_text(json.dumps(meta))
+    with pytest.raises(clip.CheckpointError, match=re.escape(str(path / "params"))
+                       + r" .*shape mismatch with the architecture: .*" + message):
+        clip.load(path)
+
+
+def test_corrupted_orbax_metadata_is_named(tiny_checkpoint, tmp_path):
+    path = _orbax_copy(tiny_checkpoint, tmp_path)
+    metadata = path / "params" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:100])
+    with pytest.raises(clip.CheckpointError, match=re.escape(str(path / "params"))
+                       + ": no readable array metadata"):
+        clip.load(path)
+
+
+def test_truncated_orbax_array_file_is_named(tiny_checkpoint, tmp_path):
+    path = _orbax_copy(tiny_checkpoint, tmp_path)
+    data_files = [f for f in (path / "params").rglob("*") if f.is_file() and f.parent.name == "d"]
+    largest = max(data_files, key=lambda f: f.stat().st_size)  # holds the token embedding
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    with pytest.raises(clip.CheckpointError, match=re.escape(str(path / "params"))
+                       + ": cannot restore the arrays"):
+        clip.load(path)
+
+
+def test_relative_orbax_path_loads(tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tiny_checkpoint.parent)  # Orbax itself refuses relative paths
+    config, params = checkpoints.load_params(tiny_checkpoint.name)
+    assert config == checkpoints.load_params(tiny_checkpoint)[0]
+    assert jax.tree.structure(params) == jax.tree.structure(
+        checkpoints.abstract_params(config))

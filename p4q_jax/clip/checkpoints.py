@@ -4,21 +4,19 @@ Every layout goes through one mapping: Hugging Face names are first renamed to O
 state-dict names (q/k/v fused into `in_proj`), and an OpenAI state dict is converted to
 this project's Flax tree (torch's `[out, in]` linear weights transposed, the patch conv
 to HWIO). Checks name the file and what is wrong: missing path, unknown layout,
-missing/unexpected keys, shape mismatches.
+unreadable, truncated or hostile files, missing/unexpected keys, shape mismatches (an
+Orbax directory's config is checked against its stored array shapes before restoring).
 """
 
-import contextlib
 import json
-import os
 import pathlib
 import re
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from p4q_jax import atomic
 from p4q_jax.clip import configs
 from p4q_jax.clip import model as model_lib
 from p4q_jax.clip import torch_reader
@@ -246,15 +244,49 @@ def hf_config(config_json):
     )
 
 
+def read_json(path):
+    """A JSON file's contents; an unreadable, truncated or malformed one names the file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from e
+
+
+def _parse_config(data, *, parse, source):
+    """`parse(data)` -> CLIPConfig; a missing or malformed field names `source`."""
+    try:
+        return parse(data)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{source}: not a valid CLIP config "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def _read_torch(path):
+    """A PyTorch file's state dict; a bad file is a CheckpointError naming it (and the entry)."""
+    try:
+        return torch_reader.read_state_dict(path)
+    except torch_reader.ReadError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _read_safetensors(path):
+    """A safetensors file's arrays; a truncated or corrupt one is a CheckpointError naming it."""
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    try:
+        return safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def _load_hf_dir(path):
-    config = hf_config(json.loads((path / "config.json").read_text()))
+    config = _parse_config(read_json(path / "config.json"), parse=hf_config,
+                           source=path / "config.json")
     if (path / "model.safetensors").exists():
-        import safetensors.numpy  # pylint: disable=g-import-not-at-top
-        state = safetensors.numpy.load_file(path / "model.safetensors")
         source = path / "model.safetensors"
+        state = _read_safetensors(source)
     else:
         source = path / "pytorch_model.bin"
-        state = torch_reader.read_state_dict(source)
+        state = _read_torch(source)
     try:
         state = _hf_to_openai(state, text_layers=config.text.layers,
                               vision_layers=config.vision.layers)
@@ -265,29 +297,12 @@ def _load_hf_dir(path):
 
 
 def _load_openai_file(path, activation):
-    if path.suffix == ".safetensors":
-        import safetensors.numpy  # pylint: disable=g-import-not-at-top
-        state = safetensors.numpy.load_file(path)
-    else:
-        state = torch_reader.read_state_dict(path)
-    config = infer_openai_config(state, activation=activation)
-    return config, openai_to_flax(state, config, source=str(path))
-
-
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yields a temp dir beside `path` that becomes `path` only if the block succeeds."""
-    path = pathlib.Path(path).absolute()
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        config = infer_openai_config(state, activation=activation)
+    except (ValueError, IndexError, TypeError) as e:  # missing keys (CheckpointError), odd shapes
+        raise CheckpointError(f"{path}: cannot infer the architecture ({e})") from e
+    return config, openai_to_flax(state, config, source=str(path))
 
 
 def bytes_on_disk(path) -> int:
@@ -299,35 +314,62 @@ def bytes_on_disk(path) -> int:
 
 
 def save_tree(path, tree):
-    """Writes a pytree of arrays with Orbax (as numpy, so any device layout works).
+    """Writes a pytree of arrays with Orbax (as numpy, so any device layout works), atomically
+    (`p4q_jax.atomic`): `path` appears complete or not at all; an existing one is refused.
 
     The calling process writes alone (no cross-process barrier), so in a multi-host run
     one process (e.g. process 0) can write an export while the others carry on.
     """
     me = jax.process_index()
     options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
-        ckptr.save(path, jax.tree.map(np.asarray, tree))
+    with atomic.directory(path) as tmp, \
+            ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
+        ckptr.save(tmp, jax.tree.map(np.asarray, tree), force=True)
+
+
+def restore_tree(path, abstract=None):
+    """Reads what `save_tree` wrote (as `abstract`'s shapes and dtypes if given); a missing,
+    truncated or corrupted tree is a CheckpointError naming `path`."""
+    path = pathlib.Path(path).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such Orbax directory")
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, abstract)
+        except Exception as e:  # noqa: BLE001  (orbax/tensorstore: any failure on bad files)
+            raise CheckpointError(f"{path}: cannot restore the arrays "
+                                  f"({type(e).__name__}: {e})") from e
 
 
 def save(path, config, params, *, provenance=None):
-    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically via a temp dir.
+    """Writes the Orbax form (`params/` + `p4q_clip.json`), atomically (`p4q_jax.atomic`).
 
     `provenance` (JSON-serialisable: how the weights were made) is stored in `p4q_clip.json`
     beside the config; loading ignores it."""
     meta = {"config": config.to_dict()}
     if provenance is not None:
         meta["provenance"] = provenance
-    with atomic_directory(path) as tmp:
+    with atomic.directory(path) as tmp:
         save_tree(tmp / "params", params)
         (tmp / ORBAX_MARKER).write_text(json.dumps(meta, indent=2))
 
 
 def _load_orbax_dir(path):
-    config = configs.CLIPConfig.from_dict(json.loads((path / ORBAX_MARKER).read_text())["config"])
+    """Reads `save`'s form, checking the stored arrays against the config before restoring."""
+    config = _parse_config(read_json(path / ORBAX_MARKER), source=path / ORBAX_MARKER,
+                           parse=lambda meta: configs.CLIPConfig.from_dict(meta["config"]))
+    source = path / "params"
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params", abstract_params(config))
-    return config, params
+        try:
+            stored = ckptr.metadata(source).item_metadata
+        except Exception as e:  # noqa: BLE001  (orbax/tensorstore: any failure on bad files)
+            raise CheckpointError(f"{source}: unreadable Orbax metadata "
+                                  f"({type(e).__name__}: {e})") from e
+        if not jax.tree.leaves(stored):  # orbax logs and returns None for a corrupt _METADATA
+            raise CheckpointError(f"{source}: no readable array metadata (_METADATA is "
+                                  "missing or corrupted)")
+        check_shapes(stored, config, source=f"{source} (config from {path / ORBAX_MARKER})")
+    return config, restore_tree(source, abstract_params(config))
 
 
 def load_params(path, *, activation=None):
@@ -340,7 +382,7 @@ def load_params(path, *, activation=None):
       activation: override for OpenAI-layout files, whose activation is not stored
         (OpenAI's models use "quick_gelu", the default; open_clip's non-OpenAI ones "gelu").
     """
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()  # Orbax reads absolute paths only
     if not path.exists():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
     if path.is_dir():
