@@ -98,6 +98,25 @@ def test_export_refuses_to_overwrite_and_load_names_missing_dirs(tmp_path, tiny)
         export.load(tmp_path / "nothere")
 
 
+def test_load_of_a_damaged_export_names_the_file(tmp_path, tiny, monkeypatch):
+    model, params = tiny
+    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    export.save(tmp_path / "q", model, params, qstate)
+    marker = tmp_path / "q" / export.MARKER
+    good = marker.read_text()
+    marker.write_text(good[: len(good) // 2])  # truncated JSON
+    with pytest.raises(clip.CheckpointError, match=f"{marker}: not a readable JSON file"):
+        export.load(tmp_path / "q")
+    marker.write_text(good)
+    for path in (tmp_path / "q" / "integer").rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # Orbax's array data files
+            path.write_bytes(path.read_bytes()[:9])
+    monkeypatch.chdir(tmp_path)  # and a relative path works as well as an absolute one
+    with pytest.raises(clip.CheckpointError, match=f"{tmp_path / 'q' / 'integer'}: cannot "
+                                                   "restore the arrays"):
+        export.load("q")
+
+
 def test_integer_path_equals_fake_quant(tiny):
     model, params = tiny
     qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)

@@ -19,7 +19,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from p4q_jax import atomic
 from p4q_jax import clip
@@ -118,13 +117,12 @@ def load(path):
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
                                 "`main.py --config=configs/p4q.py` first")
-    meta = json.loads((path / MARKER).read_text())
+    meta = checkpoints.read_json(path / MARKER)
     if meta["quantized"]:
         model, params, qstate = quant_export.load(path / "towers")
     else:
         (model, params), qstate = clip.load(path / "towers"), None
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(path / "trained")
+    tree = checkpoints.restore_tree(path / "trained")
     adapter = adapter_params = adapter_qstate = None
     if meta["adapter"] is not None:
         adapter = adapter_lib.QAdapter(**meta["adapter"])

@@ -16,7 +16,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from p4q_jax import atomic
@@ -92,12 +91,11 @@ def load(path):
     path = pathlib.Path(path).absolute()
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a quantized p4q_jax model (no {MARKER})")
-    meta = json.loads((path / MARKER).read_text())
+    meta = checkpoints.read_json(path / MARKER)
     config = clip.CLIPConfig.from_dict(meta["clip_config"])
     qconfig = qconfig_lib.QConfig.from_dict(meta["qconfig"])
-    with ocp.StandardCheckpointer() as ckptr:
-        integer = ckptr.restore(path / "integer")
-        floats = ckptr.restore(path / "float")
+    integer = checkpoints.restore_tree(path / "integer")
+    floats = checkpoints.restore_tree(path / "float")
     weights, kernels = {}, {}
     for name, stored in integer.items():
         fmt = qconfig.spec("weight", name).fmt
