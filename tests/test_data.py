@@ -1,6 +1,8 @@
 """The data layer: registry, class names, TFDS / folder / synthetic pipelines (no network)."""
 import collections
 import functools
+import io
+import warnings
 
 import jax
 import ml_collections
@@ -357,3 +359,106 @@ def test_folder_errors(tmp_path):
         data.get_info("folder", folder=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="needs the image folder"):
         data.get_info("folder")
+
+
+def _two_class_folder(root):
+    """root/{train,test}/{cat,dog}/0.jpg: a valid folder dataset to break in one place."""
+    for split in ("train", "test"):
+        for label, name in enumerate(("cat", "dog")):
+            _write_image(root / split / name / "0.jpg", 60 + 100 * label)
+
+
+def _noise_jpeg(size):
+    """JPEG bytes of random pixels (so the file is larger than the end-marker search's tail)."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_folder_names_every_file_that_would_not_decode(tmp_path):
+    """Without the up-front check each of these stops tf.data with an error naming no file."""
+    _two_class_folder(tmp_path)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(png, "PNG")
+    tiff = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiff, "TIFF")
+    bad = {
+        "train/cat/text.jpg": (b"<!DOCTYPE html><html>not found</html>", "not a JPEG, PNG"),
+        "train/dog/empty.png": (b"", "an empty file"),
+        "train/dog/small_cut.jpg": (_noise_jpeg(64)[:1500], "truncated"),
+        "test/cat/large_cut.jpg": (_noise_jpeg(256)[:20000], "truncated"),
+        "test/dog/cut.png": (png.getvalue()[:-30], "truncated"),
+        "test/dog/tiff.jpg": (tiff.getvalue(), "not a JPEG, PNG"),
+        "test/dog/header_cut.jpg": (_noise_jpeg(64)[:100], "a JPEG whose header is cut short"),
+    }
+    for name, (content, _) in bad.items():
+        (tmp_path / name).write_bytes(content)
+    cfg = _config(name="folder", folder=str(tmp_path))
+    with pytest.raises(ValueError, match="7 image files cannot be decoded") as error:
+        data.create_dataset(cfg, split="train", batch_size=2, image_size=32, train=True)
+    for name, (_, reason) in bad.items():
+        assert f"{tmp_path / name}: {reason}" in str(error.value)
+    assert "0.jpg" not in str(error.value)
+    for name in bad:
+        (tmp_path / name).unlink()
+    assert data.num_examples(cfg, split="train") == 2  # a fixed folder is checked anew
+
+
+def test_folder_reads_valid_images_of_every_format(tmp_path):
+    _two_class_folder(tmp_path)
+    cat, dog = tmp_path / "train" / "cat", tmp_path / "train" / "dog"
+    image = Image.fromarray(np.full((24, 24, 3), 90, np.uint8))
+    image.save(cat / "a.webp")
+    image.save(cat / "b.gif")
+    image.save(cat / "c.bmp")
+    image.convert("CMYK").save(cat / "d.jpeg")
+    image.save(dog / "e.jpg", progressive=True)
+    # A phone's motion photo: a complete JPEG with other data (no end marker) appended.
+    (dog / "f.jpg").write_bytes(_noise_jpeg(32) + bytes(range(0xFF)) * 40)
+    (dog / "README.txt").write_text("notes")
+    (dog / "._e.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: skipped
+    (dog / "scan.tif").write_bytes(b"II*\x00")
+    cfg = _config(name="folder", folder=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"1 files are skipped .*scan\.tif") as caught:
+        assert data.num_examples(cfg, split="train") == 8
+        batches = _batches(cfg, split="train", batch_size=8, image_size=32, train=False)
+    assert not any("README" in str(w.message) for w in caught)
+    assert np.concatenate([b["mask"] for b in batches]).sum() == 8
+
+
+@pytest.mark.parametrize("break_it, named", [
+    (lambda root: (root / "train" / "dog" / "0.jpg").unlink(), "train/dog"),
+    (lambda root: (root / "train" / "dog" / "0.jpg").rename(root / "train" / "dog" / "0.txt"),
+     "train/dog"),
+    (lambda root: _write_image(root / "test" / "fox" / "0.jpg", 7), "train/fox (missing)"),
+], ids=["empty", "no-image-files", "only-in-test"])
+def test_folder_class_without_training_images_is_refused(tmp_path, break_it, named):
+    """Such a class still gets a label and a prompt, but the model never sees an image of it."""
+    _two_class_folder(tmp_path)
+    break_it(tmp_path)
+    cfg = _config(name="folder", folder=str(tmp_path))
+    with pytest.raises(ValueError, match="1 of .* classes have no training images") as error:
+        data.num_examples(cfg, split="test")
+    assert str(tmp_path / named) in str(error.value)
+
+
+def test_folder_class_without_test_images_warns(tmp_path):
+    _two_class_folder(tmp_path)
+    (tmp_path / "test" / "dog" / "0.jpg").unlink()
+    cfg = _config(name="folder", folder=str(tmp_path))
+    with pytest.warns(UserWarning, match="1 of 2 classes have no test images") as caught:
+        assert data.num_examples(cfg, split="test") == 1
+    assert any(str(tmp_path / "test" / "dog") in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("layout", ["cat/0.jpg", "train/cat/0.jpg"])
+def test_single_class_folder_is_refused(tmp_path, layout):
+    """One class "trains" to 100% accuracy with loss 0."""
+    _write_image(tmp_path / layout, 50)
+    if layout.startswith("train"):
+        (tmp_path / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"single class sub-folder \('cat'\).*at least 2 classes"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the no-split layout's warning
+            data.get_info("folder", folder=str(tmp_path))

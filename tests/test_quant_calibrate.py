@@ -8,6 +8,7 @@ import pytest
 
 from p4q_jax import clip
 from p4q_jax import quant
+from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.quant import qconfig
 from p4q_jax.quant import sites
 
@@ -227,3 +228,57 @@ def test_bad_config_names(name, match):
     with pytest.raises(ValueError, match=match):
         quant.QConfig.parse(name)
 
+
+
+@pytest.mark.parametrize("texts", ["a photo of a cat.", b"a photo of a cat."],
+                         ids=["str", "bytes"])
+def test_one_string_of_texts_is_refused(tiny, texts):
+    """A bare string used to calibrate on one prompt per character."""
+    model, params = tiny
+    with pytest.raises(TypeError, match=r"texts: expected a list of prompt strings, got one "
+                                        r"(str|bytes) .*one prompt per character"):
+        quant.calibrate(model, params, "w8a8", images=_images(32), texts=texts)
+
+
+def test_one_image_array_is_one_batch(tiny):
+    """One array [B, H, W, 3] used to fail with numpy's "truth value ... is ambiguous"."""
+    model, params = tiny
+    base = quant.QConfig.parse("w8a8")
+    image_only = quant.QConfig(name="w8a8-visual", rules=base.rules, towers=("visual",))
+    batch = _images(32)[0]
+    one = quant.calibrate(model, params, image_only, images=batch)
+    listed = quant.calibrate(model, params, image_only, images=[batch])
+    assert "visual/conv1" in one.acts
+    jax.tree.map(np.testing.assert_array_equal, one, listed)
+
+
+@pytest.mark.parametrize("images, error, match", [
+    (np.zeros((32, 32, 3), np.float32), ValueError,
+     r"images: expected one batch float \[B, 32, 32, 3\] .*got an array of shape \(32, 32, 3\)"),
+    ([np.zeros((2, 64, 64, 3), np.float32)], ValueError,
+     r"images\[0\]: expected float \[B, 32, 32, 3\] .*got float32 \(2, 64, 64, 3\)"),
+    ([np.zeros((2, 32, 32, 3), np.float32), np.zeros((2, 32, 32, 3), np.uint8)], ValueError,
+     r"images\[1\]: expected float \[B, 32, 32, 3\] \(CLIP-normalized, e\.g\. from "
+     r"clip\.preprocess\), got uint8"),
+    ([np.zeros((0, 32, 32, 3), np.float32)], ValueError, r"images\[0\]: .*got float32 \(0, 32"),
+    ({"image": np.zeros((2, 32, 32, 3), np.float32), "label": np.zeros(2)}, TypeError,
+     r"images: expected an array .*got dict with keys \['image', 'label'\]"),
+    ([{"image": np.zeros((2, 32, 32, 3), np.float32)}], TypeError,
+     r"images\[0\]: expected an array .*got dict with keys \['image'\]"),
+], ids=["one-image", "wrong-size", "uint8", "empty-batch", "batch-dict", "list-of-dicts"])
+def test_bad_image_batches_are_refused_by_name(tiny, images, error, match):
+    model, params = tiny
+    with pytest.raises(error, match=match):
+        quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS)
+
+
+def test_calibrate_module_takes_one_array_and_checks_batch_shapes():
+    module = adapter_lib.QAdapter()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    features = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    one = quant.calibrate_module(module, params, adapter_lib.QCONFIG, features)
+    jax.tree.map(np.testing.assert_array_equal, one,
+                 quant.calibrate_module(module, params, adapter_lib.QCONFIG, [features]))
+    with pytest.raises(ValueError, match=r"batches\[1\]: expected a non-empty batch \[B, 8\], "
+                                         r"got \(4, 6\)"):
+        quant.calibrate_module(module, params, adapter_lib.QCONFIG, [features, features[:4, :6]])

@@ -41,16 +41,44 @@ def _encode_text(model, params, tokens, qstate):
     return apply(model, params, tokens, method=model.encode_text, qstate=qstate)
 
 
+@jax.jit
+def _token_range(tokens):
+    return jnp.min(tokens), jnp.max(tokens)
+
+
+def _check_token_ids(tokens, vocab_size):
+    """Refuses ids outside [0, vocab_size): the embedding lookup would give NaN or another row.
+
+    Checked where the ids are concrete: on the host for numpy input, by one small jitted min/max
+    (two scalars back, not the array; it waits for the ids to be ready) for a jax Array; skipped
+    for tracers (inside a jit).
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array):
+        low, high = (int(v) for v in jax.device_get(_token_range(tokens)))
+    else:
+        low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = np.asarray(tokens)
+        bad = np.unique(bad[(bad < 0) | (bad >= vocab_size)])
+        raise ValueError(f"tokens: ids must be in [0, {vocab_size}) (the vocabulary size), got "
+                         f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}")
+
+
 def encode_image(model, params, images, *, qstate=None):
     """Images float32 [B, H, W, 3], CLIP-normalized -> unnormalized features [B, embed_dim].
 
     With `qstate` (from `quant.calibrate`) the quantized model runs instead.
     """
-    images = jnp.asarray(images)
+    images = images if isinstance(images, jax.Array) else np.asarray(images)
     size = model.config.vision.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"images: expected shape [B, {size}, {size}, 3], got {images.shape}")
-    return _encode_image(model, params, images, qstate)
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images: expected CLIP-normalized float32 pixels, got {images.dtype}; "
+                         "convert raw pixels with clip.preprocess")
+    return _encode_image(model, params, jnp.asarray(images), qstate)
 
 
 def encode_text(model, params, tokens, *, qstate=None):
@@ -58,7 +86,8 @@ def encode_text(model, params, tokens, *, qstate=None):
 
     With `qstate` (from `quant.calibrate`) the quantized model runs instead.
     """
-    tokens = jnp.asarray(tokens)
+    tokens = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: expected int [N, L], got {tokens.dtype} {tokens.shape}")
-    return _encode_text(model, params, tokens, qstate)
+    _check_token_ids(tokens, model.config.text.vocab_size)
+    return _encode_text(model, params, jnp.asarray(tokens), qstate)

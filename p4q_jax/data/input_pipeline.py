@@ -143,7 +143,9 @@ def _source(cfg, info):
         return _SyntheticSource(cfg.synthetic_classes, cfg.synthetic_examples)
     if info.name == "folder":
         splits = (info.train_split, info.test_split)
-        return _FolderSource(info.root, folder_lib.class_dirs(info.root, splits))
+        classes = folder_lib.class_dirs(info.root, splits)
+        folder_lib.check(info.root, splits, classes)
+        return _FolderSource(info.root, classes)
     return _TfdsSource(info, cfg.data_dir, cfg.manual_dir)
 
 

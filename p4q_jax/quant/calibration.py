@@ -12,6 +12,7 @@ pass: 4 s instead of 13 s on a 2-core CPU). Weights are calibrated and fake-quan
 once, here.
 """
 
+from collections import abc
 import functools
 
 import jax
@@ -121,6 +122,51 @@ def _weights(qconfig, params, max_elements):
     return run({name: all_kernels[name] for name in specs})
 
 
+def _batch_list(batches, name):
+    """`batches` as a list of arrays: one array is one batch, anything else a sequence of them.
+
+    Refuses what is neither, e.g. a batch dict from `data.as_numpy_batches` (whose keys would be
+    taken for batches), naming the argument `name`.
+    """
+    if batches is None:
+        return []
+    if hasattr(batches, "ndim"):
+        batches = [batches]
+    elif isinstance(batches, (str, bytes, abc.Mapping)):
+        raise TypeError(f"{name}: expected an array [B, ...] or a sequence of them, got "
+                        f"{type(batches).__name__} {_short(batches)}")
+    listed = []
+    for i, batch in enumerate(batches):
+        if isinstance(batch, (str, bytes, abc.Mapping)):
+            raise TypeError(f"{name}[{i}]: expected an array [B, ...], got "
+                            f"{type(batch).__name__} {_short(batch)}")
+        listed.append(jnp.asarray(batch))
+    return listed
+
+
+def _short(value):
+    """A dict as its keys, anything else as a short repr, for an error message."""
+    if isinstance(value, abc.Mapping):
+        return f"with keys {list(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _image_batches(images, size):
+    """`images` as a list of batches, each checked to be float [B >= 1, size, size, 3]."""
+    expected = f"float [B, {size}, {size}, 3] (CLIP-normalized, e.g. from clip.preprocess)"
+    if hasattr(images, "ndim") and images.ndim != 4:
+        raise ValueError(f"images: expected one batch {expected} or a sequence of them, got an "
+                         f"array of shape {images.shape}")
+    batches = _batch_list(images, "images")
+    for i, batch in enumerate(batches):
+        if (batch.ndim != 4 or batch.shape[1:] != (size, size, 3) or not batch.shape[0]
+                or not jnp.issubdtype(batch.dtype, jnp.floating)):
+            raise ValueError(f"images[{i}]: expected {expected}, got {batch.dtype} "
+                             f"{batch.shape}")
+    return batches
+
+
 def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_size=256,
               return_text_features=False,
               search_max_elements=observers.SEARCH_MAX_ELEMENTS):
@@ -130,10 +176,10 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
       model: a `clip.CLIP`.
       params: its FP params.
       qconfig: a `quant.QConfig` (or a preset name such as "w4a4attn8").
-      images: a sequence of CLIP-normalized image batches float32 [B, H, W, 3] (needed
-        when the image tower is quantized).
-      texts: prompt strings, e.g. the dataset's zero-shot ensemble (needed when the text
-        tower is quantized).
+      images: CLIP-normalized image batches float32 [B, H, W, 3], a sequence of them or
+        one array (one batch); needed when the image tower is quantized.
+      texts: a sequence of prompt strings, e.g. the dataset's zero-shot ensemble (needed
+        when the text tower is quantized); not one string.
       text_batch_size: prompts per calibration chunk.
       return_text_features: also return the FP text features of `texts` [N, E], which the
         calibration pass computes anyway (the P4Q teacher needs them).
@@ -145,14 +191,19 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
     """
     if isinstance(qconfig, str):
         qconfig = qconfig_lib.QConfig.parse(qconfig)
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"texts: expected a list of prompt strings, got one {type(texts).__name__} "
+                        f"{_short(texts)} (it would be read as one prompt per character); pass "
+                        "[texts] for a single prompt")
+    size = model.config.vision.image_size
+    images = _image_batches(images, size)
+    texts = None if texts is None else list(texts)
     weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
     acts, text_features = {}, None
-    size = model.config.vision.image_size
     image_example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     image_specs = _site_specs(qconfig, model, params, model.encode_image, image_example,
                               "visual/")
     if image_specs:
-        images = [jnp.asarray(b) for b in (images or [])]
         if not images:
             raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
                              "calibration needs at least one image batch")
@@ -177,10 +228,17 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
 
 def calibrate_module(module, params, qconfig, batches, *,
                      search_max_elements=observers.SEARCH_MAX_ELEMENTS):
-    """Calibrates any Flax module's sites (e.g. P4Q's adapter) on input batches -> QState."""
-    batches = [jnp.asarray(b) for b in batches]
+    """Calibrates any Flax module's sites (e.g. P4Q's adapter) on input batches -> QState.
+
+    `batches`: a sequence of arrays [B, ...] of one shape past the batch axis, or one array.
+    """
+    batches = _batch_list(batches, "batches")
     if not batches:
         raise ValueError("batches: calibration needs at least one batch")
+    for i, batch in enumerate(batches):
+        if batch.ndim < 1 or not batch.shape[0] or batch.shape[1:] != batches[0].shape[1:]:
+            raise ValueError(f"batches[{i}]: expected a non-empty batch [B, "
+                             f"{', '.join(map(str, batches[0].shape[1:]))}], got {batch.shape}")
     weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
     example = jax.ShapeDtypeStruct((1, *batches[0].shape[1:]), batches[0].dtype)
     specs = _site_specs(qconfig, module, params, module.__call__, example)
