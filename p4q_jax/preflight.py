@@ -155,8 +155,10 @@ def _data(config, problems):
         problems.at_least("data.synthetic_classes", cfg.synthetic_classes, 2)
     if problems.lines[before:]:
         return
-    try:  # class names: reads the folder listing or TFDS's metadata, no images
+    try:  # class names from the folder listing or TFDS's metadata
         data.info_from_config(cfg)
+        if cfg.name == "folder":  # every image file's header and every class's images
+            data.num_examples(cfg, split="train")
     except (ValueError, FileNotFoundError) as e:
         problems.add("data.name", cfg.name, str(e))
 

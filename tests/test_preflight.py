@@ -3,6 +3,7 @@
 import os
 import subprocess
 
+import PIL.Image
 import pytest
 
 from p4q_jax import preflight
@@ -132,3 +133,14 @@ def test_main_refuses_a_bad_config_before_any_work(tmp_path):
     assert "Traceback" not in done.stderr
     assert not workdir.exists()
 
+
+
+def test_folder_dataset_with_a_broken_image_is_refused_naming_it(tmp_path):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            PIL.Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / name / "a.png")
+    broken = tmp_path / "data" / "train" / "dog" / "b.jpg"
+    broken.write_text("<html>not an image</html>")
+    config = _p4q(data__name="folder", data__folder=str(tmp_path / "data"))
+    assert f"{broken}: not a JPEG" in _problems(config, tmp_path / "run")
