@@ -69,5 +69,5 @@ def test_sweep_runs_main_collects_and_resumes(tmp_path):
     assert again.returncode == 1
     assert again.stderr.count("done before, skipped") == 1
     assert "1 of 2 runs failed" in again.stderr
-    assert "Unknown dataset 'no_such_dataset'" in (
+    assert "data.name='no_such_dataset': expected one of" in (
         tmp_path / "zeroshot/no_such_dataset/seed0/main.log").read_text()
