@@ -14,6 +14,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+import host
 from p4q_jax import clip
 
 _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config.")
@@ -32,7 +33,7 @@ def _per_second(fn, items):
 
 def main(argv):
     del argv
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {_MODEL.value}")
+    print(f"{host.describe()}, model {_MODEL.value}")
     _, params = clip.init(_MODEL.value)
     config = clip.get_config(_MODEL.value)
     size = config.vision.image_size

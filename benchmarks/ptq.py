@@ -23,6 +23,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+import host
 from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import evaluate
@@ -71,7 +72,7 @@ def _throughput(model, params, images, tokens, states):
 
 def main(argv):
     del argv
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {_MODEL.value}")
+    print(f"{host.describe()}, model {_MODEL.value}")
     model, params = clip.init(_MODEL.value)
     info = data.get_info("cifar100")
     texts = [t for c in data.prompts(info.class_names, info.templates) for t in c]

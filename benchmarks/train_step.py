@@ -43,6 +43,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+import host
 from p4q_jax import clip
 from p4q_jax import evaluate
 from p4q_jax import parallel
@@ -169,7 +170,7 @@ def main(argv):
     if _CALIBRATION.value is not None:
         _calibrate(_CALIBRATION.value)
         return
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {_MODEL.value}, "
+    print(f"{host.describe()}, model {_MODEL.value}, "
           f"{_QUANT.value}, 100 classes, n_ctx={N_CTX}")
     with tempfile.TemporaryDirectory() as tmp:
         path = f"--calibration={tmp}/calibration.pkl"
