@@ -21,9 +21,10 @@ def setup():
     return toy_p4q.build_setup()
 
 
-def _run(setup, mesh, steps, frozen_shardings=None):
+def _run(setup, mesh, steps, frozen_shardings=None, total_steps=50):
     model, prompts, adapter, frozen, trainable, batch = setup
-    tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.5, adapter_lr=1e-2, total_steps=50))
+    tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.5, adapter_lr=1e-2,
+                                               total_steps=total_steps))
     train_step = step_lib.make_train_step(model=model, prompts=prompts, adapter=adapter, tx=tx,
                                           weights=step_lib.LossWeights(), mesh=mesh,
                                           frozen_shardings=frozen_shardings)
@@ -67,10 +68,14 @@ def test_model_axis_shards_the_frozen_kernels_with_the_same_step(setup):
 
 
 def test_loss_falls_without_recompiling(setup):
-    state, history, train_step = _run(setup, parallel.make_mesh(), 30)
-    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
-    assert int(state.step) == 30
-    assert train_step._cache_size() == 1  # one compilation for all 30 steps
+    """After 200 steps the loss is 0.29-0.42 of the first one over 1 and 8 devices, perturbed
+    initial contexts and XLA:CPU ISAs (SSE4.2, AVX, AVX2, fast math) measured on an AMD EPYC,
+    so a 0.5 bound leaves room for another CPU's float re-association. (30 steps against a
+    0.7 bound failed on an AVX-512 Xeon: 0.72.)"""
+    state, history, train_step = _run(setup, parallel.make_mesh(), 200, total_steps=200)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert int(state.step) == 200
+    assert train_step._cache_size() == 1  # one compilation for all 200 steps
     _, _, _, _, trainable, _ = setup
     moved = np.abs(np.asarray(state.trainable["context"]) - np.asarray(trainable["context"]))
     assert moved.min() > 0  # every context entry learned through the 4-bit text tower
