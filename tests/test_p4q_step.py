@@ -21,10 +21,15 @@ def setup():
     return toy_p4q.build_setup()
 
 
-def _run(setup, mesh, steps, frozen_shardings=None, total_steps=50):
+# The loss test's run, to the end of the schedule. Every _run shares that schedule (the first
+# step's learning rate is its peak), so the one-step tests compile the same program.
+_STEPS = 400
+
+
+def _run(setup, mesh, steps, frozen_shardings=None):
     model, prompts, adapter, frozen, trainable, batch = setup
     tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.5, adapter_lr=1e-2,
-                                               total_steps=total_steps))
+                                               total_steps=_STEPS))
     train_step = step_lib.make_train_step(model=model, prompts=prompts, adapter=adapter, tx=tx,
                                           weights=step_lib.LossWeights(), mesh=mesh,
                                           frozen_shardings=frozen_shardings)
@@ -68,14 +73,17 @@ def test_model_axis_shards_the_frozen_kernels_with_the_same_step(setup):
 
 
 def test_loss_falls_without_recompiling(setup):
-    """After 200 steps the loss is 0.29-0.42 of the first one over 1 and 8 devices, perturbed
-    initial contexts and XLA:CPU ISAs (SSE4.2, AVX, AVX2, fast math) measured on an AMD EPYC,
-    so a 0.5 bound leaves room for another CPU's float re-association. (30 steps against a
-    0.7 bound failed on an AVX-512 Xeon: 0.72.)"""
-    state, history, train_step = _run(setup, parallel.make_mesh(), 200, total_steps=200)
-    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
-    assert int(state.step) == 200
-    assert train_step._cache_size() == 1  # one compilation for all 200 steps
+    """Trained to the end of its schedule, the loss settles near this toy's floor (about half
+    the first loss: the KL term holds the student near the nearly uniform teacher). Measured on
+    an AMD EPYC: 0.46-0.55 of the first loss over 1 and 8 devices, perturbed initial contexts and
+    XLA:CPU ISAs (SSE4.2, AVX, AVX2, fast math), 0.41-0.58 with other toy batches; 1.0 with
+    learning rate 0. Mid-schedule the 4-bit roundings make it swing with the CPU's float
+    re-association (after 30 steps: 0.65-0.85 here, 0.72 on an AVX-512 Xeon)."""
+    state, history, train_step = _run(setup, parallel.make_mesh(), _STEPS)
+    ratio = history[-1]["loss"] / history[0]["loss"]
+    assert ratio < 0.7, ratio
+    assert int(state.step) == _STEPS
+    assert train_step._cache_size() == 1  # one compilation for all the steps
     _, _, _, _, trainable, _ = setup
     moved = np.abs(np.asarray(state.trainable["context"]) - np.asarray(trainable["context"]))
     assert moved.min() > 0  # every context entry learned through the 4-bit text tower
@@ -93,7 +101,15 @@ def _toy_features(frozen, n, seed, noise=0.01):
 
 def test_accuracy_rises_above_ptq_on_held_out_features(setup):
     """Trained on 256 examples, tested on 256 others: the PTQ zero-shot classifier (the 4-bit
-    text tower's template ensemble) against the trained prompts + adapter (frozen 8-bit)."""
+    text tower's template ensemble) against the trained prompts + adapter (frozen 8-bit).
+
+    The examples sit 0.01 around the FP class text features, so the FP classifier scores 100%.
+    Those features are almost parallel (cosine 0.97-0.995): where PTQ's 4-bit roundings leave
+    the classes depends on float re-association (28-84% over 64 calibrations under XLA:CPU
+    flags and 1e-5 perturbations of the weights), so P4Q is held to FP's accuracy, not to a
+    lead over PTQ. Trained to the end of its schedule it scored 98.8-100% in 21 runs (1 and 8
+    devices, perturbed initial contexts, XLA:CPU ISAs); 47% with learning rate 0, 71-82% with
+    the adapter frozen."""
     model, prompts, adapter, frozen, trainable, _ = setup
     test = _toy_features(frozen, 256, seed=1)
     texts = [t.format(c) for c in toy_p4q.CLASSES for t in toy_p4q.TEMPLATES]
@@ -101,15 +117,19 @@ def test_accuracy_rises_above_ptq_on_held_out_features(setup):
                                                   qstate=frozen.qstate),
                                  num_classes=len(toy_p4q.CLASSES))
     ptq = np.mean(np.argmax(test["student"] @ ptq_text.T, -1) == test["label"])
+    fp = np.mean(np.argmax(test["student"] @ np.asarray(frozen.teacher_text).T, -1)
+                 == test["label"])
 
     mesh = parallel.make_mesh()
-    tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.01, adapter_lr=1e-2, total_steps=300))
+    steps = 900
+    tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.01, adapter_lr=1e-2,
+                                               total_steps=steps))
     train_step = step_lib.make_train_step(model=model, prompts=prompts, adapter=adapter, tx=tx,
                                           weights=step_lib.LossWeights(), mesh=mesh)
     state = parallel.replicate(step_lib.init_state(jax.tree.map(jnp.array, trainable), tx), mesh)
     train = parallel.to_global(_toy_features(frozen, 256, seed=2), mesh)
     placed = parallel.replicate(frozen, mesh)
-    for _ in range(300):
+    for _ in range(steps):
         state, metrics = train_step(state, placed, train)
         jax.block_until_ready(metrics)  # see train.py: bounded steps in flight
     learned = jax.device_get(state.trainable)
@@ -117,4 +137,4 @@ def test_accuracy_rises_above_ptq_on_held_out_features(setup):
     text = step_lib.class_text_features(model, frozen, prompts, learned["context"])
     adapted = adapter_lib.apply(adapter, learned["adapter"], test["student"], adapter_qstate)
     p4q = np.mean(np.argmax(losses.cosine_logits(adapted, text, 1.0), -1) == test["label"])
-    assert p4q > ptq + 0.2, (p4q, ptq)
+    assert p4q >= fp - 0.1 and p4q > ptq, (p4q, fp, ptq)
