@@ -164,7 +164,7 @@ def p4q(config, workdir):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
     training curves. With `p4q.quantize=False` the FP model is trained (CoOp baseline)."""
     workdir = pathlib.Path(workdir)
-    export_dir = pathlib.Path(config.p4q.export_dir or workdir / "export")
+    export_dir = trained_lib.export_dir(config, workdir)
     if jax.process_index() == 0:
         atomic.clean_leftovers(export_dir)  # temporaries of an export killed in a past run
     job = _Job(config)
@@ -193,7 +193,7 @@ def p4q(config, workdir):
 def evaluate_export(config, workdir):
     """Top-1/top-5 of an exported P4Q model (`p4q.export_dir`, default WORKDIR/export) on
     the test split -> eval_results.json (a training workdir's results.json is kept)."""
-    path = (config.p4q.export_dir if "p4q" in config else None) or pathlib.Path(workdir) / "export"
+    path = trained_lib.export_dir(config, workdir)
     model, params, qstate, trained = trained_lib.load(path)
     job = _Job(config, model_and_params=(model, params))
     if tuple(job.info.class_names) != trained.class_names:

@@ -251,7 +251,7 @@ def check(config, workdir, *, mode):
         if "p4q" in config and not config.p4q.quantize:
             problems.add("p4q.quantize", False, "the demo compares PTQ and P4Q: expected True")
     if mode == "eval":
-        export = pathlib.Path(_get(config, "p4q.export_dir") or workdir / "export")
+        export = trained_lib.export_dir(config, workdir)
         if not (export / trained_lib.MARKER).is_file():
             problems.add("p4q.export_dir", str(export),
                          f"not a P4Q export (no {trained_lib.MARKER}); train with "

@@ -12,8 +12,9 @@ the jitted step over the training input:
 Either way the batch of step n is fixed by (seed, n), and `checkpoint.Checkpointer` saves
 the train state with the input position, so a killed run resumes where it stopped and
 ends with the parameters of an uninterrupted one. A checkpoint of a run with another
-config is never resumed (`checkpoint.fingerprint`); `checkpoint.restart` moves it aside. Loss terms and learning rates go to
-CLU metric writers (TensorBoard + log) and a progress bar with ETA.
+config is never resumed (`checkpoint.fingerprint`); `checkpoint.restart` moves it aside.
+Loss terms and learning rates go to CLU metric writers (TensorBoard + log) and a progress
+bar with ETA.
 
 After the last step the adapter's 8-bit input ranges are calibrated (OMSE) on
 `p4q.adapter_calib_batches` training batches of student features with the final

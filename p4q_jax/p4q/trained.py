@@ -86,6 +86,12 @@ def _qstate_from_tree(tree, config):
                             kernels=jax.tree.map(jnp.asarray, tree["kernels"]))
 
 
+def export_dir(config, workdir):
+    """Where a run's export lives: `config.p4q.export_dir`, or WORKDIR/export by default."""
+    explicit = config.p4q.export_dir if "p4q" in config else None
+    return pathlib.Path(explicit or pathlib.Path(workdir) / "export")
+
+
 def save(path, model, params, qstate, trained):
     """Writes the export directory -> its absolute path. Atomic: an existing export is replaced
     only once the new one is complete; a killed save's temporaries go on the next save."""
