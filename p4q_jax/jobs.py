@@ -6,7 +6,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 from absl import logging
-from clu import metric_writers
 
 from p4q_jax import atomic
 from p4q_jax import clip
@@ -177,7 +176,7 @@ def p4q(config, workdir):
     variables = out.trained.variables(job.params, qstate)
     rows.append({"method": config.p4q.method, "qconfig": qconfig,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = results.metric_writer(workdir)
     writer.write_scalars(out.history[-1]["step"] if out.history else 0, {
         f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
     writer.close()

@@ -38,6 +38,16 @@ def write_text(path, text):
     atomic.write_text(path, text)
 
 
+def metric_writer(workdir):
+    """clu's default writer (TensorBoard + log) in `workdir`; other processes only log.
+
+    Imported here: clu's writers import TensorFlow (5 s), which preflight must not wait for.
+    """
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
 def _pyplot():
     import matplotlib  # pylint: disable=g-import-not-at-top; plotting only here
     matplotlib.use("Agg")

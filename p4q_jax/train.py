@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
-from clu import metric_writers
 
 from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import parallel
+from p4q_jax import results as results_lib
 from p4q_jax.clip import tokenizer as tokenizer_lib
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import features as features_lib
@@ -186,7 +186,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     if source is None:
         source = _PipelineInput(config, image_size, start)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = results_lib.metric_writer(workdir)
     pending = []
     progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
                          desc="P4Q train", unit="step", disable=jax.process_index() != 0)

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
 
 from p4q_jax import clip
@@ -25,8 +24,14 @@ def _mock_test_split(config_module, dataset):
             np.concatenate([b["label"] for b in batches]))
 
 
+# Cosine logits of the float32 sharded pipeline and of the float64 reference differ by
+# ~1e-6; an image whose top two reference logits are closer than this may go either way.
+_TIE = 1e-4
+
+
 def _reference_zeroshot(checkpoint, dataset, images, labels):
-    """Unsharded, unpadded zero-shot top-1 with the public API only."""
+    """Unsharded, unpadded zero-shot top-1 with the public API only, as the (lowest,
+    highest) value float rounding allows: near-tied images counted wrong, then right."""
     model, params = clip.load(checkpoint)
     info = data.get_info(dataset)
     weights = []
@@ -36,7 +41,11 @@ def _reference_zeroshot(checkpoint, dataset, images, labels):
         weights.append(f.mean(0) / np.linalg.norm(f.mean(0)))
     img = np.asarray(clip.encode_image(model, params, images), np.float64)
     logits = img @ np.stack(weights).T
-    return 100.0 * np.mean(logits.argmax(-1) == labels)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    tied = top2[:, 1] - top2[:, 0] < _TIE
+    correct = logits.argmax(-1) == labels
+    assert tied.sum() <= 2, "too many near-ties for the test to say much"
+    return 100.0 * np.mean(correct & ~tied), 100.0 * np.mean(correct | tied)
 
 
 def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
@@ -49,8 +58,8 @@ def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
     (row,) = results["rows"]
     assert results["smoke_run"] is False and results["num_classes"] == 100
     assert row["count"] == 50  # two padded batches of 24 and one of 2 real examples
-    assert row["top1"] == pytest.approx(
-        _reference_zeroshot(tiny_checkpoint, "cifar100", images, labels), abs=1e-6)
+    low, high = _reference_zeroshot(tiny_checkpoint, "cifar100", images, labels)
+    assert low - 1e-6 <= row["top1"] <= high + 1e-6
     assert 0 <= row["top1"] <= row["top5"] <= 100
 
 
@@ -75,8 +84,8 @@ def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
     fp, q = results["rows"]
     assert (fp["method"], q["method"], q["qconfig"]) == ("fp_zeroshot", "ptq", "w6a6")
     assert fp["count"] == q["count"] == 50
-    assert fp["top1"] == pytest.approx(
-        _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels), abs=1e-6)
+    low, high = _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels)
+    assert low - 1e-6 <= fp["top1"] <= high + 1e-6
     assert 0 <= q["top1"] <= q["top5"] <= 100
 
 

@@ -123,15 +123,20 @@ def test_folder_dataset_root_must_exist(tmp_path):
 
 def test_main_refuses_a_bad_config_before_any_work(tmp_path):
     workdir = tmp_path / "run"
-    done = subprocess.run(
-        main_runner.command(["--config=configs/p4q.py", "--config.p4q.position=middel",
-                             "--config.train.batch_size=100", f"--workdir={workdir}"],
-                            mock_examples=None),
-        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
+    python, *argv = main_runner.command(
+        ["--config=configs/p4q.py", "--config.p4q.position=middel",
+         "--config.train.batch_size=100", f"--workdir={workdir}"], mock_examples=None)
+    done = subprocess.run([python, "-X", "importtime", *argv], cwd=main_runner.REPO,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "error: the p4q job cannot run with this config (2 problem(s))" in done.stderr
     assert "Traceback" not in done.stderr
     assert not workdir.exists()
+    # Refused before TensorFlow is imported (about 5 s on 2 cores; refusal takes ~3.5 s).
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "jax" in imported
+    assert not {"tensorflow", "clu.metric_writers"} & imported
 
 
 

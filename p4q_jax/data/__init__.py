@@ -6,13 +6,25 @@
     for batch in data.as_numpy_batches(ds): ...              # {"image", "label", "mask"}
 """
 
+import importlib
+
 from p4q_jax.data import classnames
-from p4q_jax.data.input_pipeline import as_numpy_batches
-from p4q_jax.data.input_pipeline import create_dataset
-from p4q_jax.data.input_pipeline import num_eval_batches
-from p4q_jax.data.input_pipeline import num_examples
 from p4q_jax.data.registry import NAMES
 from p4q_jax.data.registry import DatasetInfo
 from p4q_jax.data.registry import get_info
 from p4q_jax.data.registry import info_from_config
 from p4q_jax.data.registry import prompts
+
+# The input pipeline imports TensorFlow (5 s); it loads on first use, so that a config's
+# errors (preflight, which needs only the registry) are reported before that wait.
+_PIPELINE = ("as_numpy_batches", "create_dataset", "num_eval_batches", "num_examples")
+
+
+def __getattr__(name):
+    if name in _PIPELINE:
+        return getattr(importlib.import_module("p4q_jax.data.input_pipeline"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PIPELINE])
