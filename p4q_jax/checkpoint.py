@@ -28,11 +28,11 @@ UNREADABLE = "unreadable"
 # Sections of the config that shape the train state or the training, and the fields in
 # them that do not: where files live, names of outputs, logging cadence.
 _FINGERPRINT_SECTIONS = ("model", "quant", "p4q", "train", "loss", "data")
-_NOT_FINGERPRINTED = {"data.data_dir", "data.manual_dir", "p4q.export_dir", "p4q.method",
-                      "train.log_every"}
+_NOT_FINGERPRINTED = {"data.data_dir", "data.manual_dir", "data.root", "p4q.export_dir",
+                      "p4q.method", "train.log_every"}
 # What a `p4q` run writes in its workdir, moved aside together by `move_run_aside`.
 RUN_OUTPUTS = ("checkpoints", "export", "results.json", "training_curves.png",
-               "events.out.tfevents.*")
+               "train_split.json", "events.out.tfevents.*")
 
 
 class RunMismatchError(ValueError):

@@ -161,12 +161,14 @@ def _trained_accuracy(job, trained, variables, *, desc):
 
 def p4q(config, workdir):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
-    training curves. With `p4q.quantize=False` the FP model is trained (CoOp baseline)."""
+    training curves, and the exact training images in train_split.json. With
+    `p4q.quantize=False` the FP model is trained (CoOp baseline)."""
     workdir = pathlib.Path(workdir)
     export_dir = trained_lib.export_dir(config, workdir)
     if jax.process_index() == 0:
         atomic.clean_leftovers(export_dir)  # temporaries of an export killed in a past run
     job = _Job(config)
+    results.write_json(workdir / "train_split.json", data.training_examples(config.data))
     qstate, teacher, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
     qstate = parallel.replicate(qstate, job.mesh)
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,

@@ -28,7 +28,7 @@ from p4q_jax.p4q import trained as trained_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields that hold paths, made absolute by `resolve_paths` (those a config has).
-PATH_FIELDS = ("model.checkpoint", "data.data_dir", "data.manual_dir", "data.folder",
+PATH_FIELDS = ("model.checkpoint", "data.data_dir", "data.manual_dir", "data.folder", "data.root",
                "p4q.export_dir", "speed.cache_dir")
 
 

@@ -149,3 +149,12 @@ def test_folder_dataset_with_a_broken_image_is_refused_naming_it(tmp_path):
     broken.write_text("<html>not an image</html>")
     config = _p4q(data__name="folder", data__folder=str(tmp_path / "data"))
     assert f"{broken}: not a JPEG" in _problems(config, tmp_path / "run")
+
+
+def test_coop_dataset_without_root_or_split_file(tmp_path):
+    assert "needs CoOp's data folder (config.data.root)" in _problems(
+        _p4q(data__name="coop/dtd"), tmp_path)
+    (tmp_path / "data/dtd/images").mkdir(parents=True)
+    message = _problems(_p4q(data__name="coop/dtd", data__root=str(tmp_path / "data")), tmp_path)
+    assert f"{tmp_path}/data/dtd/split_zhou_DescribableTextures.json does not exist" in message
+    assert "coop/dtd" in _problems(_p4q(data__name="coop/dtdd"), tmp_path)  # listed as known

@@ -23,12 +23,14 @@ def get_config():
     config.model.activation = config_dict.placeholder(str)  # OpenAI-layout override
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "synthetic"  # shapes | cifar10 | cifar100 | imagenet2012 | folder | ...
+    config.data.name = "synthetic"  # shapes | cifar10 | ... | folder | coop/<name> | synthetic
     config.data.data_dir = config_dict.placeholder(str)
     config.data.manual_dir = config_dict.placeholder(str)
     config.data.folder = config_dict.placeholder(str)  # root of a folder dataset
+    config.data.root = config_dict.placeholder(str)  # $DATA of the coop/<name> datasets
+    config.data.templates = "coop"  # coop/<name> prompts: "coop" (CoOp's one) | "clip" (ensemble)
     config.data.num_shots = 0  # k-shot per class for training; 0 = full training set
-    config.data.shot_seed = 1
+    config.data.shot_seed = 1  # the k-shot draw's seed (coop/<name>: CoOp's --seed)
     config.data.flip = True
     config.data.shuffle_buffer = 10_000
     config.data.synthetic_classes = 10

@@ -70,6 +70,8 @@ FLOWER_TEMPLATES = ("a photo of a {}, a type of flower.",)
 FOOD_TEMPLATES = ("a photo of {}, a type of food.",)
 TEXTURE_TEMPLATES = ("{} texture.",)
 SATELLITE_TEMPLATES = ("a centered satellite photo of {}.",)
+AIRCRAFT_TEMPLATES = ("a photo of a {}, a type of aircraft.",)
+ACTION_TEMPLATES = ("a photo of a person doing {}.",)
 
 # CoOp's readable names for EuroSAT's CamelCase labels.
 _EUROSAT_NAMES = {

@@ -7,6 +7,7 @@ per kept example, in parallel.
 """
 import dataclasses
 import functools
+import os
 import warnings
 
 import jax
@@ -15,6 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from p4q_jax.clip import transforms
+from p4q_jax.data import coop
 from p4q_jax.data import folder as folder_lib
 from p4q_jax.data import registry
 from p4q_jax.data import synthetic
@@ -109,8 +111,39 @@ class _FolderSource:
         return len(self._files(split)[0])
 
     def decode(self, image):
-        pixels = tf.io.decode_image(tf.io.read_file(image), channels=3, expand_animations=False)
-        return tf.ensure_shape(pixels, (None, None, 3))
+        return _decode_file(image)
+
+
+def _decode_file(path):
+    pixels = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return tf.ensure_shape(pixels, (None, None, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CoopSource:
+    """A CoOp dataset's lists (`coop.load`, few-shot subset included); images are file paths
+    until `decode`, read and decoded in parallel by the pipeline's map."""
+
+    data: coop.CoopData
+
+    def records(self, split):
+        return {"train": self.data.train, "test": self.data.test}[split]
+
+    def read(self, split, *, shuffle_files=False, seed=None):
+        del shuffle_files, seed  # One in-memory list of paths: the shuffle buffer does it all.
+        records = self.records(split)
+        return tf.data.Dataset.from_tensor_slices({
+            "image": [r.impath for r in records],
+            "label": np.asarray([r.label for r in records], np.int64)})
+
+    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
+        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
+
+    def num_examples(self, split):
+        return len(self.records(split))
+
+    def decode(self, image):
+        return _decode_file(image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +179,9 @@ def _source(cfg, info):
         classes = folder_lib.class_dirs(info.root, splits)
         folder_lib.check(info.root, splits, classes)
         return _FolderSource(info.root, classes)
+    if info.name.startswith(coop.PREFIX):
+        return _CoopSource(coop.load(info.root, info.name, num_shots=cfg.num_shots,
+                                     seed=cfg.shot_seed))
     return _TfdsSource(info, cfg.data_dir, cfg.manual_dir)
 
 
@@ -178,8 +214,9 @@ def _few_shot_indices(labels, *, num_shots, num_classes, seed):
 
 
 def _few_shot_subset(cfg, info, source, split):
-    """Indices of the k-shot subset of `split` (our "train"), or None for the full split."""
-    if split != "train" or not cfg.num_shots:
+    """Indices of the k-shot subset of `split` (our "train"), or None for the full split
+    (and for CoOp datasets, whose lists already are CoOp's few-shot subset)."""
+    if split != "train" or not cfg.num_shots or isinstance(source, _CoopSource):
         return None
     own = info.split_name(split)
     labels = _labels(source, own, source.num_examples(own))
@@ -284,6 +321,29 @@ def num_examples(cfg, *, split):
     source = _source(cfg, info)
     subset = _few_shot_subset(cfg, info, source, split)
     return source.num_examples(info.split_name(split)) if subset is None else len(subset)
+
+
+def training_examples(cfg):
+    """The exact training examples that `create_dataset(cfg, split="train")` reads, as JSON:
+    image paths relative to `image_dir` with labels (and class names, for CoOp datasets, in
+    CoOp's split-file form), or for TFDS datasets the positions in the split's read order."""
+    info = registry.info_from_config(cfg)
+    source = _source(cfg, info)
+    out = {"dataset": cfg.name, "num_shots": cfg.num_shots, "shot_seed": cfg.shot_seed}
+    if isinstance(source, _CoopSource):
+        d = source.data
+        return {**out, "image_dir": d.image_dir, "fewshot_source": d.fewshot_source,
+                **{split: [[d.relative(r), r.label, r.classname] for r in getattr(d, split)]
+                   for split in ("train", "val")}}
+    own = info.split_name("train")
+    subset = _few_shot_subset(cfg, info, source, "train")
+    if isinstance(source, _FolderSource):
+        paths, labels = source._files(own)  # pylint: disable=protected-access
+        image_dir = os.path.join(info.root, own)
+        chosen = range(len(paths)) if subset is None else subset
+        return {**out, "image_dir": image_dir,
+                "train": [[os.path.relpath(paths[i], image_dir), int(labels[i])] for i in chosen]}
+    return {**out, "split": own, "indices": "all" if subset is None else subset.tolist()}
 
 
 def as_numpy_batches(ds):

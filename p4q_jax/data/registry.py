@@ -5,6 +5,7 @@ from typing import Callable
 import tensorflow_datasets as tfds
 
 from p4q_jax.data import classnames
+from p4q_jax.data import coop
 from p4q_jax.data import folder as folder_lib
 from p4q_jax.data import shapes
 from p4q_jax.data import synthetic
@@ -27,7 +28,7 @@ class DatasetInfo:
         templates: prompt templates, "{}" standing for the class name.
         image_key: the image feature's key in a TFDS example.
         label_key: the label feature's key in a TFDS example.
-        root: the image folder, for "folder".
+        root: the image folder, for "folder"; CoOp's `$DATA`, for "coop/<name>".
         generated: the project's own TFDS builder renders the data, so a missing dataset is
             prepared on first read (offline) instead of being an error.
     """
@@ -119,7 +120,7 @@ _TFDS_DATASETS = {
         templates=classnames.PHOTO_TEMPLATES, clean=classnames.car_names),
 }
 
-NAMES = tuple(sorted(_TFDS_DATASETS)) + ("folder", "synthetic")
+NAMES = (*sorted(_TFDS_DATASETS), "folder", "synthetic", *(coop.PREFIX + n for n in coop.NAMES))
 
 
 def _tfds_info(name, spec, data_dir):
@@ -142,15 +143,26 @@ def _tfds_info(name, spec, data_dir):
         generated=spec.generated)
 
 
-def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10):
-    """The DatasetInfo for a dataset name (see `NAMES`). Reads no data and downloads nothing.
+def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10, root=None,
+             num_shots=0, shot_seed=1, templates="coop"):
+    """The DatasetInfo for a dataset name (see `NAMES`). Reads no images, downloads nothing.
 
     Args:
-        name: a TFDS dataset in the registry, "folder" or "synthetic".
+        name: a TFDS dataset in the registry, "folder", "synthetic" or "coop/<name>".
         data_dir: TFDS data directory (None: TFDS's default).
         folder: the image folder's root, for "folder".
         synthetic_classes: number of classes, for "synthetic".
+        root: CoOp's `$DATA`, for "coop/<name>" (whose split files are read, see `coop.load`).
+        num_shots, shot_seed: the few-shot subset, for "coop/<name>".
+        templates: "coop" (CoOp's single template) or "clip" (CLIP's ensemble), for "coop/<name>".
     """
+    if name.startswith(coop.PREFIX):
+        if not root:
+            raise ValueError(f"Dataset {name!r} needs CoOp's data folder (config.data.root).")
+        loaded = coop.load(root, name, num_shots=num_shots, seed=shot_seed)
+        return DatasetInfo(
+            name=name, tfds_name=None, train_split="train", test_split="test",
+            class_names=loaded.class_names, templates=coop.templates(name, templates), root=root)
     if name == "synthetic":
         return DatasetInfo(
             name=name, tfds_name=None, train_split="train", test_split="test",
@@ -174,7 +186,8 @@ def info_from_config(cfg):
     """`get_info` for the `config.data` section."""
     return get_info(
         cfg.name, data_dir=cfg.data_dir, folder=cfg.folder,
-        synthetic_classes=cfg.synthetic_classes)
+        synthetic_classes=cfg.synthetic_classes, root=cfg.get("root"),
+        num_shots=cfg.num_shots, shot_seed=cfg.shot_seed, templates=cfg.get("templates", "coop"))
 
 
 def prompts(class_names, templates):
