@@ -147,6 +147,8 @@ def _data(config, problems):
     cfg, before = config.data, len(problems.lines)
     problems.one_of("data.name", cfg.name, data.NAMES)
     problems.at_least("data.num_shots", cfg.num_shots, 0)
+    problems.one_of("data.augment", cfg.augment, data.AUGMENTATIONS)
+    problems.one_of("data.templates", cfg.templates, data.coop.TEMPLATE_CHOICES)
     if cfg.name == "folder" and cfg.folder and not os.path.isdir(cfg.folder):
         problems.add("data.folder", cfg.folder, "no such directory")
     if cfg.manual_dir and "://" not in cfg.manual_dir and not os.path.isdir(cfg.manual_dir):

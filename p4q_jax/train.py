@@ -4,10 +4,12 @@
 teacher text features), the trainable tree and the optimizers from the config, then runs
 the jitted step over the training input:
 
-* with `speed.feature_cache` (default), batches of cached student/teacher image features
-  (`p4q.features`), read back from `speed.cache_dir` on a restart;
-* without it, batches of images from the tf.data pipeline (both image towers then run in
-  every step; a restart skips the batches already seen).
+* with `speed.feature_cache` (default) and `data.augment="flip"`, batches of cached
+  student/teacher image features (`p4q.features`), read back from `speed.cache_dir` on a
+  restart;
+* otherwise (e.g. CoOp's random crops, `data.augment="coop"`), batches of images from the
+  tf.data pipeline (both image towers then run in every step; a restart skips the batches
+  already seen without decoding them).
 
 Either way the batch of step n is fixed by (seed, n), and `checkpoint.Checkpointer` saves
 the train state with the input position, so a killed run resumes where it stopped and
@@ -64,13 +66,22 @@ def _initial_context(config, model, params, num_classes, key):
     return jnp.asarray(context, jnp.float32)
 
 
+def uses_feature_cache(config):
+    """Whether training reads cached image features: `speed.feature_cache`, and only with
+    `data.augment="flip"`, whose two views per image the cache holds exactly. Random crops
+    ("coop") are new every step, so their images are encoded in the step."""
+    return config.speed.feature_cache and config.data.get("augment", "flip") == "flip"
+
+
 class _PipelineInput:
-    """Image batches from tf.data (the cache switched off); step n is the pipeline's n-th."""
+    """Image batches from tf.data (no feature cache); step n is the pipeline's n-th. A resumed
+    run starts at step `start` without decoding the batches before it."""
 
     def __init__(self, config, image_size, start):
         ds = data.create_dataset(config.data, split="train", batch_size=config.train.batch_size,
-                                 image_size=image_size, train=True, seed=config.seed)
-        self._iter = iter(data.as_numpy_batches(ds.skip(start)))
+                                 image_size=image_size, train=True, seed=config.seed,
+                                 skip_batches=start)
+        self._iter = iter(data.as_numpy_batches(ds))
         self._next = start
 
     def batch(self, step):
@@ -132,7 +143,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
-                                  image_towers=not config.speed.feature_cache)
+                                  image_towers=not uses_feature_cache(config))
     frozen_shardings = parallel.weight_shardings(frozen, mesh)
     frozen = jax.device_put(frozen, frozen_shardings)
     adapter = adapter_params = None
@@ -142,7 +153,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
 
     image_size = model.config.vision.image_size
     num_examples = data.num_examples(config.data, split="train")
-    if config.speed.feature_cache:
+    if uses_feature_cache(config):
         source = _cached_input(config, model, params, qstate, mesh, workdir, image_size,
                                num_examples)
         steps_per_epoch = source.steps_per_epoch

@@ -196,7 +196,8 @@ def test_p4q_through_main_on_a_coop_layout(pets_root, tmp_path, tiny_checkpoint)
     main_runner.run_main([
         "--config=configs/p4q.py", "--config.data.name=coop/oxford_pets",
         f"--config.data.root={pets_root}", "--config.data.num_shots=4",
-        "--config.data.shot_seed=2", f"--config.model.checkpoint={tiny_checkpoint}",
+        "--config.data.shot_seed=2", "--config.data.augment=coop",
+        f"--config.model.checkpoint={tiny_checkpoint}",
         "--config.quant.calib_batches=1", "--config.quant.calib_batch_size=8",
         "--config.eval.batch_size=8", "--config.train.batch_size=8",
         "--config.train.num_steps=4", "--config.p4q.n_ctx=4",
@@ -211,3 +212,4 @@ def test_p4q_through_main_on_a_coop_layout(pets_root, tmp_path, tiny_checkpoint)
     assert written["fewshot_source"] == "drawn"
     assert [tuple(x) for x in written["train"]] == expected["train"]
     assert [tuple(x) for x in written["val"]] == expected["val"]
+    assert not (workdir / "feature_cache").exists()  # random crops are encoded in the step

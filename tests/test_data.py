@@ -462,3 +462,26 @@ def test_single_class_folder_is_refused(tmp_path, layout):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the no-split layout's warning
             data.get_info("folder", folder=str(tmp_path))
+
+
+@pytest.mark.parametrize("augment", ["flip", "coop"])
+def test_a_resumed_training_stream_equals_the_straight_one(augment):
+    cfg = _config(name="synthetic", flip=True, augment=augment)
+    kwargs = dict(split="train", batch_size=8, image_size=32, train=True, seed=3)
+    straight = _batches(cfg, count=6, **kwargs)
+    resumed = _batches(cfg, count=3, skip_batches=3, **kwargs)
+    for a, b in zip(straight[3:], resumed):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_coop_augmentation_gives_new_random_crops_every_epoch():
+    cfg = _config(name="synthetic", synthetic_examples=8, augment="coop", shuffle_buffer=1)
+    kwargs = dict(split="train", batch_size=8, image_size=32, seed=0)
+    first, second = _batches(cfg, count=2, train=True, **kwargs)
+    (center,) = _batches(cfg, train=False, **kwargs)
+    np.testing.assert_array_equal(first["label"], second["label"])  # same images, in order
+    assert not np.allclose(first["image"], second["image"])
+    assert not np.allclose(first["image"], center["image"])
+    with pytest.raises(ValueError, match=r"data.augment='crop': expected one of \['flip', 'coop'\]"):
+        _batches(_config(name="synthetic", augment="crop"), **kwargs, train=True)

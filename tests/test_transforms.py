@@ -129,3 +129,28 @@ def test_module_does_not_import_tensorflow():
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "assert 'tensorflow' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_random_resized_crop_draws_torchvision_boxes():
+    """Each crop's box, read back from a coordinate-coded image, has an area fraction in
+    [0.08, 1] and an aspect ratio in [3/4, 4/3] (torchvision's RandomResizedCrop ranges)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    height, width = 120, 160
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    image = np.stack([cols * 255 // (width - 1), rows * 255 // (height - 1),
+                      np.zeros_like(rows)], -1).astype(np.uint8)
+    areas, ratios = [], []
+    for seed in range(60):
+        out = transforms.random_resized_crop_tf(
+            tf.constant(image), size=32, seed=tf.constant([seed, 7], tf.int64)).numpy()
+        pixels = (out * np.asarray(transforms.CLIP_STD) + np.asarray(transforms.CLIP_MEAN)) * 255
+        # Column/row coordinates at the output's centre lines span the box (bicubic overshoot
+        # at the edges is clipped off by the 2-pixel margin).
+        box_w = (pixels[16, 29, 0] - pixels[16, 2, 0]) * 32 / 27 / 255 * (width - 1)
+        box_h = (pixels[29, 16, 1] - pixels[2, 16, 1]) * 32 / 27 / 255 * (height - 1)
+        areas.append(box_w * box_h / (height * width))
+        ratios.append(box_w / box_h)
+    assert 0.08 * 0.85 <= min(areas) and max(areas) <= 1.05
+    assert 0.75 * 0.9 <= min(ratios) and max(ratios) <= 4 / 3 * 1.1
+    assert max(areas) - min(areas) > 0.5  # the crops really vary

@@ -128,3 +128,27 @@ def preprocess_tf(image, *, size=224):
     left = tf.cast(tf.round(tf.cast(new_width - size, tf.float64) / 2.0), tf.int32)
     pixels = tf.ensure_shape(pixels[top:top + size, left:left + size], (size, size, 3))
     return (pixels / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+
+
+def random_resized_crop_tf(image, *, size, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """CoOp's training view of a uint8 image [H, W, 3] in tf.data: a random crop resized to
+    [size, size] (bicubic) and CLIP-normalized, as torchvision's `RandomResizedCrop(size,
+    scale=(0.08, 1), interpolation=BICUBIC)` that Dassl's "random_resized_crop" applies.
+
+    The box comes from `tf.image.stateless_sample_distorted_bounding_box`: 10 tries for an
+    area fraction in `scale` and an aspect ratio in `ratio`, as torchvision. Two differences,
+    documented rather than hidden: the aspect ratio is drawn uniformly (torchvision: uniform
+    in its log), and when no try fits the whole image is used (torchvision: a center crop of
+    the clamped ratio). Deterministic in `seed` (a [2] int tensor), so the stream of views is
+    the same on every run and after a resume.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.cast(tf.slice(image, begin, extent), tf.float32)
+    resized = tf.image.resize(crop, (size, size), method="bicubic", antialias=True)
+    pixels = tf.ensure_shape(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), (size, size, 3))
+    return (pixels / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)

@@ -31,7 +31,8 @@ def get_config():
     config.data.templates = "coop"  # coop/<name> prompts: "coop" (CoOp's one) | "clip" (ensemble)
     config.data.num_shots = 0  # k-shot per class for training; 0 = full training set
     config.data.shot_seed = 1  # the k-shot draw's seed (coop/<name>: CoOp's --seed)
-    config.data.flip = True
+    config.data.flip = True  # random horizontal flips in training
+    config.data.augment = "flip"  # training views: "flip" (center crop) | "coop" (random crop)
     config.data.shuffle_buffer = 10_000
     config.data.synthetic_classes = 10
     config.data.synthetic_examples = 64

@@ -11,6 +11,7 @@ import importlib
 
 from p4q_jax.data import classnames
 from p4q_jax.data import coop
+from p4q_jax.data.registry import AUGMENTATIONS
 from p4q_jax.data.registry import NAMES
 from p4q_jax.data.registry import DatasetInfo
 from p4q_jax.data.registry import get_info

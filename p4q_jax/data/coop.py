@@ -39,7 +39,7 @@ from p4q_jax.data import classnames
 from p4q_jax.data import clip_templates
 
 _DATASETS_MD = "DATASETS.md of github.com/KaiyangZhou/CoOp"
-_TEMPLATE_CHOICES = ("coop", "clip")
+TEMPLATE_CHOICES = ("coop", "clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +147,8 @@ def spec_name(name):
 
 def templates(name, choice="coop"):
     """Prompt templates: CoOp's single template ("coop") or CLIP's ensemble ("clip")."""
-    if choice not in _TEMPLATE_CHOICES:
-        raise DataError(f"templates={choice!r}: expected one of {list(_TEMPLATE_CHOICES)}.")
+    if choice not in TEMPLATE_CHOICES:
+        raise DataError(f"templates={choice!r}: expected one of {list(TEMPLATE_CHOICES)}.")
     spec = _SPECS[spec_name(name)]
     return spec.coop_template if choice == "coop" else spec.clip_templates
 

@@ -254,47 +254,67 @@ def _local_batch_size(batch_size):
     return batch_size // count
 
 
-def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0):
+def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_batches=0):
     """This process's batches of CLIP-preprocessed images.
 
     Args:
         cfg: the `config.data` ConfigDict (name, data_dir, manual_dir, num_shots, shot_seed, flip,
-            shuffle_buffer, folder, synthetic_classes, synthetic_examples).
+            augment, shuffle_buffer, folder, root, synthetic_classes, synthetic_examples).
         split: "train" or "test" (mapped to the dataset's own splits). `cfg.num_shots` > 0 makes
             "train" the k-shot subset chosen by `cfg.shot_seed`, the same on every process.
         batch_size: the global batch; each process gets batch_size / process_count examples of
             its own disjoint part of the data.
         image_size: side of the square CLIP input.
-        train: True: seeded shuffle, random horizontal flips if `cfg.flip`, repeated forever,
-            full batches only. False: one pass in order, the last batch padded to full size with
-            `mask` False, and every process given the same number of batches (so an evaluation
-            compiles once, never counts padding, and no process waits for another).
-        seed: shuffle and flip seed.
+        train: True: seeded shuffle, repeated forever, full batches only, and the training
+            views of `cfg.augment`: "flip" (resize + center crop, as at test time) or "coop"
+            (CoOp's random resized crop, `transforms.random_resized_crop_tf`), each followed by
+            a random horizontal flip if `cfg.flip`. False: resize + center crop, one pass in
+            order, the last batch padded to full size with `mask` False, and every process
+            given the same number of batches (so an evaluation compiles once, never counts
+            padding, and no process waits for another).
+        seed: shuffle and augmentation seed.
+        skip_batches: training batches to leave out at the start (a resumed run): skipped
+            before decoding, and the views are seeded by stream position, so the batches that
+            follow are those of a run that never stopped.
 
     Returns:
         tf.data.Dataset of {"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}.
     """
     local_batch = _local_batch_size(batch_size)
+    augment = cfg.get("augment", "flip")
+    if augment not in registry.AUGMENTATIONS:
+        raise ValueError(
+            f"data.augment={augment!r}: expected one of {list(registry.AUGMENTATIONS)}.")
     info = registry.info_from_config(cfg)
     source = _source(cfg, info)
     ds, total = _process_part(cfg, info, source, split=split, train=train, seed=seed)
-    if train:
-        ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
 
-    def prepare(ex):
-        image = transforms.preprocess_tf(source.decode(ex["image"]), size=image_size)
+    def label_and_mask(ex, image):
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
 
-    ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE)
-    if train and cfg.flip:
-        # Stateless flips seeded by (seed, position in the stream): reproducible under parallelism.
-        def flip(position, ex):
-            flip_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            image = tf.image.stateless_random_flip_left_right(ex["image"], flip_seed)
-            return {**ex, "image": image}
+    if train:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.enumerate().skip(skip_batches * local_batch)
 
-        ds = ds.enumerate().map(flip, num_parallel_calls=_AUTOTUNE)
-    if not train:
+        # Stateless randomness seeded by (seed, position in the stream): reproducible under
+        # parallelism and across a resume.
+        def prepare_train(position, ex):
+            view_seed = tf.stack([tf.constant(seed, tf.int64), position])
+            pixels = source.decode(ex["image"])
+            if augment == "coop":
+                crop_seed = tf.random.experimental.stateless_fold_in(view_seed, 1)
+                image = transforms.random_resized_crop_tf(pixels, size=image_size, seed=crop_seed)
+            else:
+                image = transforms.preprocess_tf(pixels, size=image_size)
+            if cfg.flip:
+                image = tf.image.stateless_random_flip_left_right(image, view_seed)
+            return label_and_mask(ex, image)
+
+        ds = ds.map(prepare_train, num_parallel_calls=_AUTOTUNE)
+    else:
+        ds = ds.map(lambda ex: label_and_mask(
+            ex, transforms.preprocess_tf(source.decode(ex["image"]), size=image_size)),
+            num_parallel_calls=_AUTOTUNE)
         steps = _eval_steps(total, local_batch)
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros((image_size, image_size, 3), tf.float32),

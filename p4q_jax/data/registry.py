@@ -11,6 +11,7 @@ from p4q_jax.data import shapes
 from p4q_jax.data import synthetic
 
 SPLITS = ("train", "test")
+AUGMENTATIONS = ("flip", "coop")  # config.data.augment: see `create_dataset`
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
