@@ -4,6 +4,8 @@ r"""Runs a grid of `main.py` jobs (method x dataset x bits x seed) and collects 
     python experiments/sweep.py --out=sweeps/cifar100 --methods=ptq,p4q,coop_fp \
         --datasets=cifar100 --qconfigs=w8a8,w4a4attn8 --seeds=1,2,3 \
         --set=model.checkpoint=ViT-B-32.pt --set=data.data_dir=/data/tfds
+    python experiments/sweep.py --out=sweeps/coop --preset=coop_fewshot \
+        --set=model.checkpoint=ViT-B-16.pt --set=data.root=$DATA
 
 Each grid point is one `python main.py` run in OUT/<method>/<dataset>/<bits>/seed<seed> (an axis
 left empty keeps the config's own value and adds no directory level). A point whose
@@ -13,6 +15,14 @@ is collected into OUT/results.md (mean +- standard deviation over seeds, and eac
 top-1 bar chart per dataset (OUT/top1_<dataset>.png).
 
 Methods are config files: a name in `METHODS`, or a path (`configs/x.py` or `configs/x.py:arg`).
+
+`--preset=coop_fewshot` is CoOp's few-shot table: {zero-shot, CoOp-FP, PTQ, P4Q} (the
+`configs/coop_fewshot.py` variants; zero-shot and PTQ are rows of those runs) x CoOp's 11
+datasets x shots {1, 2, 4, 8, 16} x seeds {1, 2, 3}, each seed both `seed` and the few-shot
+draw's `data.shot_seed`, as CoOp's `--seed`. With a shots axis the report adds, per shots,
+CoOp's table (method x dataset, mean +- std over seeds, and the average over datasets) and
+OUT/top1_vs_shots.png (a panel per dataset and one for the average). Flags given explicitly
+replace the preset's axes.
 """
 import collections
 import dataclasses
@@ -41,6 +51,18 @@ METHODS = {
     "adapter_only": "configs/ablations.py:adapter_only",
     "no_distillation": "configs/ablations.py:no_distillation",
 }
+COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
+                 "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+PRESETS = {
+    "coop_fewshot": {
+        "methods": ["configs/coop_fewshot.py:coop_fp", "configs/coop_fewshot.py:p4q_w8a8",
+                    "configs/coop_fewshot.py:p4q_w4a4attn8"],
+        "datasets": [f"coop/{name}" for name in COOP_DATASETS],
+        "shots": ["1", "2", "4", "8", "16"],
+        "seeds": ["1", "2", "3"],
+        "seed_fields": ("seed", "data.shot_seed"),
+    },
+}
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the sweep's runs and reports.",
                            required=True)
@@ -48,6 +70,8 @@ _METHODS = flags.DEFINE_list("methods", ["p4q"], f"Configs to run: {sorted(METHO
 _DATASETS = flags.DEFINE_list("datasets", [], "config.data.name values (empty: the config's).")
 _QCONFIGS = flags.DEFINE_list("qconfigs", [], "config.quant.config values (empty: the config's).")
 _SEEDS = flags.DEFINE_list("seeds", [], "config.seed values (empty: the config's).")
+_SHOTS = flags.DEFINE_list("shots", [], "config.data.num_shots values (empty: the config's).")
+_PRESET = flags.DEFINE_enum("preset", None, sorted(PRESETS), "A predefined grid (see above).")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE for every run (--config.FIELD=VALUE).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
 _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect existing results.")
@@ -61,9 +85,13 @@ class Point:
     dataset: str | None
     qconfig: str | None
     seed: int | None
+    shots: int | None = None
+    seed_fields: tuple = ("seed",)  # the config fields the seed sets
 
     def workdir(self, out):
-        parts = [self.method, self.dataset, self.qconfig,
+        method = self.method.replace("configs/", "").replace(".py", "").replace(":", "_")
+        parts = [method, self.dataset, self.qconfig,
+                 None if self.shots is None else f"{self.shots}shots",
                  None if self.seed is None else f"seed{self.seed}"]
         return pathlib.Path(out).joinpath(*[p for p in parts if p is not None])
 
@@ -71,18 +99,21 @@ class Point:
         config = METHODS.get(self.method, self.method)
         argv = [sys.executable, str(REPO / "main.py"), f"--config={REPO / config}",
                 f"--workdir={self.workdir(out)}"]
-        for field, value in (("data.name", self.dataset), ("quant.config", self.qconfig),
-                             ("seed", self.seed)):
+        fields = [("data.name", self.dataset), ("quant.config", self.qconfig),
+                  ("data.num_shots", self.shots)]
+        fields += [(field, self.seed) for field in self.seed_fields]
+        for field, value in fields:
             if value is not None:
                 argv.append(f"--config.{field}={value}")
         return argv + [f"--config.{s}" for s in extra]
 
 
-def grid(methods, datasets, qconfigs, seeds):
+def grid(methods, datasets, qconfigs, seeds, shots=(), seed_fields=("seed",)):
     """Every combination of the axes (an empty axis stands for the config's own value)."""
-    return [Point(m, d, q, None if s is None else int(s))
+    return [Point(m, d, q, None if s is None else int(s), None if k is None else int(k),
+                  tuple(seed_fields))
             for m in methods for d in datasets or [None] for q in qconfigs or [None]
-            for s in seeds or [None]]
+            for k in shots or [None] for s in seeds or [None]]
 
 
 def run_points(points, out, extra=()):
@@ -119,18 +150,19 @@ def collect(points, out):
             records.append({
                 "method": point.method, "dataset": run["dataset"],
                 "qconfig": row.get("qconfig") or "fp32",
-                "seed": point.seed, "row": row["method"], "top1": row["top1"],
+                "seed": point.seed, "shots": point.shots, "row": row["method"],
+                "top1": row["top1"],
                 "top5": row["top5"], "workdir": str(point.workdir(out))})
     return records
 
 
 def summarize(records):
-    """Records grouped by (dataset, bits, row method) -> mean, std (ddof=0) and count."""
+    """Records grouped by (dataset, shots, bits, row method) -> mean, std (ddof=0), count."""
     groups = collections.defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["qconfig"], r["row"])].append(r)
+        groups[(r["dataset"], r.get("shots"), r["qconfig"], r["row"])].append(r)
     summary = []
-    for (dataset, qconfig, row), members in groups.items():
+    for (dataset, shots, qconfig, row), members in groups.items():
         # A row that several runs share (e.g. the FP zero-shot of each setting) counts once per
         # seed: runs with the same seed give it the same value.
         by_seed = {}
@@ -138,26 +170,86 @@ def summarize(records):
             by_seed.setdefault(m["seed"], m)
         top1 = np.array([m["top1"] for m in by_seed.values()])
         top5 = np.array([m["top5"] for m in by_seed.values()])
-        summary.append({"dataset": dataset, "qconfig": qconfig, "row": row,
+        summary.append({"dataset": dataset, "shots": shots, "qconfig": qconfig, "row": row,
                         "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
                         "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
                         "n": len(by_seed)})
     return summary
 
 
+def method_label(entry):
+    """A table row's name: the results row, with its bits where the row name lacks them."""
+    if entry["row"] == "fp_zeroshot":
+        return "zero-shot CLIP"
+    if entry["qconfig"] == "fp32" or entry["row"].endswith(entry["qconfig"]):
+        return entry["row"]
+    return f"{entry['row']} {entry['qconfig']}"
+
+
+def shots_tables(summary):
+    """CoOp's tables: {shots: (header, rows)}, a row per method (mean +- std over seeds per
+    dataset, then the average of the dataset means over the datasets it has all of)."""
+    tables = {}
+    for shots in sorted({s["shots"] for s in summary if s["shots"] is not None}):
+        entries = [s for s in summary if s["shots"] == shots]
+        datasets = list(dict.fromkeys(s["dataset"] for s in entries))
+        value = {(method_label(s), s["dataset"]): s for s in entries}
+        rows = []
+        for label in dict.fromkeys(method_label(s) for s in entries):
+            means = [value[(label, d)]["top1_mean"] for d in datasets if (label, d) in value]
+            cells = [f"{value[(label, d)]['top1_mean']:.2f} +- {value[(label, d)]['top1_std']:.2f}"
+                     if (label, d) in value else "-" for d in datasets]
+            average = f"{np.mean(means):.2f}" if len(means) == len(datasets) else "-"
+            rows.append([label, *cells, average])
+        tables[shots] = (["method", *datasets, "average"], rows)
+    return tables
+
+
+def plot_shots(path, summary):
+    """Top-1 vs shots: a panel per dataset and one for the average over datasets."""
+    labels = list(dict.fromkeys(method_label(s) for s in summary))
+    datasets = list(dict.fromkeys(s["dataset"] for s in summary))
+    panels = {}
+    for dataset in datasets:
+        panels[dataset] = {label: sorted(
+            (s["shots"], s["top1_mean"], s["top1_std"]) for s in summary
+            if s["dataset"] == dataset and method_label(s) == label and s["shots"] is not None)
+            for label in labels}
+    average = {}
+    for label in labels:
+        points = []
+        for shots in sorted({s["shots"] for s in summary if s["shots"] is not None}):
+            means = [s["top1_mean"] for s in summary
+                     if s["shots"] == shots and method_label(s) == label]
+            if len(means) == len(datasets):
+                points.append((shots, float(np.mean(means)), 0.0))
+        average[label] = points
+    panels["average"] = average
+    results.plot_lines(path, panels, xlabel="shots per class", ylabel="top-1 (%)")
+
+
 def report(records, summary, out):
-    """Writes OUT/results.md, OUT/results.json and a top-1 chart per dataset -> the markdown."""
+    """Writes OUT/results.md, OUT/results.json and a top-1 chart per dataset (with a shots
+    axis: CoOp's tables and OUT/top1_vs_shots.png) -> the markdown."""
     out = pathlib.Path(out)
-    text = "## Mean +- standard deviation over seeds\n\n" + results.markdown_table(
-        ["dataset", "bits", "method", "top-1 (%)", "top-5 (%)", "runs"],
-        [[s["dataset"], s["qconfig"], s["row"], f"{s['top1_mean']:.2f} +- {s['top1_std']:.2f}",
+    text = ""
+    for shots, (header, rows) in shots_tables(summary).items():
+        text += (f"## {shots} shots: top-1 (%), mean +- std over seeds\n\n"
+                 + results.markdown_table(header, rows) + "\n")
+    text += "## Mean +- standard deviation over seeds\n\n" + results.markdown_table(
+        ["dataset", "shots", "bits", "method", "top-1 (%)", "top-5 (%)", "runs"],
+        [[s["dataset"], "-" if s["shots"] is None else s["shots"], s["qconfig"], s["row"],
+          f"{s['top1_mean']:.2f} +- {s['top1_std']:.2f}",
           f"{s['top5_mean']:.2f} +- {s['top5_std']:.2f}", s["n"]] for s in summary])
     text += "\n## Runs\n\n" + results.markdown_table(
-        ["dataset", "bits", "method", "seed", "top-1 (%)", "top-5 (%)", "workdir"],
-        [[r["dataset"], r["qconfig"], r["row"], r["seed"], f"{r['top1']:.2f}",
-          f"{r['top5']:.2f}", r["workdir"]] for r in records])
+        ["dataset", "shots", "bits", "method", "seed", "top-1 (%)", "top-5 (%)", "workdir"],
+        [[r["dataset"], "-" if r.get("shots") is None else r["shots"], r["qconfig"], r["row"],
+          r["seed"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", r["workdir"]] for r in records])
     results.write_text(out / "results.md", text)
     results.write_json(out / "results.json", {"summary": summary, "runs": records})
+    if any(s["shots"] is not None for s in summary):
+        plot_shots(out / "top1_vs_shots.png", summary)
+        return text
     for dataset in sorted({s["dataset"] for s in summary}):
         rows = [s for s in summary if s["dataset"] == dataset]
         bits = list(dict.fromkeys(s["qconfig"] for s in rows))
@@ -176,12 +268,17 @@ def report(records, summary, out):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    unknown = [m for m in _METHODS.value if m not in METHODS
+    preset = PRESETS.get(_PRESET.value, {})
+    axes = {name: flag.value if flag.present or not preset else preset[name]
+            for name, flag in (("methods", _METHODS), ("datasets", _DATASETS),
+                               ("shots", _SHOTS), ("seeds", _SEEDS))}
+    unknown = [m for m in axes["methods"] if m not in METHODS
                and not (REPO / m.split(":")[0]).is_file()]
     if unknown:
         raise app.UsageError(f"--methods: {unknown} are neither {sorted(METHODS)} nor config "
                              "files under the repository.")
-    points = grid(_METHODS.value, _DATASETS.value, _QCONFIGS.value, _SEEDS.value)
+    points = grid(axes["methods"], axes["datasets"], _QCONFIGS.value, axes["seeds"],
+                  axes["shots"], preset.get("seed_fields", ("seed",)))
     if _DRY_RUN.value:
         for point in points:
             print(" ".join(point.command(_OUT.value, _SET.value)))

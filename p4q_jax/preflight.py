@@ -24,6 +24,7 @@ from p4q_jax.clip import configs as clip_configs
 from p4q_jax.clip import model as model_lib
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
+from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -194,6 +195,18 @@ def _p4q(config, problems, shards):
         problems.add("train.warmup_steps", tcfg.warmup_steps,
                      f"expected fewer than train.num_steps={tcfg.num_steps}")
     problems.at_least("train.log_every", tcfg.log_every, 1)
+    problems.one_of("train.schedule", tcfg.schedule, step_lib.SCHEDULES)
+    problems.at_least("train.warmup_epochs", tcfg.warmup_epochs, 0)
+    if tcfg.epochs_from_shots and config.data.name != "coop/imagenet" and \
+            config.data.num_shots not in step_lib.COOP_EPOCHS:
+        problems.add("train.epochs_from_shots", True, "CoOp's epochs are defined for "
+                     f"data.num_shots in {sorted(step_lib.COOP_EPOCHS)}, not "
+                     f"{config.data.num_shots}")
+    if not isinstance(tcfg.prompt_momentum, (int, float)) or not 0 <= tcfg.prompt_momentum < 1:
+        problems.add("train.prompt_momentum", tcfg.prompt_momentum, "expected a number in [0, 1)")
+    for field in ("warmup_lr", "prompt_weight_decay"):
+        if not isinstance(tcfg[field], (int, float)) or tcfg[field] < 0:
+            problems.add(f"train.{field}", tcfg[field], "expected a number >= 0")
     for field in ("prompt_lr", "adapter_lr", "adapter_eps", "clip_norm"):
         if tcfg[field] is not None:
             problems.positive(f"train.{field}", tcfg[field])

@@ -113,3 +113,35 @@ def plot_bars(path, groups, series, *, errors=None, ylabel="top-1 (%)", title=""
     axis.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save_figure(plt, fig, path)
+
+
+def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
+    """Line charts, one panel each, as a PNG, atomically (process 0 only).
+
+    Args:
+        path: the PNG to write.
+        panels: {panel title: {series name: [(x, y, error half-length), ...]}}.
+    """
+    if jax.process_index() != 0:
+        return
+    plt = _pyplot()
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis, (title, series) in zip(axes.flat, panels.items()):
+        for name, points in series.items():
+            if points:
+                xs, ys, errs = zip(*points)
+                axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+        xs = sorted({p[0] for points in series.values() for p in points})
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(plt, fig, path)

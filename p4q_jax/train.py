@@ -46,6 +46,18 @@ from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
 
 
+def epochs(config):
+    """Training epochs: `train.epochs`, or CoOp's for the shots (`train.epochs_from_shots`)."""
+    if not config.train.epochs_from_shots:
+        return config.train.epochs
+    if config.data.name == "coop/imagenet":
+        return step_lib.COOP_IMAGENET_EPOCHS
+    if config.data.num_shots not in step_lib.COOP_EPOCHS:
+        raise ValueError(f"train.epochs_from_shots needs data.num_shots in "
+                         f"{sorted(step_lib.COOP_EPOCHS)}, got {config.data.num_shots}.")
+    return step_lib.COOP_EPOCHS[config.data.num_shots]
+
+
 def prompt_lr(cfg):
     """The official prompt learning rate, 5e-4 x batch / 20, unless set."""
     return cfg.prompt_lr if cfg.prompt_lr is not None else 5e-4 * cfg.batch_size / 20
@@ -158,18 +170,30 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
                                num_examples)
         steps_per_epoch = source.steps_per_epoch
     else:
-        source, steps_per_epoch = None, num_examples // tcfg.batch_size
-    total_steps = tcfg.num_steps or tcfg.epochs * steps_per_epoch
+        # A set smaller than the batch still gets a step per epoch (Dassl: one short batch;
+        # here a full one, some images twice in other random views).
+        source, steps_per_epoch = None, max(1, num_examples // tcfg.batch_size)
+    num_epochs = epochs(config)
+    total_steps = tcfg.num_steps or num_epochs * steps_per_epoch
     if total_steps < 1:
-        raise ValueError(f"no training steps: train.num_steps={tcfg.num_steps}, train.epochs="
-                         f"{tcfg.epochs}, {steps_per_epoch} steps per epoch")
+        raise ValueError(f"no training steps: train.num_steps={tcfg.num_steps}, "
+                         f"{num_epochs} epochs of {steps_per_epoch} steps")
 
-    lrs = step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
-                             total_steps=total_steps, final_fraction=tcfg.prompt_final_fraction,
-                             warmup_steps=tcfg.warmup_steps)
+    if tcfg.schedule == "coop":
+        lrs = step_lib.epoch_cosine_schedules(
+            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+            steps_per_epoch=steps_per_epoch, epochs=num_epochs,
+            warmup_epochs=tcfg.warmup_epochs, warmup_lr=tcfg.warmup_lr)
+    else:
+        lrs = step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+                                 total_steps=total_steps,
+                                 final_fraction=tcfg.prompt_final_fraction,
+                                 warmup_steps=tcfg.warmup_steps)
     tx = step_lib.optimizer(lrs, adapter_eps=tcfg.adapter_eps,
                             adapter_weight_decay=tcfg.adapter_weight_decay,
-                            clip_norm=tcfg.clip_norm, train_prompts=cfg.train_prompts)
+                            clip_norm=tcfg.clip_norm, train_prompts=cfg.train_prompts,
+                            prompt_momentum=tcfg.prompt_momentum,
+                            prompt_weight_decay=tcfg.prompt_weight_decay)
     state = parallel.replicate(step_lib.init_state(
         {"context": context, "adapter": adapter_params}, tx), mesh)
     train_step = step_lib.make_train_step(

@@ -29,7 +29,12 @@ def _variants(name):
 def test_config_values_are_accepted(name):
     for config in _variants(name):
         assert config.mode in ("zeroshot", "ptq", "p4q", "demo")
-        data.info_from_config(config.data)
+        if config.data.name.startswith(data.coop.PREFIX):  # the data folder is the user's
+            assert config.data.name in data.NAMES
+            assert config.data.templates in data.coop.TEMPLATE_CHOICES
+        else:
+            data.info_from_config(config.data)
+        assert config.data.augment in data.AUGMENTATIONS
         if "quant" in config:
             quant.QConfig.parse(config.quant.config)
         if config.mode == "demo":
@@ -50,6 +55,15 @@ def test_variants_differ_where_they_say():
     assert not ablations.get_config("prompts_only").p4q.adapter
     assert not ablations.get_config("adapter_only").p4q.train_prompts
     assert ablations.get_config("no_distillation").loss.distillation_kind == "none"
+    from p4q_jax.configs import coop_fewshot  # pylint: disable=g-import-not-at-top
+    coop = coop_fewshot.get_config("coop_fp")
+    assert not coop.p4q.quantize and not coop.p4q.adapter and coop.loss.distillation == 0
+    p4q_4bit = coop_fewshot.get_config("p4q_w4a4attn8")
+    assert p4q_4bit.p4q.quantize and p4q_4bit.p4q.adapter
+    assert p4q_4bit.quant.config == "w4a4attn8" and p4q_4bit.loss.distillation > 0
+    for config in (coop, p4q_4bit):  # CoOp's recipe in both
+        assert (config.train.batch_size, config.train.prompt_lr, config.train.schedule,
+                config.data.augment, config.p4q.n_ctx) == (32, 0.002, "coop", "coop", 16)
     with pytest.raises(ValueError, match="ablation 'nope' unknown"):
         ablations.get_config("nope")
 

@@ -193,18 +193,19 @@ def test_registry_info_with_both_template_choices(pets_root):
 
 def test_p4q_through_main_on_a_coop_layout(pets_root, tmp_path, tiny_checkpoint):
     workdir = tmp_path / "run"
+    # CoOp's recipe with P4Q on top (SGD with momentum, per-epoch schedule, random crops).
     main_runner.run_main([
-        "--config=configs/p4q.py", "--config.data.name=coop/oxford_pets",
+        "--config=configs/coop_fewshot.py:p4q_w8a8", "--config.data.name=coop/oxford_pets",
         f"--config.data.root={pets_root}", "--config.data.num_shots=4",
-        "--config.data.shot_seed=2", "--config.data.augment=coop",
-        f"--config.model.checkpoint={tiny_checkpoint}",
+        "--config.data.shot_seed=2", f"--config.model.checkpoint={tiny_checkpoint}",
         "--config.quant.calib_batches=1", "--config.quant.calib_batch_size=8",
         "--config.eval.batch_size=8", "--config.train.batch_size=8",
         "--config.train.num_steps=4", "--config.p4q.n_ctx=4",
         "--config.p4q.adapter_calib_batches=1", f"--workdir={workdir}"], mock_examples=None)
     results = json.loads((workdir / "results.json").read_text())
     assert (results["dataset"], results["num_classes"]) == ("coop/oxford_pets", 3)
-    assert [row["count"] for row in results["rows"]] == [6, 6, 6]  # fp, ptq, p4q on the test list
+    assert [(row["method"], row["count"]) for row in results["rows"]] == [
+        ("fp_zeroshot", 6), ("ptq", 6), ("p4q_w8a8", 6)]  # on the 6 test images
     split = json.loads((pets_root / "oxford_pets/split_zhou_OxfordPets.json").read_text())
     expected = _coop_reference(split, "", num_shots=4, seed=2)
     written = json.loads((workdir / "train_split.json").read_text())

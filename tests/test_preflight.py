@@ -69,6 +69,16 @@ def test_urls_are_kept_as_they_are():
     ({"model__checkpoint": "/no/such/ViT-B-32.pt"}, "model.checkpoint='/no/such/ViT-B-32.pt': "
                                                     "no such file or directory"),
     ({"data__name": "cifar1000"}, "data.name='cifar1000': expected one of"),
+    ({"data__augment": "crop"}, "data.augment='crop': expected one of ['flip', 'coop']"),
+    ({"data__templates": "all"}, "data.templates='all': expected one of ['coop', 'clip']"),
+    ({"train__schedule": "linear"}, "train.schedule='linear': expected one of ['cosine', "
+                                    "'coop']"),
+    ({"train__epochs_from_shots": True, "data__num_shots": 3},
+     "train.epochs_from_shots=True: CoOp's epochs are defined for data.num_shots in "
+     "[1, 2, 4, 8, 16], not 3"),
+    ({"train__prompt_momentum": 1.0}, "train.prompt_momentum=1.0: expected a number in [0, 1)"),
+    ({"train__prompt_weight_decay": -1e-4}, "train.prompt_weight_decay=-0.0001: expected a "
+                                            "number >= 0"),
 ])
 def test_each_bad_field_is_named_with_what_is_allowed(tmp_path, fields, expected):
     assert expected in _problems(_p4q(**fields), tmp_path)

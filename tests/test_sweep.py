@@ -62,7 +62,7 @@ def test_sweep_runs_main_collects_and_resumes(tmp_path):
     (summary,) = collected["summary"]
     assert summary["n"] == 2 and summary["top1_mean"] == pytest.approx(
         np.mean([r["rows"][0]["top1"] for r in runs]))
-    assert "| synthetic | fp32 | fp_zeroshot |" in (tmp_path / "results.md").read_text()
+    assert "| synthetic | - | fp32 | fp_zeroshot |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "top1_synthetic.png").read_bytes().startswith(b"\x89PNG")
     # Again: the done point is skipped; a bad point fails alone, and says so.
     again = _sweep(tmp_path, "--seeds=0", "--datasets=synthetic,no_such_dataset")
@@ -71,3 +71,58 @@ def test_sweep_runs_main_collects_and_resumes(tmp_path):
     assert "1 of 2 runs failed" in again.stderr
     assert "data.name='no_such_dataset': expected one of" in (
         tmp_path / "zeroshot/no_such_dataset/seed0/main.log").read_text()
+
+
+def _preset(out, *args):
+    return subprocess.run(
+        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), f"--out={out}",
+         "--preset=coop_fewshot", *args],
+        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
+
+
+def test_coop_preset_is_coops_grid(tmp_path):
+    done = _preset(tmp_path, "--dry_run", "--set=data.root=/data")
+    assert done.returncode == 0, done.stderr[-3000:]
+    commands = done.stdout.splitlines()
+    assert len(commands) == 3 * 11 * 5 * 3  # variants x datasets x shots x seeds
+    (command,) = [c for c in commands if f"--workdir={tmp_path}/coop_fewshot_p4q_w8a8/coop/dtd/"
+                  "4shots/seed2 " in c]
+    assert command.endswith("configs/coop_fewshot.py:p4q_w8a8 "
+                            f"--workdir={tmp_path}/coop_fewshot_p4q_w8a8/coop/dtd/4shots/seed2 "
+                            "--config.data.name=coop/dtd --config.data.num_shots=4 "
+                            "--config.seed=2 --config.data.shot_seed=2 --config.data.root=/data")
+
+
+def _fake_run(out, variant, dataset, shots, seed, rows):
+    workdir = out / f"coop_fewshot_{variant}" / dataset / f"{shots}shots" / f"seed{seed}"
+    workdir.mkdir(parents=True)
+    (workdir / "results.json").write_text(json.dumps({"dataset": dataset, "rows": [
+        {"method": m, "qconfig": q, "top1": t, "top5": 100.0} for m, q, t in rows]}))
+
+
+def test_coop_tables_and_figure_from_results(tmp_path):
+    # Two datasets, shots 1 and 2, seeds 1 and 2; CoOp-FP and P4Q w8a8 runs.
+    for shots in (1, 2):
+        for seed in (1, 2):
+            for dataset, base in (("coop/dtd", 40.0), ("coop/eurosat", 60.0)):
+                coop = base + 10 * shots + seed  # seeds 1, 2 -> mean +0.5, std 0.5
+                _fake_run(tmp_path, "coop_fp", dataset, shots, seed,
+                          [("fp_zeroshot", None, base), ("coop_fp", None, coop)])
+                _fake_run(tmp_path, "p4q_w8a8", dataset, shots, seed,
+                          [("fp_zeroshot", None, base), ("ptq", "w8a8", base - 5),
+                           ("p4q_w8a8", "w8a8", coop - 2 * seed)])
+    done = _preset(tmp_path, "--collect_only", "--datasets=coop/dtd,coop/eurosat",
+                   "--shots=1,2", "--seeds=1,2",
+                   "--methods=configs/coop_fewshot.py:coop_fp,configs/coop_fewshot.py:p4q_w8a8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "results.md").read_text()
+    assert "## 2 shots: top-1 (%), mean +- std over seeds" in text
+    table = text[text.index("## 2 shots"):].split("\n\n")[1]
+    assert "| method | coop/dtd | coop/eurosat | average |" in table
+    assert "| zero-shot CLIP | 40.00 +- 0.00 | 60.00 +- 0.00 | 50.00 |" in table
+    assert "| coop_fp | 61.50 +- 0.50 | 81.50 +- 0.50 | 71.50 |" in table
+    # P4Q: coop - 2 * seed -> seeds give 59, 58 (dtd): mean 58.5, std 0.5.
+    assert "| p4q_w8a8 | 58.50 +- 0.50 | 78.50 +- 0.50 | 68.50 |" in table
+    assert "| ptq w8a8 | 35.00 +- 0.00 | 55.00 +- 0.00 | 45.00 |" in table
+    assert (tmp_path / "top1_vs_shots.png").read_bytes().startswith(b"\x89PNG")

@@ -43,6 +43,16 @@ def get_config():
     config.train.adapter_eps = 1e-4
     config.train.adapter_weight_decay = 0.01
     config.train.warmup_steps = 0
+    # Learning-rate schedule: "cosine" (per step, with warmup_steps) or "coop" (CoOp's: per
+    # epoch, warmup_epochs at the constant warmup_lr, then cosine over the epochs).
+    config.train.schedule = "cosine"
+    config.train.warmup_epochs = 1
+    config.train.warmup_lr = 1e-5
+    config.train.prompt_momentum = 0.0  # the prompts' SGD; CoOp: 0.9
+    config.train.prompt_weight_decay = 0.0  # PyTorch-style (added to the gradient); CoOp: 5e-4
+    # True: CoOp's epochs for data.num_shots (1: 50, 2 and 4: 100, 8 and 16: 200; ImageNet:
+    # 50) instead of train.epochs.
+    config.train.epochs_from_shots = False
     config.train.clip_norm = config_dict.placeholder(float)
     config.train.log_every = 50
 

@@ -90,11 +90,48 @@ def schedules(*, prompt_lr, adapter_lr, total_steps, final_fraction=1e-3, warmup
             "adapter": schedule(adapter_lr, 0.0)}
 
 
+SCHEDULES = ("cosine", "coop")  # config.train.schedule: `schedules`, `epoch_cosine_schedules`
+# CoOp's epochs by shots (its COOP.md: *_ep50 configs for 1 shot, *_ep100 for 2 and 4, the
+# 200-epoch ones for 8 and 16; *_ep50 for every ImageNet setting).
+COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+COOP_IMAGENET_EPOCHS = 50
+
+
+def epoch_cosine_schedules(*, prompt_lr, adapter_lr, steps_per_epoch, epochs, warmup_epochs=1,
+                           warmup_lr=1e-5):
+    """CoOp's schedules {"context", "adapter"} (Dassl's, stepped once per epoch).
+
+    Epochs [0, warmup_epochs) run at the constant `warmup_lr` (Dassl's
+    ConstantWarmupScheduler); epoch e >= warmup_epochs at peak * (1 + cos(pi * (e -
+    warmup_epochs) / epochs)) / 2: CosineAnnealingLR(T_max=epochs) started afresh after the
+    warm-up (WARMUP_RECOUNT), so it never reaches 0 within `epochs` epochs.
+    """
+
+    def schedule(peak):
+        def lr(step):
+            epoch = step // steps_per_epoch
+            cosine = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * (epoch - warmup_epochs) / epochs))
+            return jnp.where(epoch < warmup_epochs, warmup_lr, cosine)
+        return lr
+
+    return {"context": schedule(prompt_lr), "adapter": schedule(adapter_lr)}
+
+
 def optimizer(lr_schedules, *, adapter_eps=1e-4, adapter_weight_decay=0.01, clip_norm=None,
-              train_prompts=True):
+              train_prompts=True, prompt_momentum=0.0, prompt_weight_decay=0.0):
     """The official optimizers: prompts SGD, adapter AdamW (optionally after global-norm
-    clipping); `train_prompts=False` keeps the context fixed (the adapter-only ablation)."""
-    context = optax.sgd(lr_schedules["context"]) if train_prompts else optax.set_to_zero()
+    clipping); `train_prompts=False` keeps the context fixed (the adapter-only ablation).
+
+    `prompt_momentum` and `prompt_weight_decay` make the prompts' SGD PyTorch's
+    `SGD(momentum=m, weight_decay=wd)` (CoOp's, via Dassl: 0.9 and 5e-4): the decay is
+    added to the gradient before the momentum buffer, whose update is scaled by the current
+    learning rate.
+    """
+    context = optax.set_to_zero()
+    if train_prompts:
+        context = optax.sgd(lr_schedules["context"], momentum=prompt_momentum or None)
+        if prompt_weight_decay:
+            context = optax.chain(optax.add_decayed_weights(prompt_weight_decay), context)
     tx = optax.multi_transform(
         {"context": context,
          "adapter": optax.adamw(lr_schedules["adapter"], eps=adapter_eps,
