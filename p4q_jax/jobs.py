@@ -159,10 +159,37 @@ def _trained_accuracy(job, trained, variables, *, desc):
     return job.accuracy(variables, class_features, desc=desc, step=step)
 
 
+def harmonic_mean(a, b):
+    """CoCoOp's H of base and new top-1 (0 when both are 0)."""
+    return 2 * a * b / (a + b) if a + b else 0.0
+
+
+def _with_new_classes(config, job, rows, qstate, trained):
+    """CoCoOp's base-to-new: every row of a run trained on the base half of the classes is
+    also measured on the new half (its class names and test images; the learned context in
+    front of the new names), with the harmonic mean of the two top-1s."""
+    new_config = config.copy_and_resolve_references()
+    new_config.data.subsample = "new"
+    new = _Job(new_config, model_and_params=(job.model, job.params))
+    fp = new.variables()
+    measured = {"fp_zeroshot": new.accuracy(fp, new.classifier(fp), desc="FP zero-shot, new")}
+    if qstate is not None:
+        q = new.variables(qstate)
+        measured["ptq"] = new.accuracy(q, new.classifier(q), desc="PTQ, new")
+    moved = trained.for_classes(new.info.class_names)
+    measured[config.p4q.method] = _trained_accuracy(
+        new, moved, moved.variables(new.params, parallel.replicate(qstate, new.mesh)),
+        desc=f"{config.p4q.method}, new")
+    return [{**row, "new": measured[row["method"]],
+             "hm": harmonic_mean(row["top1"], measured[row["method"]]["top1"])} for row in rows]
+
+
 def p4q(config, workdir):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
     training curves, and the exact training images in train_split.json. With
-    `p4q.quantize=False` the FP model is trained (CoOp baseline)."""
+    `p4q.quantize=False` the FP model is trained (CoOp baseline). Trained on the base half
+    of a CoOp dataset's classes (`data.subsample="base"`), each row also holds its accuracy on
+    the new half ("new") and the harmonic mean ("hm")."""
     workdir = pathlib.Path(workdir)
     export_dir = trained_lib.export_dir(config, workdir)
     if jax.process_index() == 0:
@@ -178,6 +205,8 @@ def p4q(config, workdir):
     variables = out.trained.variables(job.params, qstate)
     rows.append({"method": config.p4q.method, "qconfig": qconfig,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
+    if config.data.get("subsample", "all") == "base":
+        rows = _with_new_classes(config, job, rows, qstate, out.trained)
     writer = results.metric_writer(workdir)
     writer.write_scalars(out.history[-1]["step"] if out.history else 0, {
         f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
@@ -197,13 +226,18 @@ def evaluate_export(config, workdir):
     path = trained_lib.export_dir(config, workdir)
     model, params, qstate, trained = trained_lib.load(path)
     job = _Job(config, model_and_params=(model, params))
-    if tuple(job.info.class_names) != trained.class_names:
-        raise ValueError(f"the export in {path} was trained on {len(trained.class_names)} "
-                         f"classes that are not {config.data.name}'s {len(job.info.class_names)}")
+    transfer = tuple(job.info.class_names) != trained.class_names
+    if transfer:
+        logging.info("%s: the learned context goes in front of its %d class names (the export "
+                     "was trained on %d others)", config.data.name, len(job.info.class_names),
+                     len(trained.class_names))
+        trained = trained.for_classes(job.info.class_names)
     variables = trained.variables(job.params, parallel.replicate(qstate, job.mesh))
     metrics = _trained_accuracy(job, trained, variables, desc="P4Q eval")
-    row = {"method": "p4q", "qconfig": None if qstate is None else qstate.config.name, **metrics}
-    return job.finish(workdir, job.results("eval", [row], export=str(path)))
+    row = {"method": config.p4q.method, "qconfig": None if qstate is None else qstate.config.name,
+           **metrics}
+    return job.finish(workdir, job.results("eval", [row], export=str(path),
+                                           transfer=transfer))
 
 
 _DEMO_NAMES = {"fp_zeroshot": "FP zero-shot", "ptq": "PTQ", "p4q": "P4Q"}

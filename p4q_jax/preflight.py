@@ -150,6 +150,10 @@ def _data(config, problems):
     problems.at_least("data.num_shots", cfg.num_shots, 0)
     problems.one_of("data.augment", cfg.augment, data.AUGMENTATIONS)
     problems.one_of("data.templates", cfg.templates, data.coop.TEMPLATE_CHOICES)
+    problems.one_of("data.subsample", cfg.subsample, data.coop.SUBSAMPLES)
+    if cfg.subsample != "all" and not str(cfg.name).startswith(data.coop.PREFIX):
+        problems.add("data.subsample", cfg.subsample, "base/new halves are defined for the "
+                     "coop/<name> datasets only")
     if cfg.name == "folder" and cfg.folder and not os.path.isdir(cfg.folder):
         problems.add("data.folder", cfg.folder, "no such directory")
     if cfg.manual_dir and "://" not in cfg.manual_dir and not os.path.isdir(cfg.manual_dir):
@@ -251,6 +255,11 @@ def check(config, workdir, *, mode):
     _batch(problems, "eval.text_batch_size", config.eval.text_batch_size, shards)
     if mode in ("ptq", "p4q", "demo"):
         _quant(config, problems, shards)
+        name = str(config.data.name)
+        if name.startswith(data.coop.PREFIX) and \
+                name.removeprefix(data.coop.PREFIX) in data.coop.TEST_ONLY:
+            problems.add("data.name", name, f"a test-only dataset cannot calibrate or train "
+                         f"the {mode} job; evaluate an export on it with --mode=eval")
     if mode in ("p4q", "demo"):
         if "p4q" not in config:
             problems.add("mode", mode, "needs a config with p4q/train/loss sections, e.g. "

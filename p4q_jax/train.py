@@ -109,8 +109,9 @@ def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_
     cfg = config.speed
     key = features_lib.fingerprint(
         checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
-        data={k: config.data[k] for k in ("name", "num_shots", "shot_seed", "folder",
-                                          "synthetic_classes", "synthetic_examples")},
+        data={k: config.data.get(k) for k in ("name", "num_shots", "shot_seed", "folder",
+                                              "root", "subsample", "synthetic_classes",
+                                              "synthetic_examples")},
         image_size=image_size,
         quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
     directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"

@@ -1,6 +1,5 @@
 """CoOp's datasets (`data.coop`) against CoOp's and Dassl's rules, reimplemented here."""
 
-import collections
 import json
 import os
 import random
@@ -11,7 +10,7 @@ from p4q_jax import data
 from p4q_jax.data import coop
 
 import coop_layout
-import main_runner
+import coop_reference
 
 PETS = ["abyssinian", "american_bulldog", "basset_hound"]
 
@@ -22,32 +21,6 @@ def _pets_root(tmp_path):
     coop_layout.split_dataset(tmp_path, "oxford_pets", "images", "split_zhou_OxfordPets.json",
                               PETS, {"train": [6, 3, 7], "val": [6, 2, 5], "test": 2})
     return tmp_path
-
-
-def _dassl_fewshot(items, num_shots):
-    """Dassl's `DatasetBase.generate_fewshot_dataset` (repeat=False), global `random`."""
-    tracker = collections.defaultdict(list)
-    for item in items:
-        tracker[item[1]].append(item)
-    dataset = []
-    for _, group in tracker.items():
-        dataset.extend(random.sample(group, num_shots) if len(group) >= num_shots else group)
-    return dataset
-
-
-def _coop_reference(split, image_dir, num_shots, seed):
-    """What CoOp's OxfordPets(cfg) holds: read_split, then set_random_seed's random.seed
-    followed by the two few-shot draws (train, then val with min(k, 4))."""
-    state = random.getstate()
-    try:
-        random.seed(seed)
-        lists = {k: [(os.path.join(image_dir, p), y, c) for p, y, c in split[k]]
-                 for k in ("train", "val", "test")}
-        lists["train"] = _dassl_fewshot(lists["train"], num_shots)
-        lists["val"] = _dassl_fewshot(lists["val"], min(num_shots, 4))
-        return lists
-    finally:
-        random.setstate(state)
 
 
 def test_split_file_read_as_coop_reads_it(pets_root):
@@ -67,7 +40,7 @@ def test_split_file_read_as_coop_reads_it(pets_root):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fewshot_subsets_equal_dasslss_draw(pets_root, num_shots, seed):
     split = json.loads((pets_root / "oxford_pets/split_zhou_OxfordPets.json").read_text())
-    expected = _coop_reference(split, str(pets_root / "oxford_pets/images"), num_shots, seed)
+    expected = coop_reference.coop_lists(split, str(pets_root / "oxford_pets/images"), num_shots, seed)
     d = coop.load(str(pets_root), "oxford_pets", num_shots=num_shots, seed=seed)
     assert [tuple(r) for r in d.train] == expected["train"]
     assert [tuple(r) for r in d.val] == expected["val"]
@@ -108,7 +81,7 @@ def test_imagenet_from_class_folders_and_classnames_txt(tmp_path):
             for file in os.listdir(image_dir / f)]
     state = random.getstate()
     random.seed(1)
-    expected = _dassl_fewshot(full, 2)
+    expected = coop_reference.dassl_fewshot(full, 2)
     random.setstate(state)
     assert [tuple(r) for r in d.train] == expected
 
@@ -189,28 +162,3 @@ def test_registry_info_with_both_template_choices(pets_root):
     assert coop.templates("dtd") == ("{} texture.",)
     with pytest.raises(ValueError, match="needs CoOp's data folder"):
         data.get_info("coop/oxford_pets")
-
-
-def test_p4q_through_main_on_a_coop_layout(pets_root, tmp_path, tiny_checkpoint):
-    workdir = tmp_path / "run"
-    # CoOp's recipe with P4Q on top (SGD with momentum, per-epoch schedule, random crops).
-    main_runner.run_main([
-        "--config=configs/coop_fewshot.py:p4q_w8a8", "--config.data.name=coop/oxford_pets",
-        f"--config.data.root={pets_root}", "--config.data.num_shots=4",
-        "--config.data.shot_seed=2", f"--config.model.checkpoint={tiny_checkpoint}",
-        "--config.quant.calib_batches=1", "--config.quant.calib_batch_size=8",
-        "--config.eval.batch_size=8", "--config.train.batch_size=8",
-        "--config.train.num_steps=4", "--config.p4q.n_ctx=4",
-        "--config.p4q.adapter_calib_batches=1", f"--workdir={workdir}"], mock_examples=None)
-    results = json.loads((workdir / "results.json").read_text())
-    assert (results["dataset"], results["num_classes"]) == ("coop/oxford_pets", 3)
-    assert [(row["method"], row["count"]) for row in results["rows"]] == [
-        ("fp_zeroshot", 6), ("ptq", 6), ("p4q_w8a8", 6)]  # on the 6 test images
-    split = json.loads((pets_root / "oxford_pets/split_zhou_OxfordPets.json").read_text())
-    expected = _coop_reference(split, "", num_shots=4, seed=2)
-    written = json.loads((workdir / "train_split.json").read_text())
-    assert written["image_dir"] == str(pets_root / "oxford_pets/images")
-    assert written["fewshot_source"] == "drawn"
-    assert [tuple(x) for x in written["train"]] == expected["train"]
-    assert [tuple(x) for x in written["val"]] == expected["val"]
-    assert not (workdir / "feature_cache").exists()  # random crops are encoded in the step

@@ -29,6 +29,7 @@ def get_config():
     config.data.folder = config_dict.placeholder(str)  # root of a folder dataset
     config.data.root = config_dict.placeholder(str)  # $DATA of the coop/<name> datasets
     config.data.templates = "coop"  # coop/<name> prompts: "coop" (CoOp's one) | "clip" (ensemble)
+    config.data.subsample = "all"  # coop/<name> classes: all | base | new (CoCoOp's halves)
     config.data.num_shots = 0  # k-shot per class for training; 0 = full training set
     config.data.shot_seed = 1  # the k-shot draw's seed (coop/<name>: CoOp's --seed)
     config.data.flip = True  # random horizontal flips in training

@@ -86,8 +86,20 @@ _SPECS = {
                      classnames.SATELLITE_TEMPLATES, clip_templates.EUROSAT),
     "ucf101": _Spec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "UCF101",
                     classnames.ACTION_TEMPLATES, clip_templates.UCF101),
+    # ImageNet's test-only variants (domain generalization), read as CoOp's imagenet*.py.
+    "imagenetv2": _Spec("imagenetv2", "imagenetv2-matched-frequency-format-val", None,
+                        "ImageNetV2", classnames.PHOTO_TEMPLATES, classnames.IMAGENET_TEMPLATES),
+    "imagenet_sketch": _Spec("imagenet-sketch", "images", None, "ImageNet-Sketch",
+                             classnames.PHOTO_TEMPLATES, classnames.IMAGENET_TEMPLATES),
+    "imagenet_a": _Spec("imagenet-adversarial", "imagenet-a", None, "ImageNet-A",
+                        classnames.PHOTO_TEMPLATES, classnames.IMAGENET_TEMPLATES),
+    "imagenet_r": _Spec("imagenet-rendition", "imagenet-r", None, "ImageNet-R",
+                        classnames.PHOTO_TEMPLATES, classnames.IMAGENET_TEMPLATES),
 }
 NAMES = tuple(_SPECS)
+# Test-only sets: no training or val list (CoOp's train_x is the test list); no few-shot draw.
+TEST_ONLY = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+SUBSAMPLES = ("all", "base", "new")
 PREFIX = "coop/"  # config.data.name = "coop/<name>"
 
 
@@ -231,17 +243,56 @@ def _imagenet_folder(image_dir, split, names, spec):
     return tuple(records)
 
 
+def _imagenet_classnames(dataset_dir, spec):
+    """CoOp's `ImageNet.read_classnames`: classnames.txt lines "<wnid> <name>", in file order."""
+    names = {}
+    for line in _read_text_lines(os.path.join(dataset_dir, "classnames.txt"), spec,
+                                 "ImageNet's folder -> class name list"):
+        folder, _, name = line.partition(" ")
+        names[folder] = name
+    return names
+
+
+def _imagenet_variant(dataset_dir, image_dir, spec, name):
+    """CoOp's imagenetv2.py / imagenet_sketch.py / imagenet_a.py / imagenet_r.py: one test list.
+
+    V2: folders "0".."999" are the labels, named by classnames.txt's line order. Sketch, A and
+    R: the sorted wnid folders (A and R: 200 of ImageNet's classes, README.txt skipped) get
+    labels 0..n-1 and their names from classnames.txt.
+    """
+    names = _imagenet_classnames(dataset_dir, spec)
+    if not os.path.isdir(image_dir):
+        raise _missing(image_dir, f"the {name} images in class folders", spec)
+    records = []
+    if name == "imagenetv2":
+        wnids = list(names)
+        for label in range(len(wnids)):
+            class_dir = os.path.join(image_dir, str(label))
+            if not os.path.isdir(class_dir):
+                raise _missing(class_dir, f"ImageNetV2's folder of class {label}", spec)
+            records += [Record(os.path.join(class_dir, f), label, names[wnids[label]])
+                        for f in os.listdir(class_dir) if not f.startswith(".")]
+        return tuple(records)
+    folders = sorted(f for f in os.listdir(image_dir)
+                     if not f.startswith(".") and f != "README.txt")
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise DataError(f"{image_dir}: class folders {unknown[:5]} are not in "
+                        f"{os.path.join(dataset_dir, 'classnames.txt')}.")
+    for label, folder in enumerate(folders):
+        class_dir = os.path.join(image_dir, folder)
+        records += [Record(os.path.join(class_dir, f), label, names[folder])
+                    for f in os.listdir(class_dir) if not f.startswith(".")]
+    return tuple(records)
+
+
 def _imagenet(dataset_dir, image_dir, spec):
     preprocessed = os.path.join(dataset_dir, "preprocessed.pkl")
     if os.path.isfile(preprocessed):
         logging.info("CoOp ImageNet: reading the lists of %s", preprocessed)
         lists = _read_pickle(preprocessed, ("train", "test"))
         return lists["train"], lists["test"], lists["test"]
-    names = {}
-    for line in _read_text_lines(os.path.join(dataset_dir, "classnames.txt"), spec,
-                                 "the folder -> class name list"):
-        folder, _, name = line.partition(" ")
-        names[folder] = name
+    names = _imagenet_classnames(dataset_dir, spec)
     train = _imagenet_folder(image_dir, "train", names, spec)
     test = _imagenet_folder(image_dir, "val", names, spec)
     return train, test, test
@@ -330,6 +381,9 @@ def _full_lists(root, name):
     image_dir = os.path.join(dataset_dir, spec.images)
     if name == "imagenet":
         lists = _imagenet(dataset_dir, image_dir, spec)
+    elif name in TEST_ONLY:
+        test = _imagenet_variant(dataset_dir, image_dir, spec, name)
+        lists = test, (), test
     elif name == "fgvc_aircraft":
         lists = _fgvc_aircraft(dataset_dir, image_dir, spec)
     else:
@@ -347,6 +401,22 @@ def _class_names(train, name):
     return tuple(classnames.readable(names[label]) for label in range(n))
 
 
+def subsample_classes(lists, subsample):
+    """CoOp's `subsample_classes`: the sorted labels of the first list (train) split in half,
+    ceil(n / 2) "base" then the "new" rest; each list keeps its records of the chosen half,
+    relabelled 0..m-1 in label order. "all" returns the lists as they are."""
+    if subsample not in SUBSAMPLES:
+        raise DataError(f"subsample={subsample!r}: expected one of {list(SUBSAMPLES)}.")
+    if subsample == "all":
+        return lists
+    labels = sorted({r.label for r in lists[0]})
+    half = -(-len(labels) // 2)
+    selected = labels[:half] if subsample == "base" else labels[half:]
+    relabel = {label: i for i, label in enumerate(selected)}
+    return tuple(tuple(Record(r.impath, relabel[r.label], r.classname) for r in records
+                       if r.label in relabel) for records in lists)
+
+
 def _check_images(lists, name):
     for split, records in zip(("train", "val", "test"), lists):
         missing = [r.impath for r in records if not os.path.isfile(r.impath)]
@@ -357,14 +427,17 @@ def _check_images(lists, name):
 
 
 @functools.lru_cache(maxsize=16)
-def load(root, name, *, num_shots=0, seed=1):
+def load(root, name, *, num_shots=0, seed=1, subsample="all"):
     """The train, val and test lists that CoOp builds for `name` under `root` (its `$DATA`).
 
     Args:
         root: the folder holding the datasets in CoOp's layout (`DATASETS.md`).
         name: one of `NAMES` (a "coop/" prefix is accepted).
         num_shots: images per class in train (val: min(num_shots, 4)); 0: the full lists.
+            Ignored for the test-only ImageNet variants (`TEST_ONLY`), as in CoOp.
         seed: the few-shot draw's seed (CoOp's `--seed`: 1, 2, 3 in its scripts).
+        subsample: "all" classes, or CoCoOp's "base" / "new" half (`subsample_classes`,
+            applied after the few-shot draw).
 
     Returns:
         CoopData. Raises DataError naming the file when something is missing or malformed,
@@ -376,7 +449,7 @@ def load(root, name, *, num_shots=0, seed=1):
     root = os.path.abspath(os.path.expanduser(root))
     dataset_dir, image_dir, (train, val, test) = _full_lists(root, name)
     source = None
-    if num_shots >= 1:
+    if num_shots >= 1 and name not in TEST_ONLY:
         source = os.path.join(dataset_dir, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
         keys = ("train",) if name == "imagenet" else ("train", "val")
         if os.path.isfile(source):
@@ -395,7 +468,7 @@ def load(root, name, *, num_shots=0, seed=1):
             source = "drawn"
             logging.info("CoOp %s: %d-shot subset of seed %d drawn as Dassl does (%d train, "
                          "%d val images)", name, num_shots, seed, len(train), len(val))
-    lists = (train, val, test)
+    train, val, test = lists = subsample_classes((train, val, test), subsample)
     _check_images(lists, name)
     names = _class_names(train, name)
     for split, records in zip(("val", "test"), (val, test)):

@@ -181,7 +181,7 @@ def _source(cfg, info):
         return _FolderSource(info.root, classes)
     if info.name.startswith(coop.PREFIX):
         return _CoopSource(coop.load(info.root, info.name, num_shots=cfg.num_shots,
-                                     seed=cfg.shot_seed))
+                                     seed=cfg.shot_seed, subsample=cfg.get("subsample", "all")))
     return _TfdsSource(info, cfg.data_dir, cfg.manual_dir)
 
 

@@ -145,7 +145,7 @@ def _tfds_info(name, spec, data_dir):
 
 
 def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10, root=None,
-             num_shots=0, shot_seed=1, templates="coop"):
+             num_shots=0, shot_seed=1, templates="coop", subsample="all"):
     """The DatasetInfo for a dataset name (see `NAMES`). Reads no images, downloads nothing.
 
     Args:
@@ -156,13 +156,16 @@ def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10, root=Non
         root: CoOp's `$DATA`, for "coop/<name>" (whose split files are read, see `coop.load`).
         num_shots, shot_seed: the few-shot subset, for "coop/<name>".
         templates: "coop" (CoOp's single template) or "clip" (CLIP's ensemble), for "coop/<name>".
+        subsample: "all", "base" or "new" classes (CoCoOp's halves), for "coop/<name>".
     """
     if name.startswith(coop.PREFIX):
         if not root:
             raise ValueError(f"Dataset {name!r} needs CoOp's data folder (config.data.root).")
-        loaded = coop.load(root, name, num_shots=num_shots, seed=shot_seed)
+        loaded = coop.load(root, name, num_shots=num_shots, seed=shot_seed, subsample=subsample)
+        test_only = coop.spec_name(name) in coop.TEST_ONLY
         return DatasetInfo(
-            name=name, tfds_name=None, train_split="train", test_split="test",
+            name=name, tfds_name=None, train_split=None if test_only else "train",
+            test_split="test",
             class_names=loaded.class_names, templates=coop.templates(name, templates), root=root)
     if name == "synthetic":
         return DatasetInfo(
@@ -188,7 +191,8 @@ def info_from_config(cfg):
     return get_info(
         cfg.name, data_dir=cfg.data_dir, folder=cfg.folder,
         synthetic_classes=cfg.synthetic_classes, root=cfg.get("root"),
-        num_shots=cfg.num_shots, shot_seed=cfg.shot_seed, templates=cfg.get("templates", "coop"))
+        num_shots=cfg.num_shots, shot_seed=cfg.shot_seed, templates=cfg.get("templates", "coop"),
+        subsample=cfg.get("subsample", "all"))
 
 
 def prompts(class_names, templates):

@@ -48,6 +48,20 @@ class Trained:
         return prompts_lib.build(self.class_names, n_ctx=self.context.shape[-2],
                                  position=self.position)
 
+    def for_classes(self, class_names):
+        """The same learned context and adapter in front of other class names (cross-dataset
+        transfer, CoCoOp's new classes). A class-specific context has one context per
+        training class and no context for any other: refused."""
+        class_names = tuple(class_names)
+        if class_names == self.class_names:
+            return self
+        if self.context.ndim == 3:
+            raise ValueError(
+                f"this model learned a class-specific context (one per each of its "
+                f"{len(self.class_names)} training classes), which cannot be put in front of "
+                f"other class names; train with p4q.class_specific=False to transfer it.")
+        return dataclasses.replace(self, class_names=class_names)
+
     def variables(self, params, qstate):
         """The pytree the jitted evaluation functions take."""
         return {"params": params, "qstate": qstate, "context": self.context,
