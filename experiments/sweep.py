@@ -21,8 +21,13 @@ Methods are config files: a name in `METHODS`, or a path (`configs/x.py` or `con
 datasets x shots {1, 2, 4, 8, 16} x seeds {1, 2, 3}, each seed both `seed` and the few-shot
 draw's `data.shot_seed`, as CoOp's `--seed`. With a shots axis the report adds, per shots,
 CoOp's table (method x dataset, mean +- std over seeds, and the average over datasets) and
-OUT/top1_vs_shots.png (a panel per dataset and one for the average). Flags given explicitly
-replace the preset's axes.
+OUT/top1_vs_shots.png (a panel per dataset and one for the average). `--preset=base_to_new`
+trains on the base half of each dataset's classes (16 shots) and writes CoCoOp's base / new /
+H tables and OUT/base_to_new.png. `--preset=cross_dataset` and `--preset=domain_generalization`
+train on 16-shot ImageNet, evaluate each export (`--mode=eval`, in the run's transfer/<target>/)
+on the 10 other datasets or on ImageNet-V2, -Sketch, -A and -R, run zero-shot CLIP on every
+target, and write the transfer table (source, targets, target average) and OUT/transfer.png.
+Flags given explicitly replace the preset's axes.
 """
 import collections
 import dataclasses
@@ -51,16 +56,45 @@ METHODS = {
     "adapter_only": "configs/ablations.py:adapter_only",
     "no_distillation": "configs/ablations.py:no_distillation",
 }
+_FEWSHOT_METHODS = ["configs/coop_fewshot.py:coop_fp", "configs/coop_fewshot.py:p4q_w8a8",
+                    "configs/coop_fewshot.py:p4q_w4a4attn8"]
 COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
                  "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 PRESETS = {
     "coop_fewshot": {
-        "methods": ["configs/coop_fewshot.py:coop_fp", "configs/coop_fewshot.py:p4q_w8a8",
-                    "configs/coop_fewshot.py:p4q_w4a4attn8"],
+        "methods": _FEWSHOT_METHODS,
         "datasets": [f"coop/{name}" for name in COOP_DATASETS],
         "shots": ["1", "2", "4", "8", "16"],
         "seeds": ["1", "2", "3"],
         "seed_fields": ("seed", "data.shot_seed"),
+    },
+    # CoCoOp's base-to-new: 16 shots of the base half; each run also tests the new half.
+    "base_to_new": {
+        "methods": _FEWSHOT_METHODS,
+        "datasets": [f"coop/{name}" for name in COOP_DATASETS],
+        "shots": ["16"],
+        "seeds": ["1", "2", "3"],
+        "seed_fields": ("seed", "data.shot_seed"),
+        "set": ["data.subsample=base"],
+    },
+    # CoCoOp's cross-dataset transfer: trained on 16-shot ImageNet, evaluated on the others.
+    "cross_dataset": {
+        "methods": _FEWSHOT_METHODS,
+        "datasets": ["coop/imagenet"],
+        "shots": ["16"],
+        "seeds": ["1", "2", "3"],
+        "seed_fields": ("seed", "data.shot_seed"),
+        "transfer_to": [f"coop/{name}" for name in COOP_DATASETS if name != "imagenet"],
+    },
+    # Domain generalization: the same ImageNet runs on ImageNet's test-only variants.
+    "domain_generalization": {
+        "methods": _FEWSHOT_METHODS,
+        "datasets": ["coop/imagenet"],
+        "shots": ["16"],
+        "seeds": ["1", "2", "3"],
+        "seed_fields": ("seed", "data.shot_seed"),
+        "transfer_to": ["coop/imagenetv2", "coop/imagenet_sketch", "coop/imagenet_a",
+                        "coop/imagenet_r"],
     },
 }
 
@@ -87,8 +121,15 @@ class Point:
     seed: int | None
     shots: int | None = None
     seed_fields: tuple = ("seed",)  # the config fields the seed sets
+    source: "Point | None" = None  # set: the source point's export evaluated on `dataset`
+
+    @property
+    def results_file(self):
+        return "eval_results.json" if self.source else "results.json"
 
     def workdir(self, out):
+        if self.source:
+            return self.source.workdir(out) / "transfer" / self.dataset.replace("/", "_")
         method = self.method.replace("configs/", "").replace(".py", "").replace(":", "_")
         parts = [method, self.dataset, self.qconfig,
                  None if self.shots is None else f"{self.shots}shots",
@@ -99,6 +140,9 @@ class Point:
         config = METHODS.get(self.method, self.method)
         argv = [sys.executable, str(REPO / "main.py"), f"--config={REPO / config}",
                 f"--workdir={self.workdir(out)}"]
+        if self.source:
+            argv += ["--mode=eval",
+                     f"--config.p4q.export_dir={self.source.workdir(out) / 'export'}"]
         fields = [("data.name", self.dataset), ("quant.config", self.qconfig),
                   ("data.num_shots", self.shots)]
         fields += [(field, self.seed) for field in self.seed_fields]
@@ -117,11 +161,11 @@ def grid(methods, datasets, qconfigs, seeds, shots=(), seed_fields=("seed",)):
 
 
 def run_points(points, out, extra=()):
-    """Runs each point's main.py whose results.json is missing -> the points that failed."""
+    """Runs each point's main.py whose results file is missing -> the points that failed."""
     failed = []
     for i, point in enumerate(points):
         workdir = point.workdir(out)
-        if (workdir / "results.json").exists():
+        if (workdir / point.results_file).exists():
             logging.info("[%d/%d] %s: done before, skipped", i + 1, len(points), workdir)
             continue
         workdir.mkdir(parents=True, exist_ok=True)
@@ -142,17 +186,20 @@ def collect(points, out):
     """Every row of every finished point -> a list of flat records (one per row)."""
     records = []
     for point in points:
-        path = point.workdir(out) / "results.json"
+        path = point.workdir(out) / point.results_file
         if not path.exists():
             continue
         run = json.loads(path.read_text())
         for row in run["rows"]:
             records.append({
                 "method": point.method, "dataset": run["dataset"],
+                "source": point.source.dataset if point.source else None,
                 "qconfig": row.get("qconfig") or "fp32",
                 "seed": point.seed, "shots": point.shots, "row": row["method"],
-                "top1": row["top1"],
-                "top5": row["top5"], "workdir": str(point.workdir(out))})
+                "top1": row["top1"], "top5": row["top5"],
+                # base-to-new runs: the accuracy on the new half and the harmonic mean
+                "new_top1": row["new"]["top1"] if "new" in row else None, "hm": row.get("hm"),
+                "workdir": str(point.workdir(out))})
     return records
 
 
@@ -174,6 +221,11 @@ def summarize(records):
                         "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
                         "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
                         "n": len(by_seed)})
+        if all(m.get("new_top1") is not None for m in by_seed.values()):
+            for key in ("new_top1", "hm"):
+                values = np.array([m[key] for m in by_seed.values()])
+                summary[-1].update({f"{key}_mean": float(values.mean()),
+                                    f"{key}_std": float(values.std())})
     return summary
 
 
@@ -205,6 +257,69 @@ def shots_tables(summary):
     return tables
 
 
+def base_to_new_tables(summary):
+    """CoCoOp's tables: {dataset or "average": (header, rows)}, a row per method with base,
+    new and H top-1 (mean +- std over seeds); the average is over datasets (H of the two
+    averages, as CoCoOp)."""
+    entries = [s for s in summary if "new_top1_mean" in s]
+    datasets = list(dict.fromkeys(s["dataset"] for s in entries))
+    header = ["method", "base", "new", "H"]
+    tables = {}
+    for dataset in datasets:
+        tables[dataset] = (header, [
+            [method_label(s), f"{s['top1_mean']:.2f} +- {s['top1_std']:.2f}",
+             f"{s['new_top1_mean']:.2f} +- {s['new_top1_std']:.2f}",
+             f"{s['hm_mean']:.2f} +- {s['hm_std']:.2f}"]
+            for s in entries if s["dataset"] == dataset])
+    rows = []
+    for label in dict.fromkeys(method_label(s) for s in entries):
+        mine = [s for s in entries if method_label(s) == label]
+        if len(mine) != len(datasets):
+            continue
+        base = float(np.mean([s["top1_mean"] for s in mine]))
+        new = float(np.mean([s["new_top1_mean"] for s in mine]))
+        rows.append([label, f"{base:.2f}", f"{new:.2f}",
+                     f"{2 * base * new / (base + new) if base + new else 0.0:.2f}"])
+    if entries:
+        tables["average"] = (header, rows)
+    return tables
+
+
+def with_transfers(points, targets):
+    """`points`, then each one's export evaluated on every target, then zero-shot CLIP on
+    every target (the training runs hold the source's zero-shot and PTQ rows)."""
+    transfers = [dataclasses.replace(p, dataset=t, source=p) for p in points for t in targets]
+    zeroshots = [Point("zeroshot", t, None, None) for t in targets]
+    return [*points, *transfers, *zeroshots]
+
+
+def transfer_table(summary, sources, targets):
+    """The cross-dataset / DG table: a row per method, columns the source(s), each target and
+    the targets' average (mean +- std over seeds; "-" where a method has no value)."""
+    value = {}
+    for s in summary:
+        value.setdefault((method_label(s), s["dataset"]), s)
+    datasets = [*sources, *targets]
+    rows, plotted = [], {}
+    for label in dict.fromkeys(method_label(s) for s in summary):
+        cells = [value.get((label, d)) for d in datasets]
+        means = [c["top1_mean"] for c, d in zip(cells, datasets) if c and d in targets]
+        average = float(np.mean(means)) if len(means) == len(targets) else None
+        rows.append([label, *(f"{c['top1_mean']:.2f} +- {c['top1_std']:.2f}" if c else "-"
+                              for c in cells), "-" if average is None else f"{average:.2f}"])
+        plotted[label] = [c["top1_mean"] if c else None for c in cells] + [average]
+    return ["method", *datasets, "target average"], rows, plotted
+
+
+def plot_base_to_new(path, tables):
+    """Base / new / H bars per method, a chart per dataset and the average, in one PNG."""
+    panels = {}
+    for dataset, (_, rows) in tables.items():
+        panels[dataset] = {row[0]: [float(cell.split(" ")[0]) for cell in row[1:]]
+                           for row in rows}
+    results.plot_bar_panels(path, panels, groups=["base", "new", "H"])
+
+
 def plot_shots(path, summary):
     """Top-1 vs shots: a panel per dataset and one for the average over datasets."""
     labels = list(dict.fromkeys(method_label(s) for s in summary))
@@ -228,12 +343,22 @@ def plot_shots(path, summary):
     results.plot_lines(path, panels, xlabel="shots per class", ylabel="top-1 (%)")
 
 
-def report(records, summary, out):
+def report(records, summary, out, targets=()):
     """Writes OUT/results.md, OUT/results.json and a top-1 chart per dataset (with a shots
-    axis: CoOp's tables and OUT/top1_vs_shots.png) -> the markdown."""
+    axis: CoOp's tables and OUT/top1_vs_shots.png; with transfer `targets`: the transfer
+    table and OUT/transfer.png) -> the markdown."""
     out = pathlib.Path(out)
     text = ""
-    for shots, (header, rows) in shots_tables(summary).items():
+    if targets:
+        sources = list(dict.fromkeys(r["source"] for r in records if r["source"]))
+        header, rows, plotted = transfer_table(summary, sources, list(targets))
+        text += ("## Transfer from " + ", ".join(sources) + ": top-1 (%), mean +- std over "
+                 "seeds\n\n" + results.markdown_table(header, rows) + "\n")
+    b2n = base_to_new_tables(summary)
+    for dataset, (header, rows) in b2n.items():
+        text += (f"## Base-to-new, {dataset}: top-1 (%), mean +- std over seeds\n\n"
+                 + results.markdown_table(header, rows) + "\n")
+    for shots, (header, rows) in ({} if b2n or targets else shots_tables(summary)).items():
         text += (f"## {shots} shots: top-1 (%), mean +- std over seeds\n\n"
                  + results.markdown_table(header, rows) + "\n")
     text += "## Mean +- standard deviation over seeds\n\n" + results.markdown_table(
@@ -247,6 +372,13 @@ def report(records, summary, out):
           r["seed"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", r["workdir"]] for r in records])
     results.write_text(out / "results.md", text)
     results.write_json(out / "results.json", {"summary": summary, "runs": records})
+    if targets:
+        results.plot_bars(out / "transfer.png", header[1:], plotted,
+                          title="top-1 (mean over seeds)")
+        return text
+    if b2n:
+        plot_base_to_new(out / "base_to_new.png", b2n)
+        return text
     if any(s["shots"] is not None for s in summary):
         plot_shots(out / "top1_vs_shots.png", summary)
         return text
@@ -279,15 +411,19 @@ def main(argv):
                              "files under the repository.")
     points = grid(axes["methods"], axes["datasets"], _QCONFIGS.value, axes["seeds"],
                   axes["shots"], preset.get("seed_fields", ("seed",)))
+    targets = preset.get("transfer_to", [])
+    if targets:
+        points = with_transfers(points, targets)
+    extra = [*preset.get("set", ()), *_SET.value]
     if _DRY_RUN.value:
         for point in points:
-            print(" ".join(point.command(_OUT.value, _SET.value)))
+            print(" ".join(point.command(_OUT.value, extra)))
         return 0
-    failed = [] if _COLLECT_ONLY.value else run_points(points, _OUT.value, _SET.value)
+    failed = [] if _COLLECT_ONLY.value else run_points(points, _OUT.value, extra)
     records = collect(points, _OUT.value)
     if not records:
         raise SystemExit(f"no results.json under {_OUT.value} to collect.")
-    print(report(records, summarize(records), _OUT.value))
+    print(report(records, summarize(records), _OUT.value, targets))
     if failed:
         logging.error("%d of %d runs failed: %s", len(failed), len(points),
                       ", ".join(str(p.workdir(_OUT.value)) for p in failed))

@@ -85,6 +85,20 @@ def plot_curves(path, history, *, title=""):
     _save_figure(plt, fig, path)
 
 
+def _bars(axis, groups, series, errors=None):
+    """Grouped bars on `axis`: a group per label in `groups`, a bar per series in each."""
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        errs = (errors or {}).get(name) or [None] * len(values)
+        kept = [(x, v, e or 0.0) for x, v, e in zip(xs, values, errs) if v is not None]
+        bars = axis.bar([k[0] for k in kept], [k[1] for k in kept], width, label=name,
+                        yerr=[k[2] for k in kept] if errors else None, capsize=3)
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+    axis.set_xticks(range(len(groups)), groups)
+    axis.grid(axis="y", alpha=0.3)
+
+
 def plot_bars(path, groups, series, *, errors=None, ylabel="top-1 (%)", title=""):
     """Grouped bars as a PNG, atomically (process 0 only).
 
@@ -98,19 +112,29 @@ def plot_bars(path, groups, series, *, errors=None, ylabel="top-1 (%)", title=""
         return
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(max(5, 1.6 * len(groups) * len(series) / 2 + 2), 4))
-    width = 0.8 / len(series)
-    for i, (name, values) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        errs = (errors or {}).get(name) or [None] * len(values)
-        kept = [(x, v, e or 0.0) for x, v, e in zip(xs, values, errs) if v is not None]
-        bars = axis.bar([k[0] for k in kept], [k[1] for k in kept], width, label=name,
-                        yerr=[k[2] for k in kept] if errors else None, capsize=3)
-        axis.bar_label(bars, fmt="%.1f", fontsize=8)
-    axis.set_xticks(range(len(groups)), groups)
+    _bars(axis, groups, series, errors)
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.legend()
-    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_figure(plt, fig, path)
+
+
+def plot_bar_panels(path, panels, *, groups, ylabel="top-1 (%)"):
+    """`plot_bars`'s grouped bars, one panel per {title: series}, in one PNG (process 0)."""
+    if jax.process_index() != 0:
+        return
+    plt = _pyplot()
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
+    for axis, (title, series) in zip(axes.flat, panels.items()):
+        _bars(axis, groups, series)
+        axis.set_title(title)
+        axis.set_ylabel(ylabel)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     _save_figure(plt, fig, path)
 

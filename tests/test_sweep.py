@@ -73,10 +73,10 @@ def test_sweep_runs_main_collects_and_resumes(tmp_path):
         tmp_path / "zeroshot/no_such_dataset/seed0/main.log").read_text()
 
 
-def _preset(out, *args):
+def _preset(out, *args, preset="coop_fewshot"):
     return subprocess.run(
         [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), f"--out={out}",
-         "--preset=coop_fewshot", *args],
+         f"--preset={preset}", *args],
         cwd=main_runner.REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
 
@@ -126,3 +126,84 @@ def test_coop_tables_and_figure_from_results(tmp_path):
     assert "| p4q_w8a8 | 58.50 +- 0.50 | 78.50 +- 0.50 | 68.50 |" in table
     assert "| ptq w8a8 | 35.00 +- 0.00 | 55.00 +- 0.00 | 45.00 |" in table
     assert (tmp_path / "top1_vs_shots.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_base_to_new_tables_from_results(tmp_path):
+    def run(variant, dataset, seed, rows):
+        workdir = tmp_path / f"coop_fewshot_{variant}" / dataset / "16shots" / f"seed{seed}"
+        workdir.mkdir(parents=True)
+        (workdir / "results.json").write_text(json.dumps({"dataset": dataset, "rows": [
+            {"method": m, "qconfig": q, "top1": b, "top5": 100.0, "new": {"top1": n},
+             "hm": 2 * b * n / (b + n)} for m, q, b, n in rows]}))
+
+    for seed in (1, 2):
+        for dataset, base in (("coop/dtd", 60.0), ("coop/eurosat", 80.0)):
+            run("coop_fp", dataset, seed, [("fp_zeroshot", None, base, base - 10),
+                                           ("coop_fp", None, base + 2 * seed, base - 20)])
+    done = _preset(tmp_path, "--collect_only", "--datasets=coop/dtd,coop/eurosat",
+                   "--seeds=1,2", "--methods=configs/coop_fewshot.py:coop_fp",
+                   preset="base_to_new")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "results.md").read_text()
+    dtd = text[text.index("## Base-to-new, coop/dtd"):].split("\n\n")[1]
+    assert "| method | base | new | H |" in dtd
+    assert "| zero-shot CLIP | 60.00 +- 0.00 | 50.00 +- 0.00 | 54.55 +- 0.00 |" in dtd
+    # CoOp: base 62 and 64 (mean 63, std 1), new 40; H per seed 48.63 and 49.23.
+    assert "| coop_fp | 63.00 +- 1.00 | 40.00 +- 0.00 | 48.93 +- 0.30 |" in dtd
+    average = text[text.index("## Base-to-new, average"):].split("\n\n")[1]
+    # Averages over the two datasets: base (63 + 83) / 2, new (40 + 60) / 2, H of the two.
+    assert "| coop_fp | 73.00 | 50.00 | 59.35 |" in average
+    assert (tmp_path / "base_to_new.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_base_to_new_preset_trains_on_the_base_half(tmp_path):
+    done = _preset(tmp_path, "--dry_run", preset="base_to_new")
+    assert done.returncode == 0, done.stderr[-3000:]
+    commands = done.stdout.splitlines()
+    assert len(commands) == 3 * 11 * 3  # variants x datasets x seeds, 16 shots
+    assert all(" --config.data.num_shots=16 " in c and c.endswith(" --config.data.subsample=base")
+               for c in commands)
+
+
+def test_cross_dataset_preset_evaluates_each_export_on_every_target(tmp_path):
+    done = _preset(tmp_path, "--dry_run", "--set=data.root=/data", preset="cross_dataset")
+    assert done.returncode == 0, done.stderr[-3000:]
+    commands = done.stdout.splitlines()
+    assert len(commands) == 9 + 9 * 10 + 10  # trainings, their transfers, zero-shot targets
+    source = f"{tmp_path}/coop_fewshot_p4q_w8a8/coop/imagenet/16shots/seed3"
+    (transfer,) = [c for c in commands if f"--workdir={source}/transfer/coop_ucf101 " in c]
+    assert " --mode=eval " in transfer and f"--config.p4q.export_dir={source}/export " in transfer
+    assert " --config.data.name=coop/ucf101 " in transfer
+    assert sum("configs/zeroshot.py" in c for c in commands) == 10
+
+
+def test_transfer_table_from_results(tmp_path):
+    def write(workdir, name, dataset, rows):
+        workdir.mkdir(parents=True)
+        (workdir / name).write_text(json.dumps({"dataset": dataset, "rows": [
+            {"method": m, "qconfig": q, "top1": t, "top5": 100.0} for m, q, t in rows]}))
+
+    targets = ["coop/imagenetv2", "coop/imagenet_sketch", "coop/imagenet_a", "coop/imagenet_r"]
+    for seed in (1, 2):
+        run = tmp_path / "coop_fewshot_p4q_w8a8/coop/imagenet/16shots" / f"seed{seed}"
+        write(run, "results.json", "coop/imagenet", [
+            ("fp_zeroshot", None, 60.0), ("ptq", "w8a8", 58.0), ("p4q_w8a8", "w8a8", 62.0 + seed)])
+        for k, target in enumerate(targets):
+            write(run / "transfer" / target.replace("/", "_"), "eval_results.json", target,
+                  [("p4q_w8a8", "w8a8", 40.0 + 10 * k + seed)])
+    for k, target in enumerate(targets):
+        write(tmp_path / "zeroshot" / target, "results.json", target,
+              [("fp_zeroshot", None, 30.0 + 10 * k)])
+    done = _preset(tmp_path, "--collect_only", "--seeds=1,2",
+                   "--methods=configs/coop_fewshot.py:p4q_w8a8", preset="domain_generalization")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "results.md").read_text()
+    table = text[text.index("## Transfer from coop/imagenet"):].split("\n\n")[1]
+    assert ("| method | coop/imagenet | coop/imagenetv2 | coop/imagenet_sketch | "
+            "coop/imagenet_a | coop/imagenet_r | target average |") in table
+    assert ("| zero-shot CLIP | 60.00 +- 0.00 | 30.00 +- 0.00 | 40.00 +- 0.00 | 50.00 +- 0.00 | "
+            "60.00 +- 0.00 | 45.00 |") in table
+    assert ("| p4q_w8a8 | 63.50 +- 0.50 | 41.50 +- 0.50 | 51.50 +- 0.50 | 61.50 +- 0.50 | "
+            "71.50 +- 0.50 | 56.50 |") in table
+    assert "| ptq w8a8 | 58.00 +- 0.00 | - | - | - | - | - |" in table
+    assert (tmp_path / "transfer.png").read_bytes().startswith(b"\x89PNG")
