@@ -120,23 +120,33 @@ def plot_bars(path, groups, series, *, errors=None, ylabel="top-1 (%)", title=""
     _save_figure(plt, fig, path)
 
 
-def plot_bar_panels(path, panels, *, groups, ylabel="top-1 (%)"):
-    """`plot_bars`'s grouped bars, one panel per {title: series}, in one PNG (process 0)."""
-    if jax.process_index() != 0:
-        return
+def _plot_panels(path, panels, draw, *, columns, size):
+    """A grid of panels, `draw(axis, title, series)` each, legend on the first, as a PNG."""
     plt = _pyplot()
-    columns = min(3, len(panels))
+    columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows),
+                             squeeze=False)
     for axis, (title, series) in zip(axes.flat, panels.items()):
-        _bars(axis, groups, series)
-        axis.set_title(title)
-        axis.set_ylabel(ylabel)
+        draw(axis, title, series)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     _save_figure(plt, fig, path)
+
+
+def plot_bar_panels(path, panels, *, groups, ylabel="top-1 (%)"):
+    """`plot_bars`'s grouped bars, one panel per {title: series}, in one PNG (process 0)."""
+    if jax.process_index() != 0:
+        return
+
+    def draw(axis, title, series):
+        _bars(axis, groups, series)
+        axis.set_title(title)
+        axis.set_ylabel(ylabel)
+
+    _plot_panels(path, panels, draw, columns=3, size=(5.5, 3.6))
 
 
 def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
@@ -148,11 +158,8 @@ def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
     """
     if jax.process_index() != 0:
         return
-    plt = _pyplot()
-    columns = min(4, len(panels))
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
-    for axis, (title, series) in zip(axes.flat, panels.items()):
+
+    def draw(axis, title, series):
         for name, points in series.items():
             if points:
                 xs, ys, errs = zip(*points)
@@ -164,8 +171,5 @@ def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(panels):]:
-        axis.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    _save_figure(plt, fig, path)
+
+    _plot_panels(path, panels, draw, columns=4, size=(4, 3.2))
