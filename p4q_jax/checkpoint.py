@@ -52,8 +52,10 @@ def _flatten(tree, prefix=""):
 def fingerprint(config):
     """{dotted field: value} of everything that shapes the train state or the training:
     the seed, the model, quantization, prompts/adapter, optimizer, loss and data fields, and
-    whether the input comes from the feature cache (it orders examples differently)."""
-    fields = {"seed": config.seed, "speed.feature_cache": config.speed.feature_cache}
+    whether the input comes from the feature cache (it orders examples differently) and how
+    many random views it holds."""
+    fields = {"seed": config.seed, "speed.feature_cache": config.speed.feature_cache,
+              "speed.feature_cache_views": config.speed.get("feature_cache_views", 0)}
     for section in _FINGERPRINT_SECTIONS:
         fields.update(_flatten(config[section].to_dict(), f"{section}."))
     fields = {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED}

@@ -221,6 +221,11 @@ def _p4q(config, problems, shards):
             problems.add(f"loss.{field}", lcfg[field], "expected a number >= 0")
     problems.at_least("checkpoint.every_steps", config.checkpoint.every_steps, 1)
     problems.at_least("checkpoint.keep", config.checkpoint.keep, 1)
+    views = config.speed.feature_cache_views
+    problems.at_least("speed.feature_cache_views", views, 0)
+    if isinstance(views, int) and views > 0 and config.data.augment == "flip":
+        problems.add("speed.feature_cache_views", views, "applies to random crops "
+                     "(data.augment='coop'); with 'flip' the cache holds both views exactly")
     if config.speed.cache_dir:
         _writable_dir(problems, "speed.cache_dir", config.speed.cache_dir)
 

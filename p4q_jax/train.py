@@ -79,10 +79,18 @@ def _initial_context(config, model, params, num_classes, key):
 
 
 def uses_feature_cache(config):
-    """Whether training reads cached image features: `speed.feature_cache`, and only with
+    """Whether training reads cached image features: `speed.feature_cache` with
     `data.augment="flip"`, whose two views per image the cache holds exactly. Random crops
-    ("coop") are new every step, so their images are encoded in the step."""
-    return config.speed.feature_cache and config.data.get("augment", "flip") == "flip"
+    ("coop") are new every step, so their images are encoded in the step, unless
+    `speed.feature_cache_views` = N > 0 asks for N random crops per image, cached once (an
+    approximation: the training then sees N crops of each image, not a fresh one each time)."""
+    if not config.speed.feature_cache:
+        return False
+    return config.data.get("augment", "flip") == "flip" or _cached_views(config) > 0
+
+
+def _cached_views(config):
+    return config.speed.get("feature_cache_views", 0) or 0
 
 
 class _PipelineInput:
@@ -112,22 +120,36 @@ def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_
         data={k: config.data.get(k) for k in ("name", "num_shots", "shot_seed", "folder",
                                               "root", "subsample", "synthetic_classes",
                                               "synthetic_examples")},
-        image_size=image_size,
+        image_size=image_size, augment=config.data.get("augment", "flip"),
+        flip=config.data.flip, views=_cached_views(config),
         quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
     directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"
     cache = features_lib.load_cache(directory, key)
+    crops = config.data.get("augment", "flip") != "flip"
     if cache is None:
         batch_size = config.eval.batch_size
-        ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
-                                 image_size=image_size, train=False)
         total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
-        cache = features_lib.build_cache(model, params, qstate, data.as_numpy_batches(ds),
-                                         mesh=mesh, total=total)
+
+        def one_pass(view):
+            ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
+                                     image_size=image_size, train=False, seed=config.seed,
+                                     augment_view=view)
+            return features_lib.build_cache(model, params, qstate, data.as_numpy_batches(ds),
+                                            mesh=mesh, total=total, flip=not crops)
+
+        if crops:
+            logging.warning("feature cache of %d random %s views per image: an approximation "
+                            "of training on a fresh view every step", _cached_views(config),
+                            config.data.augment)
+            cache = features_lib.stack_views([one_pass(v) for v in range(_cached_views(config))])
+        else:
+            cache = one_pass(None)
         features_lib.save_cache(directory, cache, key)
-        logging.info("feature cache: %d examples x 2 views -> %s", len(cache["label"]), directory)
+        logging.info("feature cache: %d examples x %d views -> %s", len(cache["label"]),
+                     cache["student"].shape[1], directory)
     return features_lib.CachedInput(cache, global_batch=config.train.batch_size,
                                     num_examples=num_examples, seed=config.seed,
-                                    flip=config.data.flip)
+                                    random_view=crops or config.data.flip)
 
 
 @dataclasses.dataclass

@@ -70,6 +70,42 @@ def test_cached_input_is_a_function_of_seed_and_step():
         features.CachedInput(cache, global_batch=32, num_examples=n, seed=3)
 
 
+def test_cache_of_random_crop_views(tiny):
+    """speed.feature_cache_views: one pass of the training split per random crop, each view
+    the encoding of that pass's images; the input then draws among all of them."""
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from p4q_jax import data  # pylint: disable=g-import-not-at-top
+    model, params, qstate, _ = tiny
+    mesh = parallel.make_mesh()
+    cfg = ml_collections.ConfigDict(dict(
+        name="synthetic", data_dir=None, manual_dir=None, num_shots=0, shot_seed=0, flip=True,
+        augment="coop", shuffle_buffer=64, folder=None, synthetic_classes=3,
+        synthetic_examples=12))
+
+    def images(view):
+        ds = data.create_dataset(cfg, split="train", batch_size=8, image_size=32, train=False,
+                                 seed=5, augment_view=view)
+        return [b for b in data.as_numpy_batches(ds)]
+
+    passes = [images(v) for v in range(3)]
+    caches = [features.build_cache(model, params, qstate, p, mesh=mesh, flip=False)
+              for p in passes]
+    cache = features.stack_views(caches)
+    assert cache["student"].shape == (12, 3, 64)
+    for view, batches in enumerate(passes):
+        pixels = np.concatenate([b["image"][b["mask"]] for b in batches])
+        np.testing.assert_allclose(cache["teacher"][:, view], clip.encode_image(model, params,
+                                                                                 pixels),
+                                   atol=2e-5)
+    np.testing.assert_array_equal(images(1)[0]["image"], passes[1][0]["image"])  # seeded
+    assert np.abs(passes[0][0]["image"] - passes[1][0]["image"]).max() > 0.1  # other crops
+    source = features.CachedInput(cache, global_batch=8, num_examples=12, seed=1)
+    drawn = {tuple(np.round(row, 5)) for s in range(12)
+             for row in source.batch(s)["teacher"][:, :2]}
+    rows_per_view = {tuple(np.round(row, 5)) for v in range(3) for row in cache["teacher"][:, v, :2]}
+    assert drawn <= rows_per_view and len(drawn) > 12  # more than one view per image drawn
+
+
 def test_cache_on_disk_round_trips_and_checks_its_key(tmp_path):
     cache = {"student": np.ones((5, 2, 4), np.float32), "teacher": np.zeros((5, 2, 4), np.float32),
              "label": np.arange(5, dtype=np.int32)}

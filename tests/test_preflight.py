@@ -76,6 +76,8 @@ def test_urls_are_kept_as_they_are():
     ({"train__epochs_from_shots": True, "data__num_shots": 3},
      "train.epochs_from_shots=True: CoOp's epochs are defined for data.num_shots in "
      "[1, 2, 4, 8, 16], not 3"),
+    ({"speed__feature_cache_views": 4}, "speed.feature_cache_views=4: applies to random crops "
+                                        "(data.augment='coop')"),
     ({"train__prompt_momentum": 1.0}, "train.prompt_momentum=1.0: expected a number in [0, 1)"),
     ({"train__prompt_weight_decay": -1e-4}, "train.prompt_weight_decay=-0.0001: expected a "
                                             "number >= 0"),

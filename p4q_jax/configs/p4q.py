@@ -66,6 +66,8 @@ def get_config():
     # The rules of DESIGN.md "where the time goes"; each off gives the same training, slower.
     config.speed = ml_collections.ConfigDict()
     config.speed.feature_cache = True  # cached student/teacher image features (flip-only aug.)
+    # > 0 with data.augment="coop": cache this many random crops per image (an approximation).
+    config.speed.feature_cache_views = 0
     config.speed.cache_dir = config_dict.placeholder(str)  # default: WORKDIR/feature_cache
     config.speed.crop_text = True  # text tower on max_eot + 1 positions, not 77
     config.speed.shared_prefix = True  # the context prefix encoded once for all classes

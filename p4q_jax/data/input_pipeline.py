@@ -254,7 +254,8 @@ def _local_batch_size(batch_size):
     return batch_size // count
 
 
-def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_batches=0):
+def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_batches=0,
+                   augment_view=None):
     """This process's batches of CLIP-preprocessed images.
 
     Args:
@@ -276,6 +277,9 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
         skip_batches: training batches to leave out at the start (a resumed run): skipped
             before decoding, and the views are seeded by stream position, so the batches that
             follow are those of a run that never stopped.
+        augment_view: with train=False, the pass of the split (in order, padded) whose images
+            are the training views of `cfg.augment` seeded by (seed, augment_view, position):
+            one pass per random view, for a feature cache of several views.
 
     Returns:
         tf.data.Dataset of {"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}.
@@ -292,29 +296,36 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
     def label_and_mask(ex, image):
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
 
+    # Stateless randomness seeded by (seed, position in the stream[, view]): reproducible
+    # under parallelism and across a resume.
+    def training_view(position, ex, fold=None):
+        view_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        if fold is not None:
+            view_seed = tf.random.experimental.stateless_fold_in(view_seed, fold)
+        pixels = source.decode(ex["image"])
+        if augment == "coop":
+            crop_seed = tf.random.experimental.stateless_fold_in(view_seed, 1)
+            image = transforms.random_resized_crop_tf(pixels, size=image_size, seed=crop_seed)
+        else:
+            image = transforms.preprocess_tf(pixels, size=image_size)
+        if cfg.flip:
+            image = tf.image.stateless_random_flip_left_right(image, view_seed)
+        return label_and_mask(ex, image)
+
     if train:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         ds = ds.enumerate().skip(skip_batches * local_batch)
 
-        # Stateless randomness seeded by (seed, position in the stream): reproducible under
-        # parallelism and across a resume.
-        def prepare_train(position, ex):
-            view_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            pixels = source.decode(ex["image"])
-            if augment == "coop":
-                crop_seed = tf.random.experimental.stateless_fold_in(view_seed, 1)
-                image = transforms.random_resized_crop_tf(pixels, size=image_size, seed=crop_seed)
-            else:
-                image = transforms.preprocess_tf(pixels, size=image_size)
-            if cfg.flip:
-                image = tf.image.stateless_random_flip_left_right(image, view_seed)
-            return label_and_mask(ex, image)
-
-        ds = ds.map(prepare_train, num_parallel_calls=_AUTOTUNE)
+        ds = ds.map(training_view, num_parallel_calls=_AUTOTUNE)
     else:
-        ds = ds.map(lambda ex: label_and_mask(
-            ex, transforms.preprocess_tf(source.decode(ex["image"]), size=image_size)),
-            num_parallel_calls=_AUTOTUNE)
+        if augment_view is not None:
+            ds = ds.enumerate().map(
+                lambda position, ex: training_view(position, ex, fold=augment_view + 1),
+                num_parallel_calls=_AUTOTUNE)
+        else:
+            ds = ds.map(lambda ex: label_and_mask(
+                ex, transforms.preprocess_tf(source.decode(ex["image"]), size=image_size)),
+                num_parallel_calls=_AUTOTUNE)
         steps = _eval_steps(total, local_batch)
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros((image_size, image_size, 3), tf.float32),

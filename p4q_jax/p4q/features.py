@@ -31,28 +31,30 @@ FIELDS = ("student", "teacher", "label")
 _MARKER = "fingerprint.json"
 
 
-def make_encoder(model, mesh):
-    """Jitted (params, qstate, images [B, H, W, 3]) -> {"student", "teacher"}: [B, 2, E] each,
-    view 0 the image as given and view 1 its horizontal flip; batch sharded over `data`."""
+def make_encoder(model, mesh, *, flip=True):
+    """Jitted (params, qstate, images [B, H, W, 3]) -> {"student", "teacher"}: [B, V, E] each,
+    with `flip` V = 2, view 0 the image as given and view 1 its horizontal flip, else V = 1;
+    batch sharded over `data`."""
 
     def encode(params, qstate, images):
-        both = jnp.concatenate([images, images[:, :, ::-1]])
-        out = step_lib.image_features(model, params, qstate, both)
-        return jax.tree.map(lambda f: jnp.stack(jnp.split(f, 2), axis=1), out)
+        views = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
+        out = step_lib.image_features(model, params, qstate, views)
+        return jax.tree.map(lambda f: jnp.stack(jnp.split(f, 2 if flip else 1), axis=1), out)
 
     replicated = parallel.replicated(mesh)
     return jax.jit(encode, in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.batch_sharding(mesh))
 
 
-def build_cache(model, params, qstate, batches, *, mesh, total=None):
-    """Features of this process's training examples, both views -> {"student", "teacher":
-    float32 [n, 2, E], "label": int32 [n]} (numpy).
+def build_cache(model, params, qstate, batches, *, mesh, total=None, flip=True):
+    """Features of this process's training examples -> {"student", "teacher": float32
+    [n, V, E], "label": int32 [n]} (numpy): with `flip` both views (V = 2), else the images
+    as given (V = 1; `stack_views` joins several such caches of random crops).
 
-    `batches` are this process's un-augmented, padded and masked batches
-    (`data.create_dataset(..., train=False)` on the training split).
+    `batches` are this process's padded and masked batches in order
+    (`data.create_dataset(..., train=False)` on the training split, `augment_view` for crops).
     """
-    encoder = make_encoder(model, mesh)
+    encoder = make_encoder(model, mesh, flip=flip)
     spec = jax.sharding.PartitionSpec(parallel.DATA)
     parts = {name: [] for name in FIELDS}
     for batch in tqdm.tqdm(batches, total=total, desc="feature cache", unit="batch",
@@ -66,6 +68,15 @@ def build_cache(model, params, qstate, batches, *, mesh, total=None):
     if not parts["label"]:
         raise ValueError("feature cache: the training split yielded no batches")
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def stack_views(caches):
+    """Caches of the same examples in the same order, one view each -> one cache of all."""
+    labels = caches[0]["label"]
+    if any(not np.array_equal(c["label"], labels) for c in caches):
+        raise ValueError("feature cache views: the passes over the training split differ")
+    return {"student": np.concatenate([c["student"] for c in caches], axis=1),
+            "teacher": np.concatenate([c["teacher"] for c in caches], axis=1), "label": labels}
 
 
 def fingerprint(**what):
@@ -114,18 +125,19 @@ class CachedInput:
     """Training batches sampled from a feature cache, a function of (seed, step) alone.
 
     Epoch e visits this process's examples in the order of a permutation seeded by
-    (seed, e, process); each example's view (as is / flipped) is drawn per step. An epoch
-    is `num_examples // global_batch` steps; the rest of the permutation is dropped.
+    (seed, e, process); with `random_view` each example's view (of the V the cache holds:
+    as is / flipped, or random crops) is drawn per step, else view 0 is used. An epoch is
+    `num_examples // global_batch` steps; the rest of the permutation is dropped.
     """
 
-    def __init__(self, cache, *, global_batch, num_examples, seed, flip=True):
+    def __init__(self, cache, *, global_batch, num_examples, seed, random_view=True):
         self.cache = cache
         self.local_batch = global_batch // jax.process_count()
         self.steps_per_epoch = num_examples // global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(f"train.batch_size={global_batch} exceeds the {num_examples} "
                              "training examples")
-        self.seed, self.flip = seed, flip
+        self.seed, self.random_view = seed, random_view
         self._epoch, self._order = None, None
 
     def batch(self, step):
@@ -135,9 +147,9 @@ class CachedInput:
             rng = np.random.default_rng([self.seed, epoch, jax.process_index()])
             self._epoch, self._order = epoch, rng.permutation(len(self.cache["label"]))
         rows = np.sort(self._order[index * self.local_batch:(index + 1) * self.local_batch])
-        if self.flip:
+        if self.random_view:
             rng = np.random.default_rng([self.seed, step, jax.process_index(), 1])
-            views = rng.integers(0, 2, len(rows))
+            views = rng.integers(0, self.cache["student"].shape[1], len(rows))
         else:
             views = np.zeros(len(rows), np.int64)
         return {"student": np.asarray(self.cache["student"][rows, views]),
