@@ -88,62 +88,51 @@ class _TfdsSource:
         return self._builder().info.features[self.info.image_key].decode_example(image)
 
 
+class _FileSource:
+    """Image files listed in memory: the image is its path until `decode`, which reads and
+    decodes it in the pipeline's parallel map. Subclasses give `files(split)`."""
+
+    def files(self, split):
+        """(paths, labels) of `split`."""
+        raise NotImplementedError
+
+    def read(self, split, *, shuffle_files=False, seed=None):
+        del shuffle_files, seed  # One in-memory list of paths: the shuffle buffer does it all.
+        paths, labels = self.files(split)
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": list(paths), "label": np.asarray(labels, np.int64)})
+
+    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
+        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
+
+    def num_examples(self, split):
+        return len(self.files(split)[0])
+
+    def decode(self, image):
+        pixels = tf.io.decode_image(tf.io.read_file(image), channels=3, expand_animations=False)
+        return tf.ensure_shape(pixels, (None, None, 3))
+
+
 @dataclasses.dataclass(frozen=True)
-class _FolderSource:
-    """Images under `root/<split>/<class>/`; the image is its file path until `decode`."""
+class _FolderSource(_FileSource):
+    """Images under `root/<split>/<class>/`."""
 
     root: str
     classes: tuple
 
-    def _files(self, split):
+    def files(self, split):
         return folder_lib.files(self.root, split, self.classes)
-
-    def read(self, split, *, shuffle_files=False, seed=None):
-        del shuffle_files, seed  # One in-memory list of paths: the shuffle buffer does it all.
-        paths, labels = self._files(split)
-        return tf.data.Dataset.from_tensor_slices(
-            {"image": paths, "label": np.asarray(labels, np.int64)})
-
-    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
-        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
-
-    def num_examples(self, split):
-        return len(self._files(split)[0])
-
-    def decode(self, image):
-        return _decode_file(image)
-
-
-def _decode_file(path):
-    pixels = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return tf.ensure_shape(pixels, (None, None, 3))
 
 
 @dataclasses.dataclass(frozen=True)
-class _CoopSource:
-    """A CoOp dataset's lists (`coop.load`, few-shot subset included); images are file paths
-    until `decode`, read and decoded in parallel by the pipeline's map."""
+class _CoopSource(_FileSource):
+    """A CoOp dataset's lists (`coop.load`, few-shot subset and class half included)."""
 
     data: coop.CoopData
 
-    def records(self, split):
-        return {"train": self.data.train, "test": self.data.test}[split]
-
-    def read(self, split, *, shuffle_files=False, seed=None):
-        del shuffle_files, seed  # One in-memory list of paths: the shuffle buffer does it all.
-        records = self.records(split)
-        return tf.data.Dataset.from_tensor_slices({
-            "image": [r.impath for r in records],
-            "label": np.asarray([r.label for r in records], np.int64)})
-
-    def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
-        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
-
-    def num_examples(self, split):
-        return len(self.records(split))
-
-    def decode(self, image):
-        return _decode_file(image)
+    def files(self, split):
+        records = {"train": self.data.train, "test": self.data.test}[split]
+        return [r.impath for r in records], [r.label for r in records]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +358,7 @@ def training_examples(cfg):
     own = info.split_name("train")
     subset = _few_shot_subset(cfg, info, source, "train")
     if isinstance(source, _FolderSource):
-        paths, labels = source._files(own)  # pylint: disable=protected-access
+        paths, labels = source.files(own)
         image_dir = os.path.join(info.root, own)
         chosen = range(len(paths)) if subset is None else subset
         return {**out, "image_dir": image_dir,
