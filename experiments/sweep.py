@@ -7,8 +7,9 @@ r"""Runs a grid of `main.py` jobs (method x dataset x bits x seed) and collects 
     python experiments/sweep.py --out=sweeps/coop --preset=coop_fewshot \
         --set=model.checkpoint=ViT-B-16.pt --set=data.root=$DATA
 
-Each grid point is one `python main.py` run in OUT/<method>/<dataset>/<bits>/seed<seed> (an axis
-left empty keeps the config's own value and adds no directory level). A point whose
+Each grid point is one `python main.py` run in
+OUT/<method>/<dataset>[/<subsample>]/<bits>[/<shots>shots]/seed<seed> (an axis left empty keeps
+the config's own value and adds no directory level). A point whose
 `results.json` exists is not run again, so a sweep that was stopped picks up where it was; a
 point that fails is reported and the others still run. Then every row of every `results.json`
 is collected into OUT/results.md (mean +- standard deviation over seeds, and each run) and one
@@ -27,7 +28,11 @@ H tables and OUT/base_to_new.png. `--preset=cross_dataset` and `--preset=domain_
 train on 16-shot ImageNet, evaluate each export (`--mode=eval`, in the run's transfer/<target>/)
 on the 10 other datasets or on ImageNet-V2, -Sketch, -A and -R, run zero-shot CLIP on every
 target, and write the transfer table (source, targets, target average) and OUT/transfer.png.
-Flags given explicitly replace the preset's axes.
+Flags given explicitly replace the preset's axes (`--subsample` its half, `--targets` its
+transfer targets), e.g. a shortened base-to-new table on two datasets and one seed:
+
+    python experiments/sweep.py --out=sweeps/b2n --preset=base_to_new --seeds=1 \
+        --datasets=coop/dtd,coop/eurosat --set=data.root=$DATA --set=model.checkpoint=ViT-B-16.pt
 """
 import collections
 import dataclasses
@@ -75,7 +80,7 @@ PRESETS = {
         "shots": ["16"],
         "seeds": ["1", "2", "3"],
         "seed_fields": ("seed", "data.shot_seed"),
-        "set": ["data.subsample=base"],
+        "subsample": "base",
     },
     # CoCoOp's cross-dataset transfer: trained on 16-shot ImageNet, evaluated on the others.
     "cross_dataset": {
@@ -105,6 +110,10 @@ _DATASETS = flags.DEFINE_list("datasets", [], "config.data.name values (empty: t
 _QCONFIGS = flags.DEFINE_list("qconfigs", [], "config.quant.config values (empty: the config's).")
 _SEEDS = flags.DEFINE_list("seeds", [], "config.seed values (empty: the config's).")
 _SHOTS = flags.DEFINE_list("shots", [], "config.data.num_shots values (empty: the config's).")
+_SUBSAMPLE = flags.DEFINE_enum("subsample", None, ["all", "base", "new"],
+                               "config.data.subsample of every training run (unset: the config's).")
+_TARGETS = flags.DEFINE_list("targets", [], "Datasets each export is evaluated on (--mode=eval); "
+                             "with a transfer preset, replaces its targets.")
 _PRESET = flags.DEFINE_enum("preset", None, sorted(PRESETS), "A predefined grid (see above).")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE for every run (--config.FIELD=VALUE).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
@@ -121,7 +130,9 @@ class Point:
     seed: int | None
     shots: int | None = None
     seed_fields: tuple = ("seed",)  # the config fields the seed sets
+    subsample: str | None = None  # data.subsample: base-to-new runs get their own directory
     source: "Point | None" = None  # set: the source point's export evaluated on `dataset`
+    mode: str | None = None  # main.py's --mode (None: the config's)
 
     @property
     def results_file(self):
@@ -130,8 +141,9 @@ class Point:
     def workdir(self, out):
         if self.source:
             return self.source.workdir(out) / "transfer" / self.dataset.replace("/", "_")
-        method = self.method.replace("configs/", "").replace(".py", "").replace(":", "_")
-        parts = [method, self.dataset, self.qconfig,
+        method = self.mode or (
+            self.method.replace("configs/", "").replace(".py", "").replace(":", "_"))
+        parts = [method, self.dataset, self.subsample, self.qconfig,
                  None if self.shots is None else f"{self.shots}shots",
                  None if self.seed is None else f"seed{self.seed}"]
         return pathlib.Path(out).joinpath(*[p for p in parts if p is not None])
@@ -140,11 +152,12 @@ class Point:
         config = METHODS.get(self.method, self.method)
         argv = [sys.executable, str(REPO / "main.py"), f"--config={REPO / config}",
                 f"--workdir={self.workdir(out)}"]
+        if self.mode:
+            argv.append(f"--mode={self.mode}")
         if self.source:
-            argv += ["--mode=eval",
-                     f"--config.p4q.export_dir={self.source.workdir(out) / 'export'}"]
-        fields = [("data.name", self.dataset), ("quant.config", self.qconfig),
-                  ("data.num_shots", self.shots)]
+            argv.append(f"--config.p4q.export_dir={self.source.workdir(out) / 'export'}")
+        fields = [("data.name", self.dataset), ("data.subsample", self.subsample),
+                  ("quant.config", self.qconfig), ("data.num_shots", self.shots)]
         fields += [(field, self.seed) for field in self.seed_fields]
         for field, value in fields:
             if value is not None:
@@ -152,10 +165,10 @@ class Point:
         return argv + [f"--config.{s}" for s in extra]
 
 
-def grid(methods, datasets, qconfigs, seeds, shots=(), seed_fields=("seed",)):
+def grid(methods, datasets, qconfigs, seeds, shots=(), seed_fields=("seed",), subsample=None):
     """Every combination of the axes (an empty axis stands for the config's own value)."""
     return [Point(m, d, q, None if s is None else int(s), None if k is None else int(k),
-                  tuple(seed_fields))
+                  tuple(seed_fields), subsample)
             for m in methods for d in datasets or [None] for q in qconfigs or [None]
             for k in shots or [None] for s in seeds or [None]]
 
@@ -287,9 +300,12 @@ def base_to_new_tables(summary):
 
 def with_transfers(points, targets):
     """`points`, then each one's export evaluated on every target, then zero-shot CLIP on
-    every target (the training runs hold the source's zero-shot and PTQ rows)."""
-    transfers = [dataclasses.replace(p, dataset=t, source=p) for p in points for t in targets]
-    zeroshots = [Point("zeroshot", t, None, None) for t in targets]
+    every target (the training runs hold the source's zero-shot and PTQ rows). Zero-shot runs
+    the first point's config in --mode=zeroshot, so that its prompts (templates, class-name
+    layout) are the ones the source's zero-shot row used."""
+    transfers = [dataclasses.replace(p, dataset=t, subsample=None, source=p, mode="eval")
+                 for p in points for t in targets]
+    zeroshots = [Point(points[0].method, t, None, None, mode="zeroshot") for t in targets]
     return [*points, *transfers, *zeroshots]
 
 
@@ -409,12 +425,13 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--methods: {unknown} are neither {sorted(METHODS)} nor config "
                              "files under the repository.")
+    subsample = _SUBSAMPLE.value or preset.get("subsample")
     points = grid(axes["methods"], axes["datasets"], _QCONFIGS.value, axes["seeds"],
-                  axes["shots"], preset.get("seed_fields", ("seed",)))
-    targets = preset.get("transfer_to", [])
+                  axes["shots"], preset.get("seed_fields", ("seed",)), subsample)
+    targets = _TARGETS.value or preset.get("transfer_to", [])
     if targets:
         points = with_transfers(points, targets)
-    extra = [*preset.get("set", ()), *_SET.value]
+    extra = _SET.value
     if _DRY_RUN.value:
         for point in points:
             print(" ".join(point.command(_OUT.value, extra)))

@@ -3,6 +3,8 @@ variants, and exports evaluated on other classes (cross-dataset transfer)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -92,16 +94,30 @@ _FAST = ["--config.quant.calib_batches=1", "--config.quant.calib_batch_size=8",
          "--config.p4q.adapter_calib_batches=1"]
 
 
-def test_base_to_new_and_transfer_through_main(pets_root, tmp_path, tiny_checkpoint):
-    """CoOp's recipe + P4Q (SGD with momentum, per-epoch schedule, random crops, no feature
-    cache) on the base half, then its export on another dataset's classes."""
-    workdir = tmp_path / "run"
-    main_runner.run_main([
-        "--config=configs/coop_fewshot.py:p4q_w8a8", "--config.data.name=coop/oxford_pets",
-        f"--config.data.root={pets_root}", "--config.data.num_shots=2",
-        "--config.data.shot_seed=2", "--config.data.subsample=base",
-        f"--config.model.checkpoint={tiny_checkpoint}", *_FAST, f"--workdir={workdir}"],
-        mock_examples=None)
+def _sweep(out, preset, *args):
+    done = subprocess.run(
+        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), f"--out={out}",
+         f"--preset={preset}", "--methods=configs/coop_fewshot.py:p4q_w8a8", *args],
+        cwd=main_runner.REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _table(text, heading):
+    return text[text.index(heading):].split("\n\n")[1].splitlines()
+
+
+def test_generalization_presets_end_to_end(pets_root, tmp_path, tiny_checkpoint):
+    """The three table presets, shortened (one variant, one seed, 2 shots, one target each), on
+    generated CoOp layouts with the tiny CLIP: CoOp's recipe + P4Q (SGD with momentum,
+    per-epoch schedule, random crops, no feature cache) on the base half, and on ImageNet with
+    its export evaluated on other datasets' classes."""
+    root, out = pets_root, tmp_path / "sweeps"
+    common = [f"--set=data.root={root}", f"--set=model.checkpoint={tiny_checkpoint}",
+              "--shots=2", *(f"--set={flag[len('--config.'):]}" for flag in _FAST)]
+    _sweep(out, "base_to_new", "--datasets=coop/oxford_pets", "--seeds=2", *common)
+    workdir = out / "coop_fewshot_p4q_w8a8/coop/oxford_pets/base/2shots/seed2"
     results = json.loads((workdir / "results.json").read_text())
     assert (results["dataset"], results["num_classes"]) == ("coop/oxford_pets", 3)
     assert [row["method"] for row in results["rows"]] == ["fp_zeroshot", "ptq", "p4q_w8a8"]
@@ -112,28 +128,52 @@ def test_base_to_new_and_transfer_through_main(pets_root, tmp_path, tiny_checkpo
             if row["top1"] + row["new"]["top1"] else 0.0))
         assert 0 <= harmonic <= 100
     # train_split.json: CoOp's 2-shot draw of seed 2, then the base half.
-    split = json.loads((pets_root / "oxford_pets/split_zhou_OxfordPets.json").read_text())
+    split = json.loads((root / "oxford_pets/split_zhou_OxfordPets.json").read_text())
     lists = coop_reference.coop_lists(split, "", num_shots=2, seed=2)
     train, val, _ = coop_reference.coop_subsample(
         [lists["train"], lists["val"], lists["test"]], "base")
     written = json.loads((workdir / "train_split.json").read_text())
-    assert written["image_dir"] == str(pets_root / "oxford_pets/images")
+    assert written["image_dir"] == str(root / "oxford_pets/images")
     assert written["fewshot_source"] == "drawn"
     assert [tuple(x) for x in written["train"]] == train
     assert [tuple(x) for x in written["val"]] == val
     assert not (workdir / "feature_cache").exists()  # random crops are encoded in the step
-    # The export evaluates on another dataset (other class names): cross-dataset transfer.
-    coop_layout.split_dataset(tmp_path, "dtd", "images", "split_zhou_DescribableTextures.json",
+    text = (out / "results.md").read_text()
+    for heading in ("## Base-to-new, coop/oxford_pets", "## Base-to-new, average"):
+        header, _, *rows = _table(text, heading)
+        assert header == "| method | base | new | H |"
+        assert [row.split(" | ")[0] for row in rows] == [
+            "| zero-shot CLIP", "| ptq w8a8", "| p4q_w8a8"]
+    assert (out / "base_to_new.png").read_bytes().startswith(b"\x89PNG")
+
+    # Cross-dataset, then domain generalization on the same ImageNet run (trained once).
+    coop_layout.imagenet(root, ["n01", "n02", "n03"], ["tench", "goldfish", "shark"],
+                         {"train": 3, "val": 2})
+    coop_layout.split_dataset(root, "dtd", "images", "split_zhou_DescribableTextures.json",
                               ["banded", "blotchy", "braided", "bubbly"],
                               {"train": 1, "val": 1, "test": 3})
-    main_runner.run_main([
-        "--config=configs/coop_fewshot.py:p4q_w8a8", "--mode=eval",
-        "--config.data.name=coop/dtd", f"--config.data.root={tmp_path}",
-        "--config.eval.batch_size=8", f"--config.model.checkpoint={tiny_checkpoint}",
-        f"--workdir={workdir}"], mock_examples=None)
-    evaluated = json.loads((workdir / "eval_results.json").read_text())
+    _variant(root, "imagenetv2", "imagenetv2-matched-frequency-format-val", ["0", "1", "2"],
+             ["n01", "n02", "n03"], ["tench", "goldfish", "shark"])
+    _sweep(out, "cross_dataset", "--seeds=1", "--targets=coop/dtd", *common)
+    source = out / "coop_fewshot_p4q_w8a8/coop/imagenet/2shots/seed1"
+    evaluated = json.loads((source / "transfer/coop_dtd/eval_results.json").read_text())
     assert evaluated["transfer"] is True and evaluated["num_classes"] == 4
     assert evaluated["rows"][0]["count"] == 12
+    header, _, *rows = _table((out / "results.md").read_text(), "## Transfer from coop/imagenet")
+    assert header == "| method | coop/imagenet | coop/dtd | target average |"
+    cells = {row.split(" | ")[0][2:]: row.split(" | ")[1:] for row in rows}
+    assert list(cells) == ["zero-shot CLIP", "ptq w8a8", "p4q_w8a8"]
+    assert cells["ptq w8a8"][1:] == ["-", "- |"]  # PTQ has no export to transfer
+    assert cells["p4q_w8a8"][1] == f"{evaluated['rows'][0]['top1']:.2f} +- 0.00"
+    assert (out / "transfer.png").read_bytes().startswith(b"\x89PNG")
+    done = _sweep(out, "domain_generalization", "--seeds=1", "--targets=coop/imagenetv2",
+                  *common)
+    assert done.stderr.count("done before, skipped") == 1  # the ImageNet training run
+    header, _, *rows = _table((out / "results.md").read_text(), "## Transfer from coop/imagenet")
+    assert header == "| method | coop/imagenet | coop/imagenetv2 | target average |"
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| zero-shot CLIP", "| ptq w8a8", "| p4q_w8a8"]
+    assert all(" - " not in row for row in (rows[0], rows[2]))  # every column has a value
 
 
 def test_a_test_only_dataset_cannot_train(tmp_path):

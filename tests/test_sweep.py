@@ -130,7 +130,8 @@ def test_coop_tables_and_figure_from_results(tmp_path):
 
 def test_base_to_new_tables_from_results(tmp_path):
     def run(variant, dataset, seed, rows):
-        workdir = tmp_path / f"coop_fewshot_{variant}" / dataset / "16shots" / f"seed{seed}"
+        workdir = (tmp_path / f"coop_fewshot_{variant}" / dataset / "base" / "16shots"
+                   / f"seed{seed}")
         workdir.mkdir(parents=True)
         (workdir / "results.json").write_text(json.dumps({"dataset": dataset, "rows": [
             {"method": m, "qconfig": q, "top1": b, "top5": 100.0, "new": {"top1": n},
@@ -161,8 +162,10 @@ def test_base_to_new_preset_trains_on_the_base_half(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     commands = done.stdout.splitlines()
     assert len(commands) == 3 * 11 * 3  # variants x datasets x seeds, 16 shots
-    assert all(" --config.data.num_shots=16 " in c and c.endswith(" --config.data.subsample=base")
+    assert all(" --config.data.num_shots=16 " in c and " --config.data.subsample=base " in c
                for c in commands)
+    # Its runs have their own directories: a few-shot sweep in the same OUT cannot reuse them.
+    assert all("/base/16shots/seed" in c for c in commands)
 
 
 def test_cross_dataset_preset_evaluates_each_export_on_every_target(tmp_path):
@@ -174,7 +177,11 @@ def test_cross_dataset_preset_evaluates_each_export_on_every_target(tmp_path):
     (transfer,) = [c for c in commands if f"--workdir={source}/transfer/coop_ucf101 " in c]
     assert " --mode=eval " in transfer and f"--config.p4q.export_dir={source}/export " in transfer
     assert " --config.data.name=coop/ucf101 " in transfer
-    assert sum("configs/zeroshot.py" in c for c in commands) == 10
+    # Zero-shot CLIP on each target with the source runs' prompts (their config, its templates).
+    zeroshots = [c for c in commands if " --mode=zeroshot" in c]
+    assert len(zeroshots) == 10 and all(
+        "configs/coop_fewshot.py:coop_fp --workdir=" in c for c in zeroshots)
+    assert f"--workdir={tmp_path}/zeroshot/coop/ucf101 --mode=zeroshot " in zeroshots[-1]
 
 
 def test_transfer_table_from_results(tmp_path):
