@@ -1,6 +1,7 @@
-"""Image and text encoding throughput of ViT-B/32 (random weights) in float32 and bfloat16.
+"""Image and text encoding throughput of a CLIP (random weights; ViT-B/32 by default, or
+any named config such as RN50) in float32 and bfloat16.
 
-    python benchmarks/encode.py [--model=ViT-B/32] [--image_batch=32] [--text_batch=256]
+    python benchmarks/encode.py [--model=RN50] [--image_batch=32] [--text_batch=256]
 
 Text is timed at the full 77-token context and cropped after the last EOT (what the
 evaluator and trainer run; CLIP prompts like "a photo of a {class}." end by token ~10).

@@ -1,6 +1,13 @@
-"""PTQ of ViT-B/32 (random weights): calibration time, quantized throughput, export size.
+"""PTQ of a CLIP (random weights; ViT-B/32 by default): calibration time, quantized
+throughput, export size.
 
-    python benchmarks/ptq.py [--configs=w8a8,w6a6,w4a4attn8] [--image_batch=32] [--text_batch=256]
+    python benchmarks/ptq.py [--model=RN50] [--configs=w8a8,w6a6,w4a4attn8] [--image_batch=32] \
+        [--text_batch=256] [--fold_batchnorm]
+
+A ResNet's random init has identity BatchNorms; they get checkpoint-like statistics here
+(scale U(0.5, 1.5), bias and mean N(0, 0.1), variance U(0.5, 2)) so that folding has something
+to fold. With `--fold_batchnorm` every BatchNorm is folded into its conv before calibration
+(`quant.fold_batchnorm`); cosines are always to the unfolded FP model.
 
 Calibration follows the P4Q set-up: the text tower on CIFAR-100's zero-shot ensemble
 (100 classes x 18 templates), the image tower on 2 batches of 32, and the FP teacher's
@@ -22,6 +29,7 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
+from flax import traverse_util
 
 import host
 from p4q_jax import clip
@@ -29,6 +37,7 @@ from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import quant
 from p4q_jax.quant import export
+from p4q_jax.quant import fold
 from p4q_jax.quant import integer
 
 _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config.")
@@ -36,6 +45,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["w8a8", "w6a6", "w4a4attn8"], "Quantiza
 _IMAGE_BATCH = flags.DEFINE_integer("image_batch", 32, "Images per call.")
 _TEXT_BATCH = flags.DEFINE_integer("text_batch", 256, "Prompts per call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timed rounds after one warm-up call.")
+_FOLD = flags.DEFINE_bool("fold_batchnorm", False, "Fold a ResNet's BatchNorms into its convs.")
 
 
 def _seconds(fn):
@@ -70,10 +80,23 @@ def _throughput(model, params, images, tokens, states):
         print(f"  {label:<24} " + "  ".join(cells))
 
 
+def _checkpoint_like_batch_norms(params):
+    rng = np.random.default_rng(1)
+    draw = {"scale": lambda n: rng.uniform(0.5, 1.5, n), "bias": lambda n: rng.normal(0, 0.1, n),
+            "mean": lambda n: rng.normal(0, 0.1, n), "var": lambda n: rng.uniform(0.5, 2.0, n)}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for bn in fold.batch_norm_paths(params):
+        for leaf, sample in draw.items():
+            flat[f"{bn}/{leaf}"] = sample(flat[f"{bn}/{leaf}"].shape[0]).astype(np.float32)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def main(argv):
     del argv
     print(f"{host.describe()}, model {_MODEL.value}")
     model, params = clip.init(_MODEL.value)
+    if model.config.vision.is_resnet:
+        params = _checkpoint_like_batch_norms(params)
     info = data.get_info("cifar100")
     texts = [t for c in data.prompts(info.class_names, info.templates) for t in c]
     size = model.config.vision.image_size
@@ -83,6 +106,8 @@ def main(argv):
     tokens = clip.crop_to_eot(clip.tokenize(texts[: _TEXT_BATCH.value]))
     fp_img = np.asarray(clip.encode_image(model, params, images))
     fp_txt = np.asarray(clip.encode_text(model, params, tokens))
+    if _FOLD.value:
+        params = quant.fold_batchnorm(params)
 
     states = {"float32": None}
     for name in _CONFIGS.value:

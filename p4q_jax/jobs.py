@@ -31,18 +31,24 @@ def initialize_distributed(config):
 
 
 def build_model(config):
-    """(model, params, is_smoke_run) from `config.model`: a checkpoint, or a random init."""
+    """(model, params, is_smoke_run) from `config.model`: a checkpoint, or a random init;
+    with `quant.fold_batchnorm`, a ResNet's BatchNorms folded into its convs (every row of the
+    run, FP ones included, then uses the folded model: the same function up to rounding)."""
     dtype = jnp.dtype(config.model.dtype)
     if config.model.checkpoint:
         model, params = clip.load(config.model.checkpoint, dtype=dtype,
                                   activation=config.model.activation)
-        return model, params, False
-    logging.warning(
-        "SMOKE RUN: no --config.model.checkpoint given, so a randomly initialised %r CLIP "
-        "is used. It exercises the whole pipeline; its accuracy is chance level.",
-        config.model.name)
-    model, params = clip.init(config.model.name, seed=config.seed, dtype=dtype)
-    return model, params, True
+        smoke = False
+    else:
+        logging.warning(
+            "SMOKE RUN: no --config.model.checkpoint given, so a randomly initialised %r CLIP "
+            "is used. It exercises the whole pipeline; its accuracy is chance level.",
+            config.model.name)
+        model, params = clip.init(config.model.name, seed=config.seed, dtype=dtype)
+        smoke = True
+    if config.quant.fold_batchnorm:
+        params = quant.fold_batchnorm(params)
+    return model, params, smoke
 
 
 class _Job:

@@ -15,6 +15,7 @@ import re
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from p4q_jax import atomic
 from p4q_jax.clip import configs
@@ -25,7 +26,9 @@ ORBAX_MARKER = "p4q_clip.json"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 # Buffers and metadata that some OpenAI/open_clip files carry but hold no weights.
 _IGNORED_KEYS = re.compile(
-    r"(^|\.)(attn_mask|input_resolution|context_length|vocab_size|position_ids)$")
+    r"(^|\.)(attn_mask|input_resolution|context_length|vocab_size|position_ids|"
+    r"num_batches_tracked)$")
+_RESNET_STAGES = (1, 2, 3, 4)
 
 
 class CheckpointError(ValueError):
@@ -37,22 +40,36 @@ def _count_blocks(state, prefix):
     return len({m.group(1) for k in state if (m := pattern.match(k))})
 
 
+def _infer_vision(state):
+    """The image tower's config from its shapes: a ViT, or (no `visual.proj`) a
+    ModifiedResNet, whose stem width, stage depths and resolution OpenAI's build_model reads
+    from `layer1.0.conv1`, the block indices and the attention pool's positions."""
+    if "visual.proj" not in state and "visual.layer1.0.conv1.weight" in state:
+        width = state["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        return configs.VisionConfig(
+            image_size=32 * grid, width=width, heads=width * 32 // 64,
+            layers=tuple(_count_blocks(state, f"visual.layer{i}.") for i in _RESNET_STAGES))
+    vision_width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return configs.VisionConfig(
+        image_size=patch * grid,
+        patch_size=patch,
+        width=vision_width,
+        layers=_count_blocks(state, "visual.transformer.resblocks."),
+        heads=max(vision_width // 64, 1),
+        mlp_dim=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    )
+
+
 def infer_openai_config(state, *, activation="quick_gelu"):
     """Infers a CLIPConfig from an OpenAI-layout state dict's shapes (as OpenAI's build_model)."""
     try:
-        vision_width, _, patch, _ = state["visual.conv1.weight"].shape
-        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = _infer_vision(state)
         text_width = state["ln_final.weight"].shape[0]
         return configs.CLIPConfig(
             embed_dim=state["text_projection"].shape[1],
-            vision=configs.VisionConfig(
-                image_size=patch * grid,
-                patch_size=patch,
-                width=vision_width,
-                layers=_count_blocks(state, "visual.transformer.resblocks."),
-                heads=max(vision_width // 64, 1),
-                mlp_dim=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            ),
+            vision=vision,
             text=configs.TextConfig(
                 context_length=state["positional_embedding"].shape[0],
                 vocab_size=state["token_embedding.weight"].shape[0],
@@ -64,9 +81,6 @@ def infer_openai_config(state, *, activation="quick_gelu"):
             activation=activation,
         )
     except KeyError as e:
-        if "visual.layer1.0.conv1.weight" in state:
-            raise NotImplementedError(
-                "ModifiedResNet (RN50 family) checkpoints are not supported yet") from e
         raise CheckpointError(
             f"not an OpenAI-layout CLIP state dict: key {e.args[0]!r} is missing") from e
 
@@ -81,6 +95,63 @@ def _linear(state, key):
 
 def _layer_norm(state, key):
     return {"scale": state.pop(f"{key}.weight"), "bias": state.pop(f"{key}.bias")}
+
+
+_BATCH_NORM = (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+               ("var", "running_var"))
+
+
+def _batch_norm(state, key):
+    return {ours: state.pop(f"{key}.{theirs}") for ours, theirs in _BATCH_NORM}
+
+
+def _conv(state, key):
+    """Torch Conv2d [out, in, h, w] -> Flax Conv {kernel [h, w, in, out]} (bias-free)."""
+    return {"kernel": state.pop(f"{key}.weight").transpose(2, 3, 1, 0)}
+
+
+def _resnet_modules(config):
+    """(Flax path, torch key, kind) of every module of a ModifiedResNet of `config`, in
+    `visual/` and `visual.` terms; kind is conv, bn, linear or the positions parameter."""
+    modules = []
+    for i in (1, 2, 3):
+        modules += [(f"conv{i}", f"conv{i}", "conv"), (f"bn{i}", f"bn{i}", "bn")]
+    for stage, depth in zip(_RESNET_STAGES, config.vision.layers):
+        for j in range(depth):
+            ours, theirs = f"layer{stage}_{j}/", f"layer{stage}.{j}."
+            for i in (1, 2, 3):
+                modules += [(f"{ours}conv{i}", f"{theirs}conv{i}", "conv"),
+                            (f"{ours}bn{i}", f"{theirs}bn{i}", "bn")]
+            if j == 0:  # stride 2 (stages 2-4) or 4x channels (stage 1): a projected shortcut
+                modules += [(f"{ours}downsample_0", f"{theirs}downsample.0", "conv"),
+                            (f"{ours}downsample_1", f"{theirs}downsample.1", "bn")]
+    modules.append(("attnpool/positional_embedding", "attnpool.positional_embedding",
+                    "param"))
+    modules += [(f"attnpool/{n}", f"attnpool.{n}", "linear")
+                for n in ("q_proj", "k_proj", "v_proj", "c_proj")]
+    return modules
+
+
+def _resnet(state, config):
+    """The `visual.*` entries of a ModifiedResNet state dict -> its Flax tree."""
+    read = {"conv": _conv, "bn": _batch_norm, "linear": _linear,
+            "param": lambda state, key: state.pop(key)}
+    flat = {ours: read[kind](state, f"visual.{theirs}")
+            for ours, theirs, kind in _resnet_modules(config)}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _vit(state, config):
+    """The `visual.*` entries of a ViT state dict -> its Flax tree."""
+    return {
+        "conv1": _conv(state, "visual.conv1"),
+        "class_embedding": state.pop("visual.class_embedding"),
+        "positional_embedding": state.pop("visual.positional_embedding"),
+        "ln_pre": _layer_norm(state, "visual.ln_pre"),
+        "transformer": _transformer(state, "visual.transformer.", config.vision.layers),
+        "ln_post": _layer_norm(state, "visual.ln_post"),
+        "proj": {"kernel": state.pop("visual.proj")},
+    }
 
 
 def _transformer(state, prefix, layers):
@@ -108,16 +179,7 @@ def openai_to_flax(state, config, *, source="state dict"):
     remaining = dict(state)
     try:
         params = {
-            "visual": {
-                "conv1": {"kernel": remaining.pop("visual.conv1.weight").transpose(2, 3, 1, 0)},
-                "class_embedding": remaining.pop("visual.class_embedding"),
-                "positional_embedding": remaining.pop("visual.positional_embedding"),
-                "ln_pre": _layer_norm(remaining, "visual.ln_pre"),
-                "transformer": _transformer(remaining, "visual.transformer.",
-                                            config.vision.layers),
-                "ln_post": _layer_norm(remaining, "visual.ln_post"),
-                "proj": {"kernel": remaining.pop("visual.proj")},
-            },
+            "visual": (_resnet if config.vision.is_resnet else _vit)(remaining, config),
             "text": {
                 "token_embedding": {"embedding": remaining.pop("token_embedding.weight")},
                 "positional_embedding": remaining.pop("positional_embedding"),
@@ -137,13 +199,21 @@ def openai_to_flax(state, config, *, source="state dict"):
 
 
 def _expected_openai_keys(config):
-    keys = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
-            "visual.proj", "token_embedding.weight", "positional_embedding",
-            "text_projection", "logit_scale"}
-    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
-        keys |= {f"{ln}.weight", f"{ln}.bias"}
-    for prefix, layers in (("visual.transformer.", config.vision.layers),
-                           ("transformer.", config.text.layers)):
+    keys = {"token_embedding.weight", "positional_embedding", "text_projection", "logit_scale",
+            "ln_final.weight", "ln_final.bias"}
+    blocks = [("transformer.", config.text.layers)]
+    if config.vision.is_resnet:
+        suffixes = {"conv": ["weight"], "linear": ["weight", "bias"], "param": [None],
+                    "bn": [theirs for _, theirs in _BATCH_NORM]}
+        keys |= {f"visual.{key}" + (f".{s}" if s else "")
+                 for _, key, kind in _resnet_modules(config) for s in suffixes[kind]}
+    else:
+        keys |= {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+                 "visual.proj"}
+        for ln in ("visual.ln_pre", "visual.ln_post"):
+            keys |= {f"{ln}.weight", f"{ln}.bias"}
+        blocks.append(("visual.transformer.", config.vision.layers))
+    for prefix, layers in blocks:
         for i in range(layers):
             p = f"{prefix}resblocks.{i}."
             keys |= {p + "attn.in_proj_weight", p + "attn.in_proj_bias"}

@@ -1,4 +1,5 @@
-"""OpenAI's CLIP architecture as Flax linen modules, applied as pure functions.
+"""OpenAI's CLIP architecture (ViT and ModifiedResNet image towers) as Flax linen modules,
+applied as pure functions.
 
 Parameters live under `visual/...` and `text/...` with OpenAI's module names, so a path
 reads like the PyTorch state-dict key it came from (`text/transformer/resblocks_3/attn/
@@ -6,7 +7,9 @@ in_proj/kernel` is `transformer.resblocks.3.attn.in_proj_weight`).
 
 Quantization sites (see DESIGN.md): every `nn.Dense` / `nn.Conv` is a weight site (its
 kernel) and an input site (its first argument); the attention tensors pass through
-identity `Site` modules (`q`, `k`, `v`, `logits`, `probs`). A quantizer attaches to these
+identity `Site` modules (`q`, `k`, `v`, `logits`, `probs`), in a ResNet's attention pool too.
+BatchNorm stays float (`FrozenBatchNorm`, no site); `quant.fold_batchnorm` folds it into the
+conv kernels before weight quantization. A quantizer attaches to these
 by module path with `flax.linen.intercept_methods`, so one model definition serves FP,
 calibration and quantized use.
 """
@@ -191,6 +194,124 @@ class VisionTransformer(nn.Module):
                         kernel_init=nn.initializers.normal(scale))(x)
 
 
+# torch.nn.BatchNorm2d's default epsilon, which OpenAI's and open_clip's ResNets keep.
+BATCH_NORM_EPS = 1e-5
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm in inference mode: y = (x - mean) / sqrt(var + eps) * scale + bias, with the
+    checkpoint's running statistics held in `params` beside the affine (CLIP's towers are
+    frozen, so no `batch_stats` collection is needed)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        mean = self.param("mean", nn.initializers.zeros, (c,))
+        var = self.param("var", nn.initializers.ones, (c,))
+        inv = scale * jax.lax.rsqrt(var + BATCH_NORM_EPS)
+        return (x * inv.astype(self.dtype) + (bias - mean * inv).astype(self.dtype))
+
+
+def _avg_pool(x, stride):
+    """torch.nn.AvgPool2d(stride) on NHWC (kernel = stride, no padding)."""
+    return nn.avg_pool(x, (stride, stride), strides=(stride, stride)) if stride > 1 else x
+
+
+def _conv(features, size, name, dtype, stride=1):
+    """A bias-free 'same' convolution as in CLIP's ResNets (padding size // 2)."""
+    pad = size // 2
+    return nn.Conv(features, (size, size), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype, name=name)
+
+
+class Bottleneck(nn.Module):
+    """CLIP's ResNet block: 1x1, 3x3, (anti-aliasing average pool when strided), 1x1 (x4
+    channels), each conv followed by BatchNorm; ReLU after the first two and after the sum.
+    The shortcut is an average pool, a 1x1 conv and BatchNorm where the shape changes."""
+
+    planes: int
+    stride: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda name: FrozenBatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+        out = nn.relu(bn("bn1")(_conv(self.planes, 1, "conv1", self.dtype)(x)))
+        out = nn.relu(bn("bn2")(_conv(self.planes, 3, "conv2", self.dtype)(out)))
+        out = _avg_pool(out, self.stride)
+        out = bn("bn3")(_conv(4 * self.planes, 1, "conv3", self.dtype)(out))
+        identity = x
+        if self.stride > 1 or x.shape[-1] != 4 * self.planes:
+            identity = _conv(4 * self.planes, 1, "downsample_0", self.dtype)(
+                _avg_pool(x, self.stride))
+            identity = bn("downsample_1")(identity)
+        return nn.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's ResNet head: multi-head attention over the flattened feature map plus its mean
+    (positional embeddings added to all), with the mean token as the only query; separate
+    q/k/v projections and `c_proj` as the output projection. Same `Site`s as `Attention`."""
+
+    heads: int
+    output_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        head_dim = c // self.heads
+        x = x.reshape(b, h * w, c)
+        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+        pos = self.param("positional_embedding", nn.initializers.normal(c**-0.5),
+                         (h * w + 1, c))
+        x = x + pos.astype(x.dtype)
+
+        def project(name, tokens):
+            dense = nn.Dense(c, dtype=self.dtype, name=f"{name}_proj",
+                             kernel_init=nn.initializers.normal(c**-0.5))
+            return Site(name=name)(dense(tokens).reshape(b, -1, self.heads, head_dim))
+
+        q, k, v = project("q", x[:, :1]), project("k", x), project("v", x)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+        logits = Site(name="logits")(logits.astype(jnp.float32))
+        probs = Site(name="probs")(jax.nn.softmax(logits, axis=-1))
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v).reshape(b, c)
+        return nn.Dense(self.output_dim, dtype=self.dtype, name="c_proj",
+                        kernel_init=nn.initializers.normal(c**-0.5))(out)
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image tower (OpenAI's `ModifiedResNet`): a 3-conv stem (stride 2, then
+    two stride-1 convs, each with BatchNorm and ReLU) and a 2x2 average pool, four stages of
+    `Bottleneck`s (64, 128, 256, 512 x width/64 planes; stages 2-4 start with stride 2) and
+    the `AttentionPool2d` head. Inputs NHWC."""
+
+    config: configs.VisionConfig
+    embed_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        cfg = self.config
+        x = images.astype(self.dtype)
+        stem = ((cfg.width // 2, 2), (cfg.width // 2, 1), (cfg.width, 1))
+        for i, (features, stride) in enumerate(stem, 1):
+            x = _conv(features, 3, f"conv{i}", self.dtype, stride=stride)(x)
+            x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name=f"bn{i}")(x))
+        x = _avg_pool(x, 2)
+        for stage, depth in enumerate(cfg.layers, 1):
+            planes = cfg.width * 2 ** (stage - 1)
+            for j in range(depth):
+                stride = 2 if stage > 1 and j == 0 else 1
+                x = Bottleneck(planes, stride, dtype=self.dtype, name=f"layer{stage}_{j}")(x)
+        return AttentionPool2d(cfg.heads, self.embed_dim, dtype=self.dtype, name="attnpool")(x)
+
+
 class TextTransformer(nn.Module):
     """CLIP's causal text tower, with an entry point that takes token embeddings.
 
@@ -270,10 +391,11 @@ class CLIP(nn.Module):
 
     def setup(self):
         cfg = self.config
-        if not isinstance(cfg.vision.layers, int):
-            raise NotImplementedError("ModifiedResNet image towers are not implemented yet")
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation,
-                                        cfg.layer_norm_eps, dtype=self.dtype)
+        if cfg.vision.is_resnet:
+            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim, dtype=self.dtype)
+        else:
+            self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation,
+                                            cfg.layer_norm_eps, dtype=self.dtype)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation,
                                     cfg.layer_norm_eps, dtype=self.dtype)
         self.logit_scale = self.param(

@@ -46,6 +46,10 @@ def get_config():
     config.quant.config = "w4a4attn8"  # official | w{W}a{A}[attn{S}] (see p4q_jax/quant/qconfig.py)
     config.quant.calib_batches = 2  # training batches the image tower is calibrated on
     config.quant.calib_batch_size = 32
+    # ResNets: fold BatchNorm into the conv kernels before weight quantization (what an
+    # integer deployment runs); False keeps it in float after the quantized conv, as the
+    # public P4Q code does.
+    config.quant.fold_batchnorm = False
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by `model`

@@ -191,6 +191,8 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
     """
     if isinstance(qconfig, str):
         qconfig = qconfig_lib.QConfig.parse(qconfig)
+    if qconfig.name == "official" and model.config.vision.is_resnet and "visual" in qconfig.towers:
+        raise ValueError(qconfig_lib.OFFICIAL_RESNET_ERROR)
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"texts: expected a list of prompt strings, got one {type(texts).__name__} "
                         f"{_short(texts)} (it would be read as one prompt per character); pass "

@@ -28,6 +28,22 @@ Presets (`QConfig.parse(name)`):
     - float: the `out_proj` input, q/k/v/logits/probs (plain multi-head attention),
       `visual/proj`, `text/text_projection`, embeddings and LayerNorm inputs.
 
+  The public code has no runnable ResNet path, so `official` refuses a ResNet image tower
+  (`OFFICIAL_RESNET_ERROR`). Read from its `models/clip/model.py` (HEAD bcd6a87): `main.py`
+  accepts RN50..RN50x64, but `ModifiedResNet` builds its `Bottleneck`s and `AttentionPool2d`
+  without `cfg` (`AttributeError` at construction), the pool's projections are built
+  bias-free so OpenAI's checkpoint cannot load strictly, its multi-head attention calls
+  `linear`/`softmax`, which model.py never imports, and OMSE on 4-D conv activations raises
+  `IndexError`. What it *builds* differs from both presets: conv kernels int{b} per channel,
+  activations quantized at each conv's *output* (before BatchNorm; no QAct on the
+  downsample conv, none on inputs), the pool's q/k/v/c projection kernels left float while
+  their inputs, q, k, v and the probabilities are uint{b} per tensor, and an 8-bit text tower.
+
+For ResNets the `w{W}a{A}[attn{S}]` presets quantize every conv kernel and conv input (the
+stem's three, each `Bottleneck`'s conv1-3 and shortcut `downsample_0`) and the attention pool
+like a ViT block (`attnpool/{q,k,v,c}_proj` kernels and inputs, `attnpool/{q,k,v,logits,
+probs}`); BatchNorm stays float after the quantized conv unless `quant.fold_batchnorm`.
+
 Neither preset quantizes LayerNorm inputs (`norm` sites) or uses the log2 quantizer for
 the probabilities; rules for both can be added, e.g.
 `Rule(kind="norm", pattern=".", spec=act_spec(8, observer="ptf", per_channel=True))`
@@ -41,6 +57,11 @@ import re
 from p4q_jax.quant import primitives
 
 KINDS = ("weight", "input", "attn", "norm")
+OFFICIAL_RESNET_ERROR = (
+    "quant.config='official' is the public P4Q code's ViT quantization; its ResNet path does "
+    "not run (ModifiedResNet is built without its quantization config and fails, see "
+    "p4q_jax/quant/qconfig.py), so there is no official ResNet recipe to reproduce: use "
+    "w{W}a{A}[attn{S}], e.g. w8a8 or w4a4attn8")
 OBSERVERS = ("minmax", "ema", "percentile", "omse", "ptf", "log2")
 
 
