@@ -201,6 +201,15 @@ def _p4q(config, problems, shards):
     problems.at_least("train.log_every", tcfg.log_every, 1)
     problems.one_of("train.schedule", tcfg.schedule, step_lib.SCHEDULES)
     problems.at_least("train.warmup_epochs", tcfg.warmup_epochs, 0)
+    if tcfg.schedule == "official_stages":
+        ends = tuple(tcfg.stage_epochs)
+        if not ends or any(not isinstance(e, int) or e < 1 for e in ends) or \
+                list(ends) != sorted(set(ends)):
+            problems.add("train.stage_epochs", ends, "expected increasing positive epoch "
+                         "counts, the epoch each stage ends at")
+        elif not tcfg.num_steps and ends[-1] != tcfg.epochs:
+            problems.add("train.stage_epochs", ends,
+                         f"the last stage must end at train.epochs={tcfg.epochs}")
     if tcfg.epochs_from_shots and config.data.name != "coop/imagenet" and \
             config.data.num_shots not in step_lib.COOP_EPOCHS:
         problems.add("train.epochs_from_shots", True, "CoOp's epochs are defined for "

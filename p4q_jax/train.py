@@ -202,11 +202,19 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
         raise ValueError(f"no training steps: train.num_steps={tcfg.num_steps}, "
                          f"{num_epochs} epochs of {steps_per_epoch} steps")
 
+    reset_steps = ()
     if tcfg.schedule == "coop":
         lrs = step_lib.epoch_cosine_schedules(
             prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
             steps_per_epoch=steps_per_epoch, epochs=num_epochs,
             warmup_epochs=tcfg.warmup_epochs, warmup_lr=tcfg.warmup_lr)
+    elif tcfg.schedule == "official_stages":
+        ends = step_lib.stage_ends(tcfg.stage_epochs, steps_per_epoch=steps_per_epoch,
+                                   total_steps=total_steps)
+        lrs = step_lib.official_stage_schedules(
+            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr, stage_ends=ends,
+            final_fraction=tcfg.prompt_final_fraction)
+        reset_steps = ends[:-1]  # each stage builds new optimizers
     else:
         lrs = step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
                                  total_steps=total_steps,
@@ -216,7 +224,8 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
                             adapter_weight_decay=tcfg.adapter_weight_decay,
                             clip_norm=tcfg.clip_norm, train_prompts=cfg.train_prompts,
                             prompt_momentum=tcfg.prompt_momentum,
-                            prompt_weight_decay=tcfg.prompt_weight_decay)
+                            prompt_weight_decay=tcfg.prompt_weight_decay,
+                            reset_steps=reset_steps)
     state = parallel.replicate(step_lib.init_state(
         {"context": context, "adapter": adapter_params}, tx), mesh)
     train_step = step_lib.make_train_step(

@@ -43,9 +43,12 @@ def get_config():
     config.train.adapter_eps = 1e-4
     config.train.adapter_weight_decay = 0.01
     config.train.warmup_steps = 0
-    # Learning-rate schedule: "cosine" (per step, with warmup_steps) or "coop" (CoOp's: per
-    # epoch, warmup_epochs at the constant warmup_lr, then cosine over the epochs).
+    # Learning-rate schedule: "cosine" (per step, with warmup_steps), "coop" (CoOp's: per
+    # epoch, warmup_epochs at the constant warmup_lr, then cosine over the epochs) or
+    # "official_stages" (the public code's resumed stages ending at the epochs of
+    # stage_epochs, the last = train.epochs; see step.official_stage_schedules).
     config.train.schedule = "cosine"
+    config.train.stage_epochs = ()
     config.train.warmup_epochs = 1
     config.train.warmup_lr = 1e-5
     config.train.prompt_momentum = 0.0  # the prompts' SGD; CoOp: 0.9

@@ -15,6 +15,7 @@ The step is one `jax.jit` with explicit shardings: the batch split over the mesh
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -90,7 +91,8 @@ def schedules(*, prompt_lr, adapter_lr, total_steps, final_fraction=1e-3, warmup
             "adapter": schedule(adapter_lr, 0.0)}
 
 
-SCHEDULES = ("cosine", "coop")  # config.train.schedule: `schedules`, `epoch_cosine_schedules`
+# config.train.schedule: `schedules`, `epoch_cosine_schedules`, `official_stage_schedules`.
+SCHEDULES = ("cosine", "coop", "official_stages")
 # CoOp's epochs by shots (its COOP.md: *_ep50 configs for 1 shot, *_ep100 for 2 and 4, the
 # 200-epoch ones for 8 and 16; *_ep50 for every ImageNet setting).
 COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -117,26 +119,108 @@ def epoch_cosine_schedules(*, prompt_lr, adapter_lr, steps_per_epoch, epochs, wa
     return {"context": schedule(prompt_lr), "adapter": schedule(adapter_lr)}
 
 
+def stage_ends(stage_epochs, *, steps_per_epoch, total_steps):
+    """The steps at which the stages of `train.stage_epochs` (the epochs each stage ends at,
+    increasing) end; the last must be the run's end."""
+    epochs = tuple(stage_epochs)
+    if not epochs or any(not isinstance(e, int) or e < 1 for e in epochs) or \
+            any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise ValueError(f"train.stage_epochs={epochs}: expected increasing positive epoch "
+                         "counts, the epoch each stage ends at, e.g. (1, 5, 10, 20, 50, 100)")
+    ends = tuple(e * steps_per_epoch for e in epochs)
+    if ends[-1] != total_steps:
+        raise ValueError(f"train.stage_epochs={epochs} ends at epoch {epochs[-1]} ({ends[-1]} "
+                         f"steps of {steps_per_epoch} per epoch), but the run has "
+                         f"{total_steps} steps (train.epochs / train.num_steps): the last "
+                         "stage must end with the run")
+    return ends
+
+
+def official_stage_schedules(*, prompt_lr, adapter_lr, stage_ends, final_fraction=1e-3):
+    """The public code's staged schedules {"context", "adapter"}, as a function of the global
+    step n (`stage_ends`: the step each stage ends at; stage k runs [start_k, end_k)).
+
+    Each stage is a new run of its main.py that rebuilds both schedulers over the stage's
+    full horizon end_k (`--coop_epochs` = `--adapter_epochs` = its end epoch), from the
+    resumed weights, and trains only the epochs after the resumed one:
+    * prompts (its `build_cosine_scheduler`, indexed by the global iteration): cosine from
+      prompt_lr to final_fraction x prompt_lr over end_k, at n; a resumed stage starts
+      part-way down its cosine;
+    * adapter (a fresh `CosineAnnealingLR(T_max=end_k)`, stepped once per iteration of this
+      run): adapter_lr x (1 + cos(pi (n - start_k) / end_k)) / 2; it restarts at the peak.
+    """
+    ends = jnp.asarray(stage_ends, jnp.float32)
+    starts = jnp.concatenate([jnp.zeros(1, jnp.float32), ends[:-1]])
+    final = prompt_lr * final_fraction
+
+    def stage(step):
+        k = jnp.minimum(jnp.searchsorted(ends, step, side="right"), len(stage_ends) - 1)
+        return starts[k], ends[k]
+
+    def context(step):
+        _, end = stage(step)
+        return final + 0.5 * (prompt_lr - final) * (1.0 + jnp.cos(jnp.pi * step / end))
+
+    def adapter(step):
+        start, end = stage(step)
+        return 0.5 * adapter_lr * (1.0 + jnp.cos(jnp.pi * (step - start) / end))
+
+    return {"context": context, "adapter": adapter}
+
+
+class ResetState(NamedTuple):
+    count: jax.Array  # updates so far
+    inner: optax.OptState
+
+
+def reset_at(inner, steps):
+    """`inner` with its state re-initialised before the update of each step in `steps`
+    (counted from 0): an optimizer rebuilt at the stage boundaries of a staged run, as a new
+    PyTorch optimizer starts with fresh moments and step count. The fresh state is
+    `inner.init` of the updates (the parameters' shapes and dtypes)."""
+    steps = jnp.asarray(sorted(steps), jnp.int32)
+
+    def init(params):
+        return ResetState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+
+    def update(updates, state, params=None):
+        reset = jnp.any(state.count == steps)
+        inner_state = jax.tree.map(lambda fresh, old: jnp.where(reset, fresh, old),
+                                   inner.init(updates), state.inner)
+        updates, inner_state = inner.update(updates, inner_state, params)
+        return updates, ResetState(count=optax.safe_increment(state.count), inner=inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(lr_schedules, *, adapter_eps=1e-4, adapter_weight_decay=0.01, clip_norm=None,
-              train_prompts=True, prompt_momentum=0.0, prompt_weight_decay=0.0):
+              train_prompts=True, prompt_momentum=0.0, prompt_weight_decay=0.0, reset_steps=()):
     """The official optimizers: prompts SGD, adapter AdamW (optionally after global-norm
     clipping); `train_prompts=False` keeps the context fixed (the adapter-only ablation).
 
     `prompt_momentum` and `prompt_weight_decay` make the prompts' SGD PyTorch's
     `SGD(momentum=m, weight_decay=wd)` (CoOp's, via Dassl: 0.9 and 5e-4): the decay is
     added to the gradient before the momentum buffer, whose update is scaled by the current
-    learning rate.
+    learning rate. `reset_steps`: the steps before whose update the optimizers' moments
+    (AdamW's, with its step count; the prompts' momentum) start afresh (`reset_at`); the
+    learning-rate schedules keep counting global steps.
     """
     context = optax.set_to_zero()
     if train_prompts:
         context = optax.sgd(lr_schedules["context"], momentum=prompt_momentum or None)
+        if prompt_momentum and reset_steps:
+            context = optax.chain(reset_at(optax.trace(decay=prompt_momentum), reset_steps),
+                                  optax.scale_by_learning_rate(lr_schedules["context"]))
         if prompt_weight_decay:
             context = optax.chain(optax.add_decayed_weights(prompt_weight_decay), context)
-    tx = optax.multi_transform(
-        {"context": context,
-         "adapter": optax.adamw(lr_schedules["adapter"], eps=adapter_eps,
-                                weight_decay=adapter_weight_decay)},
-        {"context": "context", "adapter": "adapter"})
+    adapter = optax.adamw(lr_schedules["adapter"], eps=adapter_eps,
+                          weight_decay=adapter_weight_decay)
+    if reset_steps:  # optax.adamw's chain, its moments reset
+        adapter = optax.chain(reset_at(optax.scale_by_adam(eps=adapter_eps), reset_steps),
+                              optax.add_decayed_weights(adapter_weight_decay),
+                              optax.scale_by_learning_rate(lr_schedules["adapter"]))
+    tx = optax.multi_transform({"context": context, "adapter": adapter},
+                               {"context": "context", "adapter": "adapter"})
     return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
 
 
