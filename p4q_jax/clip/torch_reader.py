@@ -300,8 +300,10 @@ def _read(path):
     if isinstance(root, _TorchScriptObject):
         refs = _module_tensors(root)
     else:
-        if isinstance(root, dict) and isinstance(root.get("state_dict"), dict):
-            root = root["state_dict"]
+        for key in ("state_dict", "model_state_dict"):  # training checkpoints nest it
+            if isinstance(root, dict) and isinstance(root.get(key), dict):
+                root = root[key]
+                break
         if not isinstance(root, dict):
             raise ReadError(f"{path}: expected a state dict, found {type(root).__name__}")
         refs = {k: v for k, v in root.items() if isinstance(v, _TensorRef)}
@@ -316,9 +318,9 @@ def read_state_dict(path):
     """Reads a PyTorch zip checkpoint into `{name: np.ndarray}`.
 
     Args:
-      path: a `torch.save` state dict (possibly nested under "state_dict", as training
-        checkpoints are) or a TorchScript archive (`torch.jit.save` of a scripted or traced
-        module, as OpenAI ships CLIP).
+      path: a `torch.save` state dict (possibly nested under "state_dict" or
+        "model_state_dict", as training checkpoints are) or a TorchScript archive
+        (`torch.jit.save` of a scripted or traced module, as OpenAI ships CLIP).
 
     Returns:
       A flat dict from parameter name to a numpy array in the stored dtype.
