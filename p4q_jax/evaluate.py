@@ -47,8 +47,9 @@ def encode_prompts(model, variables, tokens, *, mesh, batch_size):
     n = tokens.shape[0]
     padded = np.zeros((math.ceil(n / batch_size) * batch_size, tokens.shape[1]), np.int32)
     padded[:n] = tokens
-    fn = _text_encoder(model, mesh)
-    chunks = [fn(variables, padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]
+    fn, sharding = _text_encoder(model, mesh), parallel.batch_sharding(mesh)
+    chunks = [fn(variables, parallel.from_every_process(padded[i:i + batch_size], sharding))
+              for i in range(0, len(padded), batch_size)]
     return jnp.concatenate(chunks)[:n]
 
 

@@ -68,6 +68,13 @@ def to_global(batch, mesh):
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def from_every_process(x, sharding):
+    """An array every process holds in full (e.g. prompt tokens) -> a global array laid out
+    by `sharding`; each process places only its own devices' parts."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def replicate(tree, mesh):
     """Places a pytree (same value on every process) on all devices of the mesh."""
     return jax.device_put(tree, replicated(mesh))

@@ -147,7 +147,8 @@ def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_
         features_lib.save_cache(directory, cache, key)
         logging.info("feature cache: %d examples x %d views -> %s", len(cache["label"]),
                      cache["student"].shape[1], directory)
-    return features_lib.CachedInput(cache, global_batch=config.train.batch_size,
+    return features_lib.CachedInput(features_lib.gather(cache),
+                                    global_batch=config.train.batch_size,
                                     num_examples=num_examples, seed=config.seed,
                                     random_view=crops or config.data.flip)
 

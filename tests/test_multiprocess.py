@@ -13,9 +13,7 @@ The setup is `toy_p4q.build_setup`, shared with test_p4q_step.py.
 """
 
 import contextlib
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ import numpy as np
 from p4q_jax import parallel
 from p4q_jax.p4q import step as step_lib
 
+import multihost
 from toy_p4q import GLOBAL_BATCH
 from toy_p4q import build_setup
 NUM_PROCESSES = 2
@@ -111,28 +110,11 @@ ATOL_AFTER_UPDATE = 1e-4
 ATOL_FINAL_PARAMS = 1e-3
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env():
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(
-        flags + [f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 @contextlib.contextmanager
 def _children(out_dir):
     """Starts the child processes; yields `wait()`, which waits for them (bounded) and
     checks their exit codes. Both are killed if anything fails or times out."""
-    port, env = _free_port(), _child_env()
+    port, env = multihost.free_port(), multihost.child_env(DEVICES_PER_PROCESS)
     procs, logs = [], []
     deadline = time.monotonic() + CHILD_TIMEOUT_S
 

@@ -35,9 +35,11 @@ def test_cache_holds_both_views_of_student_and_teacher(tiny):
     mesh = parallel.make_mesh()
     labels = np.arange(16, dtype=np.int32) % 3
     mask = np.arange(16) < 13  # the padded tail of an eval-style batch
-    batches = [{"image": images[:8], "label": labels[:8], "mask": mask[:8]},
-               {"image": images[8:], "label": labels[8:], "mask": mask[8:]}]
+    index = np.where(mask, np.arange(16), -1)
+    batches = [{"image": images[:8], "label": labels[:8], "mask": mask[:8], "index": index[:8]},
+               {"image": images[8:], "label": labels[8:], "mask": mask[8:], "index": index[8:]}]
     cache = features.build_cache(model, params, qstate, batches, mesh=mesh)
+    assert cache["index"].tolist() == list(range(13))
     assert cache["student"].shape == (13, 2, 64) and cache["label"].tolist() == labels[:13].tolist()
     flipped = images[:13, :, ::-1]  # horizontal flip of NHWC images, independently of the code
     for view, x in ((0, images[:13]), (1, flipped)):
@@ -108,12 +110,12 @@ def test_cache_of_random_crop_views(tiny):
 
 def test_cache_on_disk_round_trips_and_checks_its_key(tmp_path):
     cache = {"student": np.ones((5, 2, 4), np.float32), "teacher": np.zeros((5, 2, 4), np.float32),
-             "label": np.arange(5, dtype=np.int32)}
+             "label": np.arange(5, dtype=np.int32), "index": np.arange(5, dtype=np.int64)}
     key = features.fingerprint(model="tiny", acts={"a": np.ones(3)})
     assert key != features.fingerprint(model="tiny", acts={"a": np.full(3, 2.0)})
     features.save_cache(tmp_path, cache, key)
     loaded = features.load_cache(tmp_path, key)
-    for name in features.FIELDS:
+    for name in features.PART_FIELDS:
         np.testing.assert_array_equal(loaded[name], cache[name])
     assert features.load_cache(tmp_path, "another") is None
     assert features.load_cache(tmp_path / "missing", key) is None

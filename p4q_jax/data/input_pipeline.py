@@ -24,6 +24,11 @@ from p4q_jax.data import synthetic
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
+def _with_index(ds, start=0):
+    """Each example with its position in the split, from `start` (`index`, int64)."""
+    return ds.enumerate(start).map(lambda i, ex: {**ex, "index": i})
+
+
 def _not_prepared_message(builder, data_dir):
     message = (
         f"TFDS dataset {builder.name!r} is not prepared under data_dir={data_dir!r} (looked in "
@@ -75,8 +80,12 @@ class _TfdsSource:
         return ds.map(lambda ex: {"image": ex[keys[0]], "label": ex[keys[1]]})
 
     def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
-        part = split if count == 1 else tfds.even_splits(split, n=count)[index]
-        return self.read(part, shuffle_files=shuffle_files, seed=seed)
+        """Process `index`'s contiguous part (TFDS's even split), each example with its
+        position in the split (`index`; in file order, so only without `shuffle_files`)."""
+        parts = [split] if count == 1 else tfds.even_splits(split, n=count)
+        start = sum(int(self.read(part).cardinality()) for part in parts[:index])
+        return _with_index(self.read(parts[index], shuffle_files=shuffle_files, seed=seed),
+                           start=start)
 
     def num_examples(self, split):
         cardinality = int(self.read(split).cardinality())
@@ -103,7 +112,8 @@ class _FileSource:
             {"image": list(paths), "label": np.asarray(labels, np.int64)})
 
     def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
-        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
+        return _with_index(self.read(split, shuffle_files=shuffle_files, seed=seed)).shard(
+            count, index)
 
     def num_examples(self, split):
         return len(self.files(split)[0])
@@ -150,7 +160,8 @@ class _SyntheticSource:
             {"image": images, "label": labels.astype(np.int64)})
 
     def read_process_part(self, split, *, index, count, shuffle_files=False, seed=None):
-        return self.read(split, shuffle_files=shuffle_files, seed=seed).shard(count, index)
+        return _with_index(self.read(split, shuffle_files=shuffle_files, seed=seed)).shard(
+            count, index)
 
     def num_examples(self, split):
         del split  # Both splits have the same size.
@@ -214,9 +225,12 @@ def _few_shot_subset(cfg, info, source, split):
 
 
 def _process_part(cfg, info, source, *, split, train, seed):
-    """(this process's raw examples, number of examples over all processes)."""
+    """(raw examples, number of examples over all processes). Training reads the whole split
+    on every process (the stream of global batches is then the same for any number of
+    processes; each keeps its slice of every batch before decoding); a pass reads this
+    process's part, each example with its position in the split (`index`)."""
     own = info.split_name(split)
-    index, count = jax.process_index(), jax.process_count()
+    index, count = (0, 1) if train else (jax.process_index(), jax.process_count())
     subset = _few_shot_subset(cfg, info, source, split)
     if subset is None:
         part = source.read_process_part(
@@ -226,11 +240,10 @@ def _process_part(cfg, info, source, *, split, train, seed):
     keep[subset] = True
     keep = tf.constant(keep)
     # The subset is small by construction: cache it (still encoded) instead of re-reading the split.
-    part = (source.read(own).enumerate()
-            .filter(lambda i, ex: tf.gather(keep, i))
-            .map(lambda i, ex: ex)
-            .shard(count, index)
-            .cache())
+    subset_stream = (source.read(own).enumerate()
+                     .filter(lambda i, ex: tf.gather(keep, i))
+                     .map(lambda i, ex: ex))
+    part = _with_index(subset_stream).shard(count, index).cache()
     return part, len(subset)
 
 
@@ -252,8 +265,9 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
             augment, shuffle_buffer, folder, root, synthetic_classes, synthetic_examples).
         split: "train" or "test" (mapped to the dataset's own splits). `cfg.num_shots` > 0 makes
             "train" the k-shot subset chosen by `cfg.shot_seed`, the same on every process.
-        batch_size: the global batch; each process gets batch_size / process_count examples of
-            its own disjoint part of the data.
+        batch_size: the global batch; each process gets batch_size / process_count examples:
+            in training its slice of each global batch (the global batches are the same for
+            any number of processes), in a pass its own disjoint part of the split.
         image_size: side of the square CLIP input.
         train: True: seeded shuffle, repeated forever, full batches only, and the training
             views of `cfg.augment`: "flip" (resize + center crop, as at test time) or "coop"
@@ -271,7 +285,8 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
             one pass per random view, for a feature cache of several views.
 
     Returns:
-        tf.data.Dataset of {"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}.
+        tf.data.Dataset of {"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]},
+        and in a pass "index": int32 [b], each example's position in the split (-1: padding).
     """
     local_batch = _local_batch_size(batch_size)
     augment = cfg.get("augment", "flip")
@@ -283,7 +298,10 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
     ds, total = _process_part(cfg, info, source, split=split, train=train, seed=seed)
 
     def label_and_mask(ex, image):
-        return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
+        out = {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
+        if not train:
+            out["index"] = tf.cast(ex["index"], tf.int32)
+        return out
 
     # Stateless randomness seeded by (seed, position in the stream[, view]): reproducible
     # under parallelism and across a resume.
@@ -302,15 +320,17 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
         return label_and_mask(ex, image)
 
     if train:
+        # The same shuffled stream on every process; positions count global examples.
         ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = ds.enumerate().skip(skip_batches * local_batch)
-
+        ds = ds.enumerate().skip(skip_batches * batch_size)
+        index, count = jax.process_index(), jax.process_count()
+        if count > 1:  # this process's slice of every global batch, before decoding
+            ds = ds.filter(lambda position, ex: (position // local_batch) % count == index)
         ds = ds.map(training_view, num_parallel_calls=_AUTOTUNE)
     else:
         if augment_view is not None:
-            ds = ds.enumerate().map(
-                lambda position, ex: training_view(position, ex, fold=augment_view + 1),
-                num_parallel_calls=_AUTOTUNE)
+            ds = ds.map(lambda ex: training_view(ex["index"], ex, fold=augment_view + 1),
+                        num_parallel_calls=_AUTOTUNE)
         else:
             ds = ds.map(lambda ex: label_and_mask(
                 ex, transforms.preprocess_tf(source.decode(ex["image"]), size=image_size)),
@@ -320,6 +340,7 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
             "image": tf.zeros((image_size, image_size, 3), tf.float32),
             "label": tf.constant(0, tf.int32),
             "mask": tf.constant(False),
+            "index": tf.constant(-1, tf.int32),
         }).repeat()
         ds = ds.concatenate(padding).take(steps * local_batch)
     return ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)

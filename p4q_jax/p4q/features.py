@@ -6,10 +6,12 @@ views, are computed once (`build_cache`, with the sharded encoder) and each step
 samples from them (`CachedInput`): exactly the training the per-step encoder would do,
 without the two image towers in the step (DESIGN.md, "where the time goes").
 
-Each process keeps the features of its own part of the training set, in host memory or
-in `.npy` files under a directory (memory-mapped when read back, for large datasets).
-The order of the examples and the views are a function of (seed, step) alone, so a run
-resumed at step n reads exactly the batches an uninterrupted run reads.
+Each process computes and saves the features of its own part of the training set (`.npy`
+files under a directory, memory-mapped when read back), each example with its position in
+the split; `gather` then gives every process the whole cache in split order. The global
+batches and the views are a function of (seed, step) alone: a run resumed at step n reads
+exactly the batches an uninterrupted run reads, and any number of processes reads the same
+global batches, each process its slice.
 """
 
 import hashlib
@@ -28,6 +30,7 @@ from p4q_jax import parallel
 from p4q_jax.p4q import step as step_lib
 
 FIELDS = ("student", "teacher", "label")
+PART_FIELDS = (*FIELDS, "index")  # a process's part: each example's position in the split
 _MARKER = "fingerprint.json"
 
 
@@ -48,15 +51,16 @@ def make_encoder(model, mesh, *, flip=True):
 
 def build_cache(model, params, qstate, batches, *, mesh, total=None, flip=True):
     """Features of this process's training examples -> {"student", "teacher": float32
-    [n, V, E], "label": int32 [n]} (numpy): with `flip` both views (V = 2), else the images
-    as given (V = 1; `stack_views` joins several such caches of random crops).
+    [n, V, E], "label": int32 [n], "index": int64 [n]} (numpy): with `flip` both views
+    (V = 2), else the images as given (V = 1; `stack_views` joins several such caches of
+    random crops); `index` is each example's position in the split (for `gather`).
 
     `batches` are this process's padded and masked batches in order
     (`data.create_dataset(..., train=False)` on the training split, `augment_view` for crops).
     """
     encoder = make_encoder(model, mesh, flip=flip)
     spec = jax.sharding.PartitionSpec(parallel.DATA)
-    parts = {name: [] for name in FIELDS}
+    parts = {name: [] for name in PART_FIELDS}
     for batch in tqdm.tqdm(batches, total=total, desc="feature cache", unit="batch",
                            disable=jax.process_index() != 0, leave=False):
         out = encoder(params, qstate, parallel.to_global(batch["image"], mesh))
@@ -65,6 +69,7 @@ def build_cache(model, params, qstate, batches, *, mesh, total=None, flip=True):
         for name in ("student", "teacher"):
             parts[name].append(np.asarray(local[name], np.float32)[keep])
         parts["label"].append(np.asarray(batch["label"], np.int32)[keep])
+        parts["index"].append(np.asarray(batch["index"], np.int64)[keep])
     if not parts["label"]:
         raise ValueError("feature cache: the training split yielded no batches")
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
@@ -72,11 +77,37 @@ def build_cache(model, params, qstate, batches, *, mesh, total=None, flip=True):
 
 def stack_views(caches):
     """Caches of the same examples in the same order, one view each -> one cache of all."""
-    labels = caches[0]["label"]
-    if any(not np.array_equal(c["label"], labels) for c in caches):
+    first = caches[0]
+    if any(not np.array_equal(c[k], first[k]) for c in caches for k in ("label", "index")):
         raise ValueError("feature cache views: the passes over the training split differ")
     return {"student": np.concatenate([c["student"] for c in caches], axis=1),
-            "teacher": np.concatenate([c["teacher"] for c in caches], axis=1), "label": labels}
+            "teacher": np.concatenate([c["teacher"] for c in caches], axis=1),
+            "label": first["label"], "index": first["index"]}
+
+
+def gather(part):
+    """This process's part of the cache -> the whole cache ({FIELDS}, in split order) on every
+    process. One process's part already is in order and is returned as is (memory-mapped
+    arrays stay so); several processes' parts are exchanged (`process_allgather`, padded to
+    the longest part) and merged by `index`."""
+    index = np.asarray(part["index"])
+    if jax.process_count() == 1:
+        if np.any(np.diff(index) <= 0):
+            raise ValueError("feature cache: examples out of split order")
+        return {name: part[name] for name in FIELDS}
+    sizes = multihost_utils.process_allgather(np.int64(len(index)))
+    longest = int(np.max(sizes))
+
+    def padded(x):
+        x = np.asarray(x)
+        return np.concatenate([x, np.zeros((longest - len(x), *x.shape[1:]), x.dtype)])
+
+    every = multihost_utils.process_allgather({k: padded(part[k]) for k in PART_FIELDS})
+    merged = {k: np.concatenate([v[p, :n] for p, n in enumerate(sizes)]) for k, v in every.items()}
+    order = np.argsort(merged["index"], kind="stable")
+    if np.any(np.diff(merged["index"][order]) <= 0):
+        raise ValueError("feature cache: the processes' parts overlap")
+    return {name: merged[name][order] for name in FIELDS}
 
 
 def fingerprint(**what):
@@ -98,40 +129,45 @@ def _process_dir(directory):
 
 
 def save_cache(directory, cache, key):
-    """Writes this process's cache as .npy files, each atomically; the fingerprint last."""
+    """Writes this process's part as .npy files, each atomically; the fingerprint last."""
     path = _process_dir(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / _MARKER).unlink(missing_ok=True)  # invalid until every array is in place
-    for name in FIELDS:
+    for name in PART_FIELDS:
         with atomic.file(path / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, cache[name])
     atomic.write_text(path / _MARKER, json.dumps({"key": key}))
 
 
 def load_cache(directory, key):
-    """This process's cache if one was saved under `key` (memory-mapped), else None."""
+    """This process's part if one was saved under `key` (memory-mapped), else None."""
     path = _process_dir(directory)
     try:
         stored = json.loads((path / _MARKER).read_text())["key"]
     except (FileNotFoundError, ValueError, KeyError):
         return None
-    if stored != key:
+    if stored != key or not all((path / f"{name}.npy").exists() for name in PART_FIELDS):
         logging.info("feature cache in %s is for another setup; rebuilding it", path)
         return None
-    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in FIELDS}
+    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in PART_FIELDS}
 
 
 class CachedInput:
-    """Training batches sampled from a feature cache, a function of (seed, step) alone.
+    """Training batches sampled from the whole feature cache (`gather`), a function of
+    (seed, step) alone.
 
-    Epoch e visits this process's examples in the order of a permutation seeded by
-    (seed, e, process); with `random_view` each example's view (of the V the cache holds:
-    as is / flipped, or random crops) is drawn per step, else view 0 is used. An epoch is
-    `num_examples // global_batch` steps; the rest of the permutation is dropped.
+    Epoch e visits the examples in the order of a permutation seeded by (seed, e); with
+    `random_view` each example's view (of the V the cache holds: as is / flipped, or random
+    crops) is drawn per step, else view 0 is used. An epoch is `num_examples //
+    global_batch` steps; the rest of the permutation is dropped. Each process takes its
+    slice of every global batch, so any number of processes trains on the same batches.
+    (The seeds end in 0, where the process index was when each process sampled its own part:
+    single-process runs draw what they drew then.)
     """
 
     def __init__(self, cache, *, global_batch, num_examples, seed, random_view=True):
         self.cache = cache
+        self.global_batch = global_batch
         self.local_batch = global_batch // jax.process_count()
         self.steps_per_epoch = num_examples // global_batch
         if self.steps_per_epoch < 1:
@@ -144,14 +180,17 @@ class CachedInput:
         """This process's part of the global batch of `step` (numpy)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch, jax.process_index()])
+            rng = np.random.default_rng([self.seed, epoch, 0])
             self._epoch, self._order = epoch, rng.permutation(len(self.cache["label"]))
-        rows = np.sort(self._order[index * self.local_batch:(index + 1) * self.local_batch])
+        rows = np.sort(self._order[index * self.global_batch:(index + 1) * self.global_batch])
         if self.random_view:
-            rng = np.random.default_rng([self.seed, step, jax.process_index(), 1])
+            rng = np.random.default_rng([self.seed, step, 0, 1])
             views = rng.integers(0, self.cache["student"].shape[1], len(rows))
         else:
             views = np.zeros(len(rows), np.int64)
+        mine = slice(jax.process_index() * self.local_batch,
+                     (jax.process_index() + 1) * self.local_batch)
+        rows, views = rows[mine], views[mine]
         return {"student": np.asarray(self.cache["student"][rows, views]),
                 "teacher": np.asarray(self.cache["teacher"][rows, views]),
                 "label": np.asarray(self.cache["label"][rows])}

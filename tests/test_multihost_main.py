@@ -1,0 +1,93 @@
+"""main.py across processes: a p4q job as 2 processes x 4 CPU devices (joined over 127.0.0.1)
+equals the same job as 1 process x 8 devices, and its export evaluates in one process.
+
+Training reads the same global batches for any number of processes (each process its slice),
+calibration sees the same images and the feature cache is gathered, so the FP and PTQ rows are
+equal and the first step's loss differs only by the order of the cross-process sums.
+"""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+import main_runner
+import multihost
+
+TIMEOUT_S = 400
+# Synthetic images (in memory): TFDS's mock data would invent new images for each process's
+# sub-split, where the real TFDS splits (e.g. the demo's shapes) are split exactly.
+_FLAGS = ["--config=configs/p4q.py", "--config.data.name=synthetic",
+          "--config.data.synthetic_examples=200",
+          "--config.quant.calib_batches=1", "--config.quant.calib_batch_size=16",
+          "--config.eval.batch_size=40", "--config.eval.text_batch_size=64",
+          "--config.train.batch_size=16", "--config.train.num_steps=6",
+          "--config.train.log_every=1", "--config.p4q.n_ctx=4",
+          "--config.p4q.adapter_calib_batches=1"]
+
+
+def _run_processes(argvs, *, devices):
+    """Runs one main.py per argv to completion, bounded in time."""
+    procs = [subprocess.Popen(main_runner.command(argv, mock_examples=None),
+                              cwd=main_runner.REPO, env=multihost.child_env(devices),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while any(p.poll() is None for p in procs):
+            # One failing process leaves the other waiting in a collective: fail at once.
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, "\n".join(
+                p.stderr.read()[-3000:] for p in (failed or procs) if p.poll() is not None)
+            time.sleep(0.5)
+        for p in procs:
+            assert p.returncode == 0, p.stderr.read()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("multihost")
+    flags = [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}"]
+    port = multihost.free_port()
+    _run_processes([[*flags, f"--workdir={root / 'two'}",
+                     f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     "--config.distributed.num_processes=2",
+                     f"--config.distributed.process_id={i}"] for i in range(2)], devices=4)
+    _run_processes([[*flags, f"--workdir={root / 'one'}"]], devices=8)
+    return root, [json.loads((root / name / "results.json").read_text()) for name in ("two", "one")]
+
+
+def test_two_processes_equal_one_process(runs):
+    root, (two, one) = runs
+    rows_two = {r["method"]: r for r in two["rows"]}
+    rows_one = {r["method"]: r for r in one["rows"]}
+    # 200 test images: one is 0.5 points.
+    assert list(rows_two) == ["fp_zeroshot", "ptq", "p4q"] and rows_two["p4q"]["count"] == 200
+    for method in ("fp_zeroshot", "ptq"):  # the same images and calibration: the same model
+        assert rows_two[method]["top1"] == rows_one[method]["top1"], method
+        assert rows_two[method]["top5"] == rows_one[method]["top5"], method
+    first_two, first_one = two["history"][0], one["history"][0]
+    assert first_two["step"] == first_one["step"] == 1
+    for term in ("cross_entropy", "distillation"):
+        assert first_two[term] == pytest.approx(first_one[term], rel=1e-5), term
+    assert abs(rows_two["p4q"]["top1"] - rows_one["p4q"]["top1"]) <= 2.0
+    # One results.json and one export, written by process 0; the cache in per-process parts.
+    assert sorted(p.name for p in (root / "two").glob("*results*.json")) == ["results.json"]
+    assert sorted(p.name for p in (root / "two" / "feature_cache").iterdir()) == [
+        "process_0_of_2", "process_1_of_2"]
+
+
+def test_the_two_process_export_evaluates_in_one_process(runs):
+    root, (two, _) = runs
+    main_runner.run_main(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=synthetic",
+                          "--config.data.synthetic_examples=200", "--config.eval.batch_size=40",
+                          f"--workdir={root / 'two'}"], mock_examples=None)
+    (row,) = json.loads((root / "two" / "eval_results.json").read_text())["rows"]
+    p4q = two["rows"][-1]
+    assert (row["top1"], row["top5"], row["count"]) == (p4q["top1"], p4q["top5"], p4q["count"])
