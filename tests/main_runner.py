@@ -58,3 +58,11 @@ def tree_digest(directory):
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def complete_checkpoint_steps(directory):
+    """Steps with a finished checkpoint (Orbax renames a step's directory when complete)."""
+    directory = pathlib.Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())

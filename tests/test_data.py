@@ -235,15 +235,23 @@ def test_process_shards_are_disjoint_and_cover_the_split(monkeypatch, overrides)
     assert len(first) + len(second) == total == (30 if cfg.num_shots else 13)
 
 
-def test_training_shards_are_disjoint(monkeypatch):
-    seen = []
+def test_training_batches_are_the_global_batches_split_over_processes(monkeypatch):
+    """Any number of processes trains on the same global batches: each process's batch is its
+    slice of the one a single process reads (so runs equal across host counts)."""
     with _indexed_mock(40):
+        _fake_processes(monkeypatch, 0, 1)
+        whole = _batches(_config(), count=6, split="train", batch_size=8, image_size=32,
+                         train=True)
+        parts = []
         for index in range(2):
             _fake_processes(monkeypatch, index, 2)
-            batches = _batches(
-                _config(), count=2, split="train", batch_size=8, image_size=32, train=True)
-            seen.append({_index_of(img) for b in batches for img in b["image"]})
-    assert len(seen[0]) > 1 and max(seen[0]) < 20 <= min(seen[1])
+            parts.append(_batches(_config(), count=6, split="train", batch_size=8,
+                                  image_size=32, train=True))
+    for batch, first, second in zip(whole, *parts):
+        expected = [_index_of(img) for img in batch["image"]]
+        assert [_index_of(img) for img in first["image"]] == expected[:4]
+        assert [_index_of(img) for img in second["image"]] == expected[4:]
+    assert len({_index_of(img) for b in whole for img in b["image"]}) > 8  # several batches
 
 
 def test_batch_must_divide_over_processes(monkeypatch):

@@ -1,5 +1,6 @@
 """main.py across processes: a p4q job as 2 processes x 4 CPU devices (joined over 127.0.0.1)
-equals the same job as 1 process x 8 devices, and its export evaluates in one process.
+equals the same job as 1 process x 8 devices, its export evaluates in one process, and both
+processes killed after a checkpoint resume to the uninterrupted run's parameters.
 
 Training reads the same global batches for any number of processes (each process its slice),
 calibration sees the same images and the feature cache is gathered, so the FP and PTQ rows are
@@ -7,10 +8,16 @@ equal and the first step's loss differs only by the order of the cross-process s
 """
 
 import json
+import signal
 import subprocess
+import tempfile
 import time
 
+import jax
+import numpy as np
 import pytest
+
+from p4q_jax.p4q import trained as trained_lib
 
 import main_runner
 import multihost
@@ -24,47 +31,65 @@ _FLAGS = ["--config=configs/p4q.py", "--config.data.name=synthetic",
           "--config.eval.batch_size=40", "--config.eval.text_batch_size=64",
           "--config.train.batch_size=16", "--config.train.num_steps=6",
           "--config.train.log_every=1", "--config.p4q.n_ctx=4",
-          "--config.p4q.adapter_calib_batches=1"]
+          "--config.p4q.adapter_calib_batches=1", "--config.checkpoint.every_steps=2"]
+
+
+def _start(argvs, *, devices):
+    """Starts one main.py per argv, each logging to a file (a pipe nobody reads would fill up
+    and block the process) -> [(Popen, log file)]."""
+    started = []
+    for argv in argvs:
+        log = tempfile.TemporaryFile("w+")
+        started.append((subprocess.Popen(
+            main_runner.command(argv, mock_examples=None), cwd=main_runner.REPO,
+            env=multihost.child_env(devices), stdout=subprocess.DEVNULL, stderr=log), log))
+    return started
+
+
+def _tail(log):
+    log.seek(0)
+    return log.read()[-3000:]
 
 
 def _run_processes(argvs, *, devices):
     """Runs one main.py per argv to completion, bounded in time."""
-    procs = [subprocess.Popen(main_runner.command(argv, mock_examples=None),
-                              cwd=main_runner.REPO, env=multihost.child_env(devices),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for argv in argvs]
+    started = _start(argvs, devices=devices)
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for p, _ in started):
             # One failing process leaves the other waiting in a collective: fail at once.
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            assert not failed and time.monotonic() < deadline, "\n".join(
-                p.stderr.read()[-3000:] for p in (failed or procs) if p.poll() is not None)
+            failed = [log for p, log in started if p.poll() not in (None, 0)]
+            assert not failed, "\n".join(map(_tail, failed))
+            assert time.monotonic() < deadline, "\n".join(_tail(log) for _, log in started)
             time.sleep(0.5)
-        for p in procs:
-            assert p.returncode == 0, p.stderr.read()[-3000:]
     finally:
-        for p in procs:
+        for p, log in started:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            log.close()
+
+
+def _two_processes(flags, workdir):
+    port = multihost.free_port()
+    return [[*flags, f"--workdir={workdir}",
+             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+            for i in range(2)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("multihost")
     flags = [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}"]
-    port = multihost.free_port()
-    _run_processes([[*flags, f"--workdir={root / 'two'}",
-                     f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                     "--config.distributed.num_processes=2",
-                     f"--config.distributed.process_id={i}"] for i in range(2)], devices=4)
+    _run_processes(_two_processes(flags, root / "two"), devices=4)
     _run_processes([[*flags, f"--workdir={root / 'one'}"]], devices=8)
-    return root, [json.loads((root / name / "results.json").read_text()) for name in ("two", "one")]
+    return root, flags, [json.loads((root / name / "results.json").read_text())
+                         for name in ("two", "one")]
 
 
 def test_two_processes_equal_one_process(runs):
-    root, (two, one) = runs
+    root, _, (two, one) = runs
     rows_two = {r["method"]: r for r in two["rows"]}
     rows_one = {r["method"]: r for r in one["rows"]}
     # 200 test images: one is 0.5 points.
@@ -84,10 +109,41 @@ def test_two_processes_equal_one_process(runs):
 
 
 def test_the_two_process_export_evaluates_in_one_process(runs):
-    root, (two, _) = runs
+    root, _, (two, _) = runs
     main_runner.run_main(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=synthetic",
                           "--config.data.synthetic_examples=200", "--config.eval.batch_size=40",
                           f"--workdir={root / 'two'}"], mock_examples=None)
     (row,) = json.loads((root / "two" / "eval_results.json").read_text())["rows"]
     p4q = two["rows"][-1]
     assert (row["top1"], row["top5"], row["count"]) == (p4q["top1"], p4q["top5"], p4q["count"])
+
+
+def _export_leaves(workdir):
+    _, _, _, trained = trained_lib.load(workdir / "export")
+    return [np.asarray(x) for x in jax.tree.leaves(
+        (trained.context, trained.adapter_params, trained.adapter_qstate))]
+
+
+def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, runs):
+    """SIGKILL of both processes after the first checkpoint, then the same command again."""
+    root, flags, _ = runs
+    workdir = tmp_path / "killed"
+    started = _start(_two_processes(flags, workdir), devices=4)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not main_runner.complete_checkpoint_steps(workdir / "checkpoints"):
+            assert all(p.poll() is None for p, _ in started) and time.monotonic() < deadline, (
+                "no checkpoint appeared:\n" + "\n".join(_tail(log) for _, log in started))
+            time.sleep(0.02)
+    finally:
+        for p, log in started:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            log.close()
+    killed_at = max(main_runner.complete_checkpoint_steps(workdir / "checkpoints"))
+    assert killed_at < 6 and not (workdir / "results.json").exists()
+    _run_processes(_two_processes(flags, workdir), devices=4)
+    history = json.loads((workdir / "results.json").read_text())["history"]
+    assert [h["step"] for h in history][-1] == 6
+    for resumed, uninterrupted in zip(_export_leaves(workdir), _export_leaves(root / "two")):
+        np.testing.assert_array_equal(resumed, uninterrupted)

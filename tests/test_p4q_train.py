@@ -168,7 +168,8 @@ def test_p4q_then_eval_through_main(straight_run):
             for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
             for value in tf.compat.v1.Event.FromString(record).summary.value}
     assert {"cross_entropy", "lr_context", "eval/ptq_top1", "eval/p4q_top5"} <= tags
-    assert _complete_steps(workdir / "checkpoints") == [40, 50, 60]  # the last 3 kept
+    # The last 3 checkpoints are kept.
+    assert main_runner.complete_checkpoint_steps(workdir / "checkpoints") == [40, 50, 60]
 
     # Evaluating the export (WORKDIR/export by default) keeps the training's results.json.
     training_results = (workdir / "results.json").read_bytes()
@@ -203,7 +204,7 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_ru
                           "--config.checkpoint.restart=True", f"--workdir={workdir}"])
     (previous,) = (workdir / "previous").iterdir()
     assert (previous / "results.json").read_bytes() == old_results
-    assert _complete_steps(previous / "checkpoints") == [40, 50, 60]
+    assert main_runner.complete_checkpoint_steps(previous / "checkpoints") == [40, 50, 60]
     assert (previous / "export" / "p4q.json").exists()
     results = json.loads((workdir / "results.json").read_text())
     assert [h["step"] for h in results["history"]] == [10]
@@ -211,24 +212,19 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_ru
     assert trained.context.shape[0] == 8
 
 
-def _complete_steps(directory):
-    """Steps with a finished checkpoint (Orbax renames a step's directory when complete)."""
-    if not directory.exists():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, straight_run):
     flags, straight = straight_run
     workdir = tmp_path / "killed"
     process = main_runner.start_main([*flags, f"--workdir={workdir}"])
     deadline = time.monotonic() + 300
-    while not _complete_steps(workdir / "checkpoints") and process.poll() is None:
+    while (not main_runner.complete_checkpoint_steps(workdir / "checkpoints")
+           and process.poll() is None):
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = max(_complete_steps(workdir / "checkpoints"))
+    killed_at = max(main_runner.complete_checkpoint_steps(workdir / "checkpoints"))
     assert killed_at < _STEPS and not (workdir / "results.json").exists()
 
     log = main_runner.run_main([*flags, f"--workdir={workdir}"])

@@ -72,7 +72,7 @@ def test_urls_are_kept_as_they_are():
     ({"data__augment": "crop"}, "data.augment='crop': expected one of ['flip', 'coop']"),
     ({"data__templates": "all"}, "data.templates='all': expected one of ['coop', 'clip']"),
     ({"train__schedule": "linear"}, "train.schedule='linear': expected one of ['cosine', "
-                                    "'coop']"),
+                                     "'coop', 'official_stages']"),
     ({"train__epochs_from_shots": True, "data__num_shots": 3},
      "train.epochs_from_shots=True: CoOp's epochs are defined for data.num_shots in "
      "[1, 2, 4, 8, 16], not 3"),

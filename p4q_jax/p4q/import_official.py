@@ -151,40 +151,42 @@ def import_official(*, adapter_path, prompt_learner_path, checkpoint, data_confi
     return trained_lib.save(out, model, params, jax.device_get(qstate), trained)
 
 
-_ADAPTER = flags.DEFINE_string("adapter", None, "The public code's p4q_adapter.pth.")
-_PROMPT_LEARNER = flags.DEFINE_string(
-    "prompt_learner", None, "Its p4q_prompt_learner.pth (with a ctx key); default: an "
-    "untrained N(0, 0.02) context.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The CLIP checkpoint (ViT-B-32.pt, an "
-                                  "HF or Orbax directory).")
-_DATASET = flags.DEFINE_string("dataset", "cifar100", "The dataset (class names, calibration "
-                               "images), as --config.data.name.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-_OUT = flags.DEFINE_string("out", None, "The export directory to write.")
-_CALIB_BATCHES = flags.DEFINE_integer("calib_batches", 10, "Calibration batches (its "
-                                      "--calib-iter).")
-_CALIB_BATCH_SIZE = flags.DEFINE_integer("calib_batch_size", 128, "Calibration batch size "
-                                         "(its --train_batch).")
-_ADAPTER_CALIB_BATCHES = flags.DEFINE_integer(
-    "adapter_calib_batches", 1, "Calibration batches the adapter's 8-bit ranges are observed on.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the calibration batches' order (and of the "
-                             "context without --prompt_learner).")
+def define_flags():
+    """The command line's flags (defined only when run as a script: importing this module
+    from a notebook or a test registers nothing)."""
+    flags.DEFINE_string("adapter", None, "The public code's p4q_adapter.pth.")
+    flags.DEFINE_string("prompt_learner", None, "Its p4q_prompt_learner.pth (with a ctx key); "
+                        "default: an untrained N(0, 0.02) context.")
+    flags.DEFINE_string("checkpoint", None, "The CLIP checkpoint (ViT-B-32.pt, an HF or Orbax "
+                        "directory).")
+    flags.DEFINE_string("dataset", "cifar100", "The dataset (class names, calibration images), "
+                        "as --config.data.name.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+    flags.DEFINE_string("out", None, "The export directory to write.")
+    flags.DEFINE_integer("calib_batches", 10, "Calibration batches (its --calib-iter).")
+    flags.DEFINE_integer("calib_batch_size", 128, "Calibration batch size (its --train_batch).")
+    flags.DEFINE_integer("adapter_calib_batches", 1,
+                         "Calibration batches the adapter's 8-bit ranges are observed on.")
+    flags.DEFINE_integer("seed", 0, "Seed of the calibration batches' order (and of the context "
+                         "without --prompt_learner).")
+    flags.mark_flags_as_required(["adapter", "checkpoint", "out"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
     data_config = p4q_config.get_config().data
-    data_config.name = _DATASET.value
-    data_config.data_dir = _DATA_DIR.value and str(pathlib.Path(_DATA_DIR.value).expanduser())
+    data_config.name = f.dataset
+    data_config.data_dir = f.data_dir and str(pathlib.Path(f.data_dir).expanduser())
     path = import_official(
-        adapter_path=_ADAPTER.value, prompt_learner_path=_PROMPT_LEARNER.value,
-        checkpoint=_CHECKPOINT.value, data_config=data_config, out=_OUT.value,
-        calib_batches=_CALIB_BATCHES.value, calib_batch_size=_CALIB_BATCH_SIZE.value,
-        adapter_calib_batches=_ADAPTER_CALIB_BATCHES.value, seed=_SEED.value)
+        adapter_path=f.adapter, prompt_learner_path=f.prompt_learner,
+        checkpoint=f.checkpoint, data_config=data_config, out=f.out,
+        calib_batches=f.calib_batches, calib_batch_size=f.calib_batch_size,
+        adapter_calib_batches=f.adapter_calib_batches, seed=f.seed)
     logging.info("wrote %s", path)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["adapter", "checkpoint", "out"])
+    define_flags()
     app.run(main)
