@@ -105,8 +105,9 @@ class _Job:
         for row in out["rows"]:
             logging.info("%s %s: top-1 %.2f top-5 %.2f (%d images)", row["method"],
                          self.config.data.name, row["top1"], row["top5"], row["count"])
-        logging.info("results -> %s%s", path, " [SMOKE RUN: random weights, the accuracy is "
-                     "meaningless]" if self.smoke else "")
+        if jax.process_index() == 0:  # the process that writes them
+            logging.info("results -> %s%s", path, " [SMOKE RUN: random weights, the accuracy "
+                         "is meaningless]" if self.smoke else "")
         return out
 
 
@@ -296,7 +297,8 @@ def demo(config, workdir):
            "num_classes": first["num_classes"], "num_templates": first["num_templates"],
            "rows": rows, "runs": {name: str(workdir / name) for name in settings}}
     results.write_json(workdir / "results.json", out)
-    logging.info("results -> %s (+ results.md, results.png)", workdir / "results.json")
+    if jax.process_index() == 0:
+        logging.info("results -> %s (+ results.md, results.png)", workdir / "results.json")
     return out
 
 
