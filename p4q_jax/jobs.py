@@ -21,8 +21,11 @@ from p4q_jax.p4q import trained as trained_lib
 
 
 def initialize_distributed(config):
-    """Joins a multi-host run when the config asks for it (before any JAX computation)."""
+    """Joins a multi-host run when the config asks for it (before any JAX computation). CPU
+    processes exchange their collectives over gloo (JAX's default today, set so it stays)."""
     cfg = config.distributed
+    if cfg.auto or cfg.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.auto:
         jax.distributed.initialize()
     elif cfg.coordinator_address:

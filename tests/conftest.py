@@ -35,11 +35,22 @@ except ImportError:
 import pytest  # noqa: E402  (after the environment set-up above)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A random-weight `tiny` CLIP saved in the Orbax form, for main.py runs."""
+def _random_checkpoint(tmp_path_factory, name):
+    """A random-weight CLIP of the named config saved in the Orbax form, for main.py runs."""
     from p4q_jax import clip  # pylint: disable=g-import-not-at-top
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model, params = clip.init("tiny", seed=1)
+    path = tmp_path_factory.mktemp("ckpt") / name
+    model, params = clip.init(name, seed=1)
     clip.save(path, model.config, params)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The `tiny` ViT CLIP, random weights, in the Orbax form."""
+    return _random_checkpoint(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_checkpoint(tmp_path_factory):
+    """The `tiny-rn` ResNet CLIP, random weights, in the Orbax form."""
+    return _random_checkpoint(tmp_path_factory, "tiny-rn")

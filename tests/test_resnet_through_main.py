@@ -3,19 +3,7 @@
 
 import json
 
-import pytest
-
-from p4q_jax import clip
-
 import main_runner
-
-
-@pytest.fixture(scope="module")
-def tiny_rn_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_rn"
-    model, params = clip.init("tiny-rn", seed=1)
-    clip.save(path, model.config, params)
-    return path
 
 
 def test_p4q_then_eval_with_a_resnet_image_tower(tmp_path, tiny_rn_checkpoint):
