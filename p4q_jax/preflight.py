@@ -203,10 +203,8 @@ def _p4q(config, problems, shards):
     problems.at_least("train.warmup_epochs", tcfg.warmup_epochs, 0)
     if tcfg.schedule == "official_stages":
         ends = tuple(tcfg.stage_epochs)
-        if not ends or any(not isinstance(e, int) or e < 1 for e in ends) or \
-                list(ends) != sorted(set(ends)):
-            problems.add("train.stage_epochs", ends, "expected increasing positive epoch "
-                         "counts, the epoch each stage ends at")
+        if not step_lib.valid_stage_epochs(ends):
+            problems.add("train.stage_epochs", ends, step_lib.STAGE_EPOCHS_EXPECTED)
         elif not tcfg.num_steps and ends[-1] != tcfg.epochs:
             problems.add("train.stage_epochs", ends,
                          f"the last stage must end at train.epochs={tcfg.epochs}")

@@ -119,14 +119,23 @@ def epoch_cosine_schedules(*, prompt_lr, adapter_lr, steps_per_epoch, epochs, wa
     return {"context": schedule(prompt_lr), "adapter": schedule(adapter_lr)}
 
 
+STAGE_EPOCHS_EXPECTED = ("expected increasing positive epoch counts, the epoch each stage "
+                         "ends at, e.g. (1, 5, 10, 20, 50, 100)")
+
+
+def valid_stage_epochs(stage_epochs):
+    """Whether `train.stage_epochs` is a non-empty increasing tuple of positive ints."""
+    epochs = tuple(stage_epochs)
+    return bool(epochs) and all(isinstance(e, int) and e >= 1 for e in epochs) and all(
+        b > a for a, b in zip(epochs, epochs[1:]))
+
+
 def stage_ends(stage_epochs, *, steps_per_epoch, total_steps):
     """The steps at which the stages of `train.stage_epochs` (the epochs each stage ends at,
     increasing) end; the last must be the run's end."""
     epochs = tuple(stage_epochs)
-    if not epochs or any(not isinstance(e, int) or e < 1 for e in epochs) or \
-            any(b <= a for a, b in zip(epochs, epochs[1:])):
-        raise ValueError(f"train.stage_epochs={epochs}: expected increasing positive epoch "
-                         "counts, the epoch each stage ends at, e.g. (1, 5, 10, 20, 50, 100)")
+    if not valid_stage_epochs(epochs):
+        raise ValueError(f"train.stage_epochs={epochs}: {STAGE_EPOCHS_EXPECTED}")
     ends = tuple(e * steps_per_epoch for e in epochs)
     if ends[-1] != total_steps:
         raise ValueError(f"train.stage_epochs={epochs} ends at epoch {epochs[-1]} ({ends[-1]} "
