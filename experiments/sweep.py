@@ -17,6 +17,11 @@ top-1 bar chart per dataset (OUT/top1_<dataset>.png).
 
 Methods are config files: a name in `METHODS`, or a path (`configs/x.py` or `configs/x.py:arg`).
 
+`--preset=demo` is the offline demo (`configs/default.py`: FP zero-shot, CoOp-FP, PTQ and P4Q at
+w8a8 and w4a4attn8) and its 4-bit ablations (`configs/default.py:VARIANT`) over seeds 0, 1, 2,
+reported as the paper lays them out: the main table, the ablation table (prompts, adapter,
+distillation) and the paper's claims checked on the means.
+
 `--preset=coop_fewshot` is CoOp's few-shot table: {zero-shot, CoOp-FP, PTQ, P4Q} (the
 `configs/coop_fewshot.py` variants; zero-shot and PTQ are rows of those runs) x CoOp's 11
 datasets x shots {1, 2, 4, 8, 16} x seeds {1, 2, 3}, each seed both `seed` and the few-shot
@@ -65,7 +70,16 @@ _FEWSHOT_METHODS = ["configs/coop_fewshot.py:coop_fp", "configs/coop_fewshot.py:
                     "configs/coop_fewshot.py:p4q_w4a4attn8"]
 COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
                  "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+_DEMO_ABLATIONS = ("prompts_only", "adapter_only", "no_distillation", "official_distillation")
 PRESETS = {
+    # The demo (FP zero-shot, CoOp-FP, PTQ and P4Q at w8a8 and w4a4attn8) and its 4-bit
+    # ablations, over three seeds: the paper's tables in miniature.
+    "demo": {
+        "methods": ["default"] + [f"configs/default.py:{name}" for name in _DEMO_ABLATIONS],
+        "datasets": [],
+        "shots": [],
+        "seeds": ["0", "1", "2"],
+    },
     "coop_fewshot": {
         "methods": _FEWSHOT_METHODS,
         "datasets": [f"coop/{name}" for name in COOP_DATASETS],
@@ -251,6 +265,79 @@ def method_label(entry):
     return f"{entry['row']} {entry['qconfig']}"
 
 
+# The ablation table's rows: results row -> (prompts, adapter, distillation), in table order.
+_ABLATION_ROWS = {
+    "ptq": ("-", "-", "-"),
+    "p4q_prompts_only": ("learned", "-", "KL"),
+    "p4q_adapter_only": ("fixed", "8-bit", "KL"),
+    "p4q_no_distillation": ("learned", "8-bit", "-"),
+    "p4q_official_distillation": ("learned", "8-bit", "official"),
+    "p4q": ("learned", "8-bit", "KL"),
+}
+
+
+def _mean_std(entry):
+    return f"{entry['top1_mean']:.2f} +- {entry['top1_std']:.2f}"
+
+
+def demo_tables(summary):
+    """The demo's tables, where the summary has the ablation rows: {title: (header, rows)}.
+
+    The main table (a row per method and bits) and, per dataset and bits the ablations ran at,
+    the ablation table: which parts train (prompts, adapter) and the distillation, top-1."""
+    tables = {}
+    for dataset in dict.fromkeys(s["dataset"] for s in summary):
+        entries = [s for s in summary if s["dataset"] == dataset and s["shots"] is None]
+        ablated = {s["qconfig"] for s in entries if s["row"] in _ABLATION_ROWS
+                   and s["row"] not in ("ptq", "p4q")}
+        if not ablated:
+            continue
+        main = [s for s in entries if s["row"] in ("fp_zeroshot", "coop_fp", "ptq", "p4q")]
+        tables[f"{dataset}: top-1 (%), mean +- std over seeds"] = (
+            ["bits", "method", "top-1 (%)", "seeds"],
+            [[s["qconfig"], method_label(s), _mean_std(s), s["n"]] for s in main])
+        for bits in sorted(ablated):
+            value = {s["row"]: s for s in entries if s["qconfig"] == bits}
+            tables[f"{dataset}, {bits}: ablations, top-1 (%), mean +- std over seeds"] = (
+                ["prompts", "adapter", "distillation", "method", "top-1 (%)", "seeds"],
+                [[*parts, row, _mean_std(value[row]), value[row]["n"]]
+                 for row, parts in _ABLATION_ROWS.items() if row in value])
+    return tables
+
+
+def demo_claims(summary):
+    """The paper's claims checked on the demo's means (datasets with ablation rows) ->
+    markdown lines (claim, measured, holds); a claim whose rows are missing is left out."""
+    lines = []
+    for dataset in dict.fromkeys(s["dataset"] for s in summary):
+        if not any(s["dataset"] == dataset and s["row"] in _ABLATION_ROWS
+                   and s["row"] not in ("ptq", "p4q") for s in summary):
+            continue  # not the demo's grid
+        mean = {(s["qconfig"], s["row"]): s["top1_mean"] for s in summary
+                if s["dataset"] == dataset and s["shots"] is None}
+        fp, coop = mean.get(("fp32", "fp_zeroshot")), mean.get(("fp32", "coop_fp"))
+        claims = []
+        if fp is not None and ("w4a4attn8", "p4q") in mean:
+            p4q4, ptq4 = mean[("w4a4attn8", "p4q")], mean.get(("w4a4attn8", "ptq"))
+            claims.append(("4-bit P4Q >= FP zero-shot + 2", f"{p4q4:.2f} vs {fp:.2f}",
+                           p4q4 >= fp + 2))
+            if ptq4 is not None:
+                claims.append(("4-bit PTQ <= FP zero-shot - 5", f"{ptq4:.2f} vs {fp:.2f}",
+                               ptq4 <= fp - 5))
+        if coop is not None and ("w8a8", "p4q") in mean:
+            p4q8 = mean[("w8a8", "p4q")]
+            claims.append(("8-bit P4Q >= CoOp-FP - 0.5", f"{p4q8:.2f} vs {coop:.2f}",
+                           p4q8 >= coop - 0.5))
+        for (bits, row), value in mean.items():
+            if row in _ABLATION_ROWS and row not in ("ptq", "p4q") and (bits, "p4q") in mean:
+                full = mean[(bits, "p4q")]
+                claims.append((f"{bits} P4Q > {row}", f"{full:.2f} vs {value:.2f}",
+                               full > value))
+        lines += [f"- {dataset}: {claim}: {measured}: {'holds' if holds else 'MISSED'}"
+                  for claim, measured, holds in claims]
+    return lines
+
+
 def shots_tables(summary):
     """CoOp's tables: {shots: (header, rows)}, a row per method (mean +- std over seeds per
     dataset, then the average of the dataset means over the datasets it has all of)."""
@@ -374,6 +461,11 @@ def report(records, summary, out, targets=()):
     for dataset, (header, rows) in b2n.items():
         text += (f"## Base-to-new, {dataset}: top-1 (%), mean +- std over seeds\n\n"
                  + results.markdown_table(header, rows) + "\n")
+    for title, (header, rows) in demo_tables(summary).items():
+        text += f"## {title}\n\n" + results.markdown_table(header, rows) + "\n"
+    claims = demo_claims(summary)
+    if claims:
+        text += "## The paper's claims on these means\n\n" + "\n".join(claims) + "\n\n"
     for shots, (header, rows) in ({} if b2n or targets else shots_tables(summary)).items():
         text += (f"## {shots} shots: top-1 (%), mean +- std over seeds\n\n"
                  + results.markdown_table(header, rows) + "\n")

@@ -17,6 +17,7 @@ from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import train
 from p4q_jax.clip import checkpoints
+from p4q_jax.configs import baselines
 from p4q_jax.p4q import trained as trained_lib
 
 
@@ -250,7 +251,8 @@ def evaluate_export(config, workdir):
                                            transfer=transfer))
 
 
-_DEMO_NAMES = {"fp_zeroshot": "FP zero-shot", "ptq": "PTQ", "p4q": "P4Q"}
+_DEMO_NAMES = {"fp_zeroshot": "FP zero-shot", "coop_fp": "CoOp-FP", "ptq": "PTQ", "p4q": "P4Q"}
+_COOP_FP_RUN = "fp32_coop"  # the demo's CoOp-FP run, beside one directory per bit setting
 
 
 def demo_report(rows):
@@ -263,42 +265,47 @@ def demo_report(rows):
 
 
 def demo(config, workdir):
-    """FP zero-shot, then PTQ and P4Q at each bit setting of `config.demo.qconfigs`.
+    """FP zero-shot, CoOp-FP (`demo.coop_fp`), then PTQ and P4Q at each bit setting of
+    `config.demo.qconfigs`.
 
-    Each setting is a `p4q` run in WORKDIR/<setting>/ (its own results.json, curves,
-    checkpoints and export). Prints the table and writes results.json, results.md (the table)
-    and results.png (top-1 bars) to the workdir. Sizes are bytes on disk: the FP checkpoint,
-    the exported quantized towers (PTQ), and the towers plus prompts and adapter (P4Q)."""
+    Each training is a `p4q` run in its own WORKDIR/<setting>/ (`fp32_coop` for CoOp-FP; its
+    own results.json, curves, checkpoints and export). Prints the table and writes
+    results.json, results.md (the table) and results.png (top-1 bars) to the workdir. Sizes are
+    bytes on disk: the FP checkpoint, the exported quantized towers (PTQ), and the towers plus
+    prompts and adapter (P4Q; for CoOp-FP, its export: the FP towers plus prompts)."""
     workdir = pathlib.Path(workdir)
-    settings = list(config.demo.qconfigs)  # at least one, and p4q.quantize (preflight)
+    todo = _demo_runs(config, workdir)
     runs, rows = {}, []
-    for i, (name, (sub, subdir)) in enumerate(zip(settings, _demo_runs(config, workdir))):
-        logging.info("demo %d/%d: PTQ and P4Q at %s", i + 1, len(settings), name)
+    for i, (name, (sub, subdir)) in enumerate(todo.items()):
+        logging.info("demo %d/%d: %s", i + 1, len(todo),
+                     "CoOp on the FP model" if name == _COOP_FP_RUN else f"PTQ and P4Q at {name}")
         runs[name] = run = p4q(sub, subdir)
-        fp, ptq_row, p4q_row = run["rows"]
+        fp, *quantized, trained = run["rows"]
         export = pathlib.Path(run["export"])
         if not rows:
             checkpoint = config.model.checkpoint
             rows.append({**fp, "qconfig": None,
                          "bytes": checkpoints.bytes_on_disk(checkpoint) if checkpoint else None})
-        rows.append({**ptq_row, "bytes": checkpoints.bytes_on_disk(export / "towers")})
-        rows.append({**p4q_row, "bytes": checkpoints.bytes_on_disk(export)})
+        rows += [{**row, "bytes": checkpoints.bytes_on_disk(export / "towers")}
+                 for row in quantized]
+        rows.append({**trained, "bytes": checkpoints.bytes_on_disk(export)})
     table = demo_report(rows)
+    first = next(iter(runs.values()))
     if jax.process_index() == 0:
-        print(f"\n{config.data.name}, {runs[settings[0]]['num_classes']} classes:\n{table}")
+        print(f"\n{config.data.name}, {first['num_classes']} classes:\n{table}")
     results.write_text(workdir / "results.md", table)
-    fp_top1 = rows[0]["top1"]
-    results.plot_bars(
-        workdir / "results.png", settings,
-        {"FP zero-shot": [fp_top1] * len(settings),
-         "PTQ": [r["top1"] for r in rows if r["method"] == "ptq"],
-         "P4Q": [r["top1"] for r in rows if r["method"] == "p4q"]},
-        title=f"{config.data.name}: top-1 on the test split")
-    first = runs[settings[0]]
+    settings = list(config.demo.qconfigs)
+    bars = {"FP zero-shot": [rows[0]["top1"]] * len(settings)}
+    if _COOP_FP_RUN in runs:
+        bars["CoOp-FP"] = [runs[_COOP_FP_RUN]["rows"][-1]["top1"]] * len(settings)
+    bars |= {"PTQ": [r["top1"] for r in rows if r["method"] == "ptq"],
+             "P4Q": [r["top1"] for r in rows if r["method"] == "p4q"]}
+    results.plot_bars(workdir / "results.png", settings, bars,
+                      title=f"{config.data.name}: top-1 on the test split")
     out = {"mode": "demo", "smoke_run": first["smoke_run"], "checkpoint": first["checkpoint"],
            "model": first["model"], "dataset": first["dataset"],
            "num_classes": first["num_classes"], "num_templates": first["num_templates"],
-           "rows": rows, "runs": {name: str(workdir / name) for name in settings}}
+           "rows": rows, "runs": {name: str(workdir / name) for name in runs}}
     results.write_json(workdir / "results.json", out)
     if jax.process_index() == 0:
         logging.info("results -> %s (+ results.md, results.png)", workdir / "results.json")
@@ -306,13 +313,18 @@ def demo(config, workdir):
 
 
 def _demo_runs(config, workdir):
-    """The demo's p4q runs: (config, WORKDIR/<setting>) per bit setting."""
-    runs = []
+    """The demo's p4q runs: {name: (config, WORKDIR/<name>)}, CoOp-FP first (`fp32_coop`, with
+    `demo.coop_fp`), then one per bit setting."""
+    runs = {}
+    if config.demo.get("coop_fp", False):
+        sub = baselines.apply(config.copy_and_resolve_references(), "coop_fp")
+        sub.p4q.export_dir = None
+        runs[_COOP_FP_RUN] = (sub, pathlib.Path(workdir) / _COOP_FP_RUN)
     for name in config.demo.qconfigs:
         sub = config.copy_and_resolve_references()
         sub.quant.config = name
         sub.p4q.export_dir = None
-        runs.append((sub, pathlib.Path(workdir) / name))
+        runs[name] = (sub, pathlib.Path(workdir) / name)
     return runs
 
 
@@ -331,7 +343,7 @@ def run(config, workdir, *, mode=None):
                                     f"{sorted(MODES)}")
     config, workdir = preflight.check(config, workdir, mode=mode)
     training = {"p4q": lambda: [(config, workdir)],
-                "demo": lambda: _demo_runs(config, workdir)}.get(mode, list)()
+                "demo": lambda: list(_demo_runs(config, workdir).values())}.get(mode, list)()
     for run_config, run_workdir in training:
         preflight.check_resumable(run_config, run_workdir)
     logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)

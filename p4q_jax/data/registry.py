@@ -78,6 +78,10 @@ _TFDS_DATASETS = {
     "shapes": _TfdsSpec(
         tfds_name=shapes.ShapesBuilder.name, train_split="train", test_split="test",
         templates=shapes.TEMPLATES, class_names=shapes.CLASS_NAMES, generated=True),
+    # The same scenes under warm light (`shapes.WarmShapesBuilder`): the demo's downstream task.
+    "shapes_warm": _TfdsSpec(
+        tfds_name=shapes.WarmShapesBuilder.name, train_split="train", test_split="test",
+        templates=shapes.TEMPLATES, class_names=shapes.CLASS_NAMES, generated=True),
     "cifar10": _TfdsSpec(
         tfds_name="cifar10", train_split="train", test_split="test",
         templates=classnames.CIFAR_TEMPLATES, class_names=classnames.CIFAR10_CLASSNAMES),
