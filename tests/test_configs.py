@@ -55,6 +55,14 @@ def test_variants_differ_where_they_say():
     assert not ablations.get_config("prompts_only").p4q.adapter
     assert not ablations.get_config("adapter_only").p4q.train_prompts
     assert ablations.get_config("no_distillation").loss.distillation_kind == "none"
+    assert ablations.get_config("official_distillation").loss.distillation_kind == "official"
+    from p4q_jax.configs import default  # pylint: disable=g-import-not-at-top
+    demo, ablated = default.get_config(), default.get_config("adapter_only")
+    assert (demo.mode, demo.data.name, demo.demo.coop_fp) == ("demo", "shapes_warm", True)
+    assert (ablated.mode, ablated.quant.config, ablated.p4q.method) == (
+        "p4q", "w4a4attn8", "p4q_adapter_only")
+    assert not ablated.p4q.train_prompts
+    assert ablated.train.to_dict() == demo.train.to_dict()  # the demo's recipe
     from p4q_jax.configs import coop_fewshot  # pylint: disable=g-import-not-at-top
     coop = coop_fewshot.get_config("coop_fp")
     assert not coop.p4q.quantize and not coop.p4q.adapter and coop.loss.distillation == 0

@@ -72,6 +72,27 @@ def test_bad_labels_are_refused():
         shapes.render([0, 40], seed=0)
 
 
+def test_warm_light_is_the_same_scene_under_a_warm_gain():
+    labels = shapes.balanced_labels(80, seed=3)
+    neutral, captions = shapes.render(labels, seed=7)
+    warm, warm_captions = shapes.render(labels, seed=7, light="warm")
+    assert warm_captions == captions  # the same scenes
+    # The red gain is 1 at every strength: that channel is bit for bit the neutral one.
+    np.testing.assert_array_equal(warm[..., 0], neutral[..., 0])
+    # Blue is scaled by 1 - s * 0.4 with s in [0.5, 1] (before the noise): 0.6 to 0.8 on average.
+    ratio = warm[..., 2].astype(float).mean((1, 2)) / neutral[..., 2].astype(float).mean((1, 2))
+    assert np.all((ratio > 0.55) & (ratio < 0.85)) and ratio.std() > 0.02  # per-image strength
+    assert np.all(warm[..., 2].astype(int) <= neutral[..., 2].astype(int) + 1)
+    with pytest.raises(ValueError, match="light must be one of"):
+        shapes.render(labels, seed=7, light="blue")
+
+
+def test_registry_has_the_warm_shapes_with_the_same_vocabulary():
+    info = data.get_info("shapes_warm")
+    assert info.class_names == shapes.CLASS_NAMES and info.templates == shapes.TEMPLATES
+    assert info.tfds_name == "p4q_shapes_warm" and info.generated
+
+
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
@@ -83,10 +104,11 @@ def test_registry_has_shapes_with_its_names_and_templates():
     assert info.num_classes == 40 and info.generated
 
 
-def test_tfds_pipeline_serves_the_rendered_splits(shapes_dir):
+@pytest.mark.parametrize("name,light", [("shapes", "neutral"), ("shapes_warm", "warm")])
+def test_tfds_pipeline_serves_the_rendered_splits(shapes_dir, name, light):
     """Prepared on first read (offline), then read like any TFDS dataset."""
     cfg = ml_collections.ConfigDict(dict(
-        name="shapes", data_dir=shapes_dir, manual_dir=None, num_shots=0, shot_seed=0,
+        name=name, data_dir=shapes_dir, manual_dir=None, num_shots=0, shot_seed=0,
         flip=False, shuffle_buffer=16, folder=None, synthetic_classes=10, synthetic_examples=20))
     assert data.num_examples(cfg, split="train") == 4000
     assert data.num_examples(cfg, split="test") == 1600
@@ -95,12 +117,12 @@ def test_tfds_pipeline_serves_the_rendered_splits(shapes_dir):
     keep = np.concatenate([b["mask"] for b in batches]).astype(bool)  # the last batch is padded
     images = np.concatenate([b["image"] for b in batches])[keep]
     labels = np.concatenate([b["label"] for b in batches])[keep]
-    want_images, want_labels, _ = shapes.split_examples("test")
+    want_images, want_labels, _ = shapes.split_examples("test", light)
     # TFDS stores examples in its own (hashed) order: match them up by their pixels.
     pixels = np.round((images * transforms.CLIP_STD + np.asarray(transforms.CLIP_MEAN)) * 255)
     got = sorted(zip((p.astype(np.uint8).tobytes() for p in pixels), labels.tolist()))
     want = sorted(zip((p.tobytes() for p in want_images), want_labels.tolist()))
     assert got == want
-    train_images, _, _ = shapes.split_examples("train")
+    train_images, _, _ = shapes.split_examples("train", light)
     test_set = {img.tobytes() for img in want_images}
     assert not any(img.tobytes() in test_set for img in train_images)

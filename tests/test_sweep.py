@@ -214,3 +214,37 @@ def test_transfer_table_from_results(tmp_path):
             "71.50 +- 0.50 | 56.50 |") in table
     assert "| ptq w8a8 | 58.00 +- 0.00 | - | - | - | - | - |" in table
     assert (tmp_path / "transfer.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_preset_tables_and_claims():
+    """The demo preset's grid, its paper-layout tables and the claims, from known means."""
+    methods = sweep.PRESETS["demo"]["methods"]
+    assert methods[0] == "default" and "configs/default.py:official_distillation" in methods
+    rows = {("fp32", "fp_zeroshot"): (50.0, 50.0), ("fp32", "coop_fp"): (60.0, 62.0),
+            ("w8a8", "ptq"): (49.0, 49.0), ("w8a8", "p4q"): (61.0, 61.2),
+            ("w4a4attn8", "ptq"): (44.0, 46.0), ("w4a4attn8", "p4q"): (53.0, 55.0),
+            ("w4a4attn8", "p4q_prompts_only"): (40.0, 40.0),
+            ("w4a4attn8", "p4q_no_distillation"): (56.0, 58.0)}
+    records = [{"dataset": "shapes_warm", "shots": None, "qconfig": q, "row": r, "seed": seed,
+                "top1": t, "top5": 99.0}
+               for (q, r), values in rows.items() for seed, t in enumerate(values)]
+    tables = sweep.demo_tables(sweep.summarize(records))
+    (header, main), (_, ablations) = tables.values()
+    assert [row[1] for row in main] == ["zero-shot CLIP", "coop_fp", "ptq w8a8", "p4q w8a8",
+                                        "ptq w4a4attn8", "p4q w4a4attn8"]
+    assert main[1][2] == "61.00 +- 1.00" and header[2] == "top-1 (%)"
+    assert ablations == [["-", "-", "-", "ptq", "45.00 +- 1.00", 2],
+                         ["learned", "-", "KL", "p4q_prompts_only", "40.00 +- 0.00", 2],
+                         ["learned", "8-bit", "-", "p4q_no_distillation", "57.00 +- 1.00", 2],
+                         ["learned", "8-bit", "KL", "p4q", "54.00 +- 1.00", 2]]
+    claims = sweep.demo_claims(sweep.summarize(records))
+    assert claims == [
+        "- shapes_warm: 4-bit P4Q >= FP zero-shot + 2: 54.00 vs 50.00: holds",
+        "- shapes_warm: 4-bit PTQ <= FP zero-shot - 5: 45.00 vs 50.00: holds",
+        "- shapes_warm: 8-bit P4Q >= CoOp-FP - 0.5: 61.10 vs 61.00: holds",
+        "- shapes_warm: w4a4attn8 P4Q > p4q_prompts_only: 54.00 vs 40.00: holds",
+        "- shapes_warm: w4a4attn8 P4Q > p4q_no_distillation: 54.00 vs 57.00: MISSED"]
+    # Without ablation rows (e.g. a plain p4q sweep) neither table nor claims appear.
+    plain = [r for r in records if not r["row"].startswith("p4q_")]
+    assert not sweep.demo_tables(sweep.summarize(plain))
+    assert not sweep.demo_claims(sweep.summarize(plain))
