@@ -2,6 +2,9 @@
 import collections
 import functools
 import io
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -18,6 +21,7 @@ from p4q_jax.clip import transforms
 from p4q_jax.data import classnames
 from p4q_jax.data import registry
 
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 _LOW = (0.0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
 _HIGH = (1.0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
 
@@ -493,3 +497,29 @@ def test_coop_augmentation_gives_new_random_crops_every_epoch():
     assert not np.allclose(first["image"], center["image"])
     with pytest.raises(ValueError, match=r"data.augment='crop': expected one of \['flip', 'coop'\]"):
         _batches(_config(name="synthetic", augment="crop"), **kwargs, train=True)
+
+
+def test_fixed_class_names_match_the_tfds_labels():
+    """The registry's fixed class-name lists (read without TensorFlow) have as many names as
+    the TFDS builders' labels (read from the builders' metadata, no data needed)."""
+    from p4q_jax.data import shapes_tfds  # noqa: F401  pylint: disable=g-import-not-at-top
+    fixed = {name: spec for name, spec in registry._TFDS_DATASETS.items()  # pylint: disable=protected-access
+             if spec.class_names is not None}
+    assert {"shapes", "shapes_warm", "cifar10", "cifar100", "imagenet2012"} <= set(fixed)
+    for name, spec in fixed.items():
+        label = tfds.builder(spec.tfds_name).info.features["label"]
+        assert label.num_classes == len(spec.class_names), name
+
+
+def test_benchmarks_and_class_names_need_no_tensorflow():
+    """Where TensorFlow is absent (an accelerator image), the benchmarks import and the
+    registry answers for fixed class names; the input pipeline is what needs TensorFlow."""
+    for benchmark in ("encode", "ptq", "train_step"):  # each defines its own flags
+        code = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = "
+                f"None; sys.path.insert(0, 'benchmarks'); import {benchmark}; "
+                "from p4q_jax import data; print(data.get_info('cifar100').num_classes, "
+                "data.get_info('shapes_warm').num_classes)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=str(_REPO), capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, (benchmark, out.stderr[-2000:])
+        assert out.stdout.split() == ["100", "40"]

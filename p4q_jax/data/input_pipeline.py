@@ -19,6 +19,7 @@ from p4q_jax.clip import transforms
 from p4q_jax.data import coop
 from p4q_jax.data import folder as folder_lib
 from p4q_jax.data import registry
+from p4q_jax.data import shapes_tfds  # noqa: F401  (registers the shapes builders with TFDS)
 from p4q_jax.data import synthetic
 
 _AUTOTUNE = tf.data.AUTOTUNE

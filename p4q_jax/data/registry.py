@@ -2,8 +2,6 @@
 import dataclasses
 from typing import Callable
 
-import tensorflow_datasets as tfds
-
 from p4q_jax.data import classnames
 from p4q_jax.data import coop
 from p4q_jax.data import folder as folder_lib
@@ -74,13 +72,13 @@ class _TfdsSpec:
 
 
 _TFDS_DATASETS = {
-    # Rendered here by `shapes.ShapesBuilder`: the offline demo's dataset.
+    # Rendered here (`shapes_tfds.ShapesBuilder`): the tiny CLIP's pretraining distribution.
     "shapes": _TfdsSpec(
-        tfds_name=shapes.ShapesBuilder.name, train_split="train", test_split="test",
+        tfds_name=shapes.TFDS_NAMES["neutral"], train_split="train", test_split="test",
         templates=shapes.TEMPLATES, class_names=shapes.CLASS_NAMES, generated=True),
-    # The same scenes under warm light (`shapes.WarmShapesBuilder`): the demo's downstream task.
+    # The same scenes under warm light (`shapes_tfds.WarmShapesBuilder`): the demo's task.
     "shapes_warm": _TfdsSpec(
-        tfds_name=shapes.WarmShapesBuilder.name, train_split="train", test_split="test",
+        tfds_name=shapes.TFDS_NAMES["warm"], train_split="train", test_split="test",
         templates=shapes.TEMPLATES, class_names=shapes.CLASS_NAMES, generated=True),
     "cifar10": _TfdsSpec(
         tfds_name="cifar10", train_split="train", test_split="test",
@@ -129,18 +127,17 @@ NAMES = (*sorted(_TFDS_DATASETS), "folder", "synthetic", *(coop.PREFIX + n for n
 
 
 def _tfds_info(name, spec, data_dir):
-    label = tfds.builder(spec.tfds_name, data_dir=data_dir).info.features["label"]
-    if spec.class_names is not None:
-        if len(spec.class_names) != label.num_classes:
+    """A TFDS dataset's info. Fixed class names need no TensorFlow (benchmarks and class-name
+    lookups run without it; `test_registry` checks them against the builders' labels); cleaned
+    ones are read from the builder."""
+    names = spec.class_names
+    if names is None:
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (5 s)
+        label = tfds.builder(spec.tfds_name, data_dir=data_dir).info.features["label"]
+        if label.names == [str(i) for i in range(label.num_classes)]:
             raise ValueError(
-                f"{name}: {len(spec.class_names)} class names for a TFDS label with "
-                f"{label.num_classes} classes.")
-        names = spec.class_names
-    elif label.names == [str(i) for i in range(label.num_classes)]:
-        raise ValueError(
-            f"{name}: the TFDS builder {spec.tfds_name!r} knows its class names only once the "
-            f"dataset is prepared, and it is not prepared in data_dir={data_dir!r}.")
-    else:
+                f"{name}: the TFDS builder {spec.tfds_name!r} knows its class names only once "
+                f"the dataset is prepared, and it is not prepared in data_dir={data_dir!r}.")
         names = spec.clean(label.names)
     return DatasetInfo(
         name=name, tfds_name=spec.tfds_name, train_split=spec.train_split,

@@ -6,11 +6,12 @@ noise vary within a class, and a caption names them all ("a small red triangle i
 on a dark background."), so a CLIP pretrained on (image, caption) pairs learns colour and shape
 as words it can be prompted with. Everything is a deterministic function of a seed.
 
-`ShapesBuilder` serves it as the TFDS dataset "p4q_shapes" (train and test splits, generated on
-this machine the first time it is read; nothing is downloaded). The pretraining stream
+`shapes_tfds.ShapesBuilder` serves it as the TFDS dataset "p4q_shapes" (train and test splits,
+generated on this machine the first time it is read; nothing is downloaded). This module needs
+only numpy (no TensorFlow). The pretraining stream
 (`experiments/tiny_clip/`) draws from seeds disjoint from both splits.
 
-`WarmShapesBuilder` ("p4q_shapes_warm") is the demo's downstream task: the same scenes (same
+`shapes_tfds.WarmShapesBuilder` ("p4q_shapes_warm") is the demo's downstream task: the same scenes (same
 seeds, so the same shapes, positions and noise) photographed under warm, tungsten-like light, an
 illuminant the pretraining stream never shows: each image's RGB is scaled by
 `1 - s * (1 - WARM_GAIN)` with a per-image strength `s` in [0.5, 1] before the sensor noise, so a
@@ -19,7 +20,6 @@ unchanged. The pretrained tiny CLIP's zero-shot top-1 falls from 89.44 to 50.06 
 and an adapter trained on its train split win part of that back, as on a real downstream dataset.
 """
 import numpy as np
-import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32
 COLOURS = {  # neighbouring hues are close, so colour needs more than a few bits to tell apart
@@ -153,11 +153,13 @@ def balanced_labels(num_examples, *, seed):
 
 
 _SPLITS = {"train": (1, 100), "test": (2, 40)}  # split -> (seed, examples per class)
+SPLITS = tuple(_SPLITS)
+TFDS_NAMES = {"neutral": "p4q_shapes", "warm": "p4q_shapes_warm"}  # light -> TFDS builder
 
 
 def split_examples(split, light="neutral"):
-    """(images, labels, captions) of a TFDS split, exactly as `ShapesBuilder` (light "neutral")
-    or `WarmShapesBuilder` ("warm") stores them."""
+    """(images, labels, captions) of a split, exactly as the TFDS builder of `light`
+    (`TFDS_NAMES`) stores them."""
     seed, per_class = _SPLITS[split]
     labels = balanced_labels(per_class * len(CLASS_NAMES), seed=(0, seed, 0))
     images, captions = render(labels, seed=(0, seed, 1), light=light)
@@ -167,40 +169,3 @@ def split_examples(split, light="neutral"):
 def stream_seed(seed, step):
     """The seeds of pretraining batch `step`: (labels seed, render seed), disjoint from the splits."""
     return (1, seed, step, 0), (1, seed, step, 1)
-
-
-class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder "p4q_shapes": 100 train and 40 test images per class, rendered locally."""
-
-    name = "p4q_shapes"
-    LIGHT = "neutral"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "40 colour x shape classes, 32 x 32 pixels."}
-
-    def _info(self):
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                "caption": tfds.features.Text(),
-            }),
-            supervised_keys=("image", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Nothing to download.
-        return {split: self._generate_examples(split) for split in _SPLITS}
-
-    def _generate_examples(self, split):
-        images, labels, captions = split_examples(split, self.LIGHT)
-        for i, (image, label, caption) in enumerate(zip(images, labels, captions)):
-            yield i, {"image": image, "label": int(label), "caption": caption}
-
-
-class WarmShapesBuilder(ShapesBuilder):
-    """TFDS builder "p4q_shapes_warm": the same splits under warm light (the demo's downstream task)."""
-
-    name = "p4q_shapes_warm"
-    LIGHT = "warm"
-    RELEASE_NOTES = {"1.0.0": "p4q_shapes' scenes under warm (tungsten-like) light."}
