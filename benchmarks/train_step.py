@@ -3,9 +3,11 @@
     python benchmarks/train_step.py [--model=ViT-B/32] [--batches=32,128] [--steps=3]
         [--steps_off=1] [--settings=all_on,no_feature_cache,no_crop_text,no_shared_prefix,all_off]
     python benchmarks/train_step.py --model=tiny --steps=1   # a quick smoke run
+    python benchmarks/train_step.py --dataset=imagenet2012 --model=ViT-B/16 --batches=32
 
 The step is the one `p4q_jax.train` runs: n_ctx=16 shared context, class token at the
-end, the QAdapter on, default loss weights, CIFAR-100's 100 classes, a 1-device mesh
+end, the QAdapter on, default loss weights, the class names of `--dataset` (default CIFAR-100's
+100; `imagenet2012`: ImageNet's 1,000, from the registry, no data needed), a 1-device mesh
 (all local devices), the `w4a4attn8` quantized CLIP. The speed rules (DESIGN.md, "Where
 the time goes") are switched on and off:
 
@@ -15,8 +17,8 @@ the time goes") are switched on and off:
 * shared_prefix: the context prefix common to all classes is encoded once.
 
 Settings: all rules on, all off, and each single rule off. One subprocess calibrates
-(not measured: the text tower on 100 classes x `--templates` CIFAR templates, default 1,
-"a photo of a {}."; the image tower on one random batch of 32), then every (setting,
+(not measured: the text tower on the classes x the first `--templates` of the dataset's
+templates, default 1; the image tower on one random batch of 32), then every (setting,
 batch) runs in its own subprocess, whose peak RSS (`ru_maxrss`; GB here = 2^30 bytes)
 covers JAX, model init, the calibration read back, compilation and the steps, but not
 TensorFlow (the data pipeline; ~0.5 GB more in a training process). The parent stays
@@ -45,6 +47,7 @@ from absl import flags
 
 import host
 from p4q_jax import clip
+from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import parallel
 from p4q_jax import quant
@@ -65,8 +68,10 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the first call.", l
 _STEPS_OFF = flags.DEFINE_integer("steps_off", None,
                                   "Timed steps of the (slow) settings with a rule off; "
                                   "default --steps.", lower_bound=1)
-_TEMPLATES = flags.DEFINE_integer("templates", 1, "CIFAR templates to calibrate the text on.",
-                                 lower_bound=1)
+_DATASET = flags.DEFINE_string("dataset", "cifar100",
+                               "Registry dataset whose class names the step trains on.")
+_TEMPLATES = flags.DEFINE_integer("templates", 1, "Templates of the dataset to calibrate the "
+                                  "text on.", lower_bound=1)
 # Set by the parent for each subprocess.
 _SETTING = flags.DEFINE_enum("setting", None, list(SETTINGS), "Measure this setting only.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch of --setting.")
@@ -77,10 +82,8 @@ _CALIBRATION = flags.DEFINE_string("calibration", None,
 
 def _calibrate(path):
     """Calibrates the model; pickles ((QState, FP teacher text features [C, E]), class names)."""
-    from p4q_jax import data  # here only: it loads TensorFlow, which the step does not need
-
     model, params = clip.init(_MODEL.value)
-    info = data.get_info("cifar100")
+    info = data.get_info(_DATASET.value)
     texts = [t for c in data.prompts(info.class_names, info.templates[:_TEMPLATES.value])
              for t in c]
     size = model.config.vision.image_size
@@ -158,7 +161,7 @@ def _child(*args):
     """Runs this script in a subprocess with `args` -> its stdout."""
     return subprocess.run(
         [sys.executable, __file__, f"--model={_MODEL.value}", f"--quant={_QUANT.value}",
-         f"--templates={_TEMPLATES.value}", *args],
+         f"--templates={_TEMPLATES.value}", f"--dataset={_DATASET.value}", *args],
         check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
 
@@ -171,7 +174,8 @@ def main(argv):
         _calibrate(_CALIBRATION.value)
         return
     print(f"{host.describe()}, model {_MODEL.value}, "
-          f"{_QUANT.value}, 100 classes, n_ctx={N_CTX}")
+          f"{_QUANT.value}, {_DATASET.value} ({data.get_info(_DATASET.value).num_classes} "
+          f"classes), n_ctx={N_CTX}")
     with tempfile.TemporaryDirectory() as tmp:
         path = f"--calibration={tmp}/calibration.pkl"
         print(_child(path))
