@@ -2,7 +2,7 @@
 throughput, export size.
 
     python benchmarks/ptq.py [--model=RN50] [--configs=w8a8,w6a6,w4a4attn8] [--image_batch=32] \
-        [--text_batch=256] [--fold_batchnorm]
+        [--text_batch=256] [--fold_batchnorm] [--search_rows=auto|balanced|last]
 
 A ResNet's random init has identity BatchNorms; they get checkpoint-like statistics here
 (scale U(0.5, 1.5), bias and mean N(0, 0.1), variance U(0.5, 2)) so that folding has something
@@ -11,7 +11,10 @@ to fold. With `--fold_batchnorm` every BatchNorm is folded into its conv before 
 
 Calibration follows the P4Q set-up: the text tower on CIFAR-100's zero-shot ensemble
 (100 classes x 18 templates), the image tower on 2 batches of 32, and the FP teacher's
-ensemble text features come out of the same pass. Times include compilation.
+ensemble text features come out of the same pass; `--search_rows` picks where OMSE/PTF
+draw their rows (every sample, or the final batch as the public code). Times include
+compilation. The cosines are to the FP model on held-out images and the first
+`--text_batch` prompts.
 
 Throughput: every encoder (float32, then each preset's fake-quant and int8 states) is
 warmed up, then timed one call at a time in interleaved rounds, the order reversed
@@ -36,6 +39,7 @@ from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import quant
+from p4q_jax.quant import calibration
 from p4q_jax.quant import export
 from p4q_jax.quant import fold
 from p4q_jax.quant import integer
@@ -46,6 +50,8 @@ _IMAGE_BATCH = flags.DEFINE_integer("image_batch", 32, "Images per call.")
 _TEXT_BATCH = flags.DEFINE_integer("text_batch", 256, "Prompts per call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timed rounds after one warm-up call.")
 _FOLD = flags.DEFINE_bool("fold_batchnorm", False, "Fold a ResNet's BatchNorms into its convs.")
+_SEARCH_ROWS = flags.DEFINE_enum("search_rows", "auto", ["auto", "balanced", "last"],
+                                 "Rows OMSE/PTF search on (quant.calibrate's search_rows).")
 
 
 def _seconds(fn):
@@ -113,13 +119,16 @@ def main(argv):
     for name in _CONFIGS.value:
         start = time.perf_counter()
         qstate, teacher = quant.calibrate(model, params, name, images=calib, texts=texts,
-                                          return_text_features=True)
+                                          return_text_features=True,
+                                          search_rows=_SEARCH_ROWS.value)
         evaluate.ensemble(teacher, num_classes=len(info.class_names)).block_until_ready()
         seconds = time.perf_counter() - start
         cos = [float(np.mean(np.sum(evaluate.normalize(a) * evaluate.normalize(b), -1)))
                for a, b in ((fp_img, clip.encode_image(model, params, images, qstate=qstate)),
                             (fp_txt, clip.encode_text(model, params, tokens, qstate=qstate)))]
-        print(f"{name}: calibration + FP teacher text features {seconds:.1f} s "
+        rows = calibration.resolve_search_rows(_SEARCH_ROWS.value, qstate.config)
+        print(f"{name} ({rows} search rows): calibration + FP teacher text features "
+              f"{seconds:.1f} s "
               f"({len(texts)} prompts, {len(calib)}x{len(calib[0])} images); "
               f"cosine to FP: image {cos[0]:.4f}, text {cos[1]:.4f}")
         states[f"{name} fake-quant"] = qstate

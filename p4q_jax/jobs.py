@@ -146,7 +146,8 @@ def _fp_and_ptq(job, *, quantize=True):
     qconfig = quant.QConfig.parse(job.config.quant.config)
     qstate, fp_text = quant.calibrate(
         job.model, job.params, qconfig, images=calibration_images(job), texts=texts,
-        text_batch_size=job.config.eval.text_batch_size, return_text_features=True)
+        text_batch_size=job.config.eval.text_batch_size, return_text_features=True,
+        search_rows=job.config.quant.search_rows)
     teacher = evaluate.ensemble(fp_text, num_classes=len(job.prompts))
     q = job.variables(qstate)
     return qstate, teacher, [

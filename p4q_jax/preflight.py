@@ -173,6 +173,7 @@ def _data(config, problems):
 def _quant(config, problems, shards):
     cfg = config.quant
     problems.parses("quant.config", cfg.config, quant.QConfig.parse)
+    problems.one_of("quant.search_rows", cfg.search_rows, quant.calibration.SEARCH_ROWS)
     problems.at_least("quant.calib_batches", cfg.calib_batches, 1)
     _batch(problems, "quant.calib_batch_size", cfg.calib_batch_size, shards)
 

@@ -44,6 +44,7 @@ from p4q_jax.p4q import features as features_lib
 from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.quant import calibration
 
 
 def epochs(config):
@@ -283,13 +284,25 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     trainable = jax.device_get(state.trainable)
     adapter_qstate = None
     if adapter is not None:
-        adapter_qstate = adapter_lib.calibrate(adapter, trainable["adapter"], _calibration_features(
-            config, model, frozen, mesh, image_size, source, cfg.adapter_calib_batches))
+        adapter_qstate = adapter_lib.calibrate(
+            adapter, trainable["adapter"],
+            _calibration_features(config, model, frozen, mesh, image_size, source,
+                                  cfg.adapter_calib_batches),
+            search_rows=_adapter_search_rows(config, qstate))
     trained = trained_lib.Trained(
         class_names=tuple(class_names), position=cfg.position,
         context=jnp.asarray(trainable["context"]), adapter=adapter,
         adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
     return Result(trained=trained, history=history)
+
+
+def _adapter_search_rows(config, qstate):
+    """`config.quant.search_rows` resolved for the towers' preset ("auto": "last" for the
+    public code's `official`), which the adapter's calibration follows."""
+    search_rows = config.quant.get("search_rows", "auto") if "quant" in config else "auto"
+    if qstate is None:
+        return "balanced" if search_rows == "auto" else search_rows
+    return calibration.resolve_search_rows(search_rows, qstate.config)
 
 
 def _calibration_features(config, model, frozen, mesh, image_size, source, num_batches):

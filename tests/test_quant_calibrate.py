@@ -9,6 +9,8 @@ import pytest
 from p4q_jax import clip
 from p4q_jax import quant
 from p4q_jax.p4q import adapter as adapter_lib
+from p4q_jax.quant import calibration
+from p4q_jax.quant import observers
 from p4q_jax.quant import qconfig
 from p4q_jax.quant import sites
 
@@ -282,3 +284,126 @@ def test_calibrate_module_takes_one_array_and_checks_batch_shapes():
     with pytest.raises(ValueError, match=r"batches\[1\]: expected a non-empty batch \[B, 8\], "
                                          r"got \(4, 6\)"):
         quant.calibrate_module(module, params, adapter_lib.QCONFIG, [features, features[:4, :6]])
+
+
+def _numpy_omse(x, lo, hi, qmax):
+    """FQ-ViT's per-tensor OMSE on an unsigned grid, rewritten in numpy: (scale, zero point)."""
+    eps = np.finfo(np.float32).eps
+
+    def qparams(r):
+        scale = np.float32(max((hi * r - lo * r) / qmax, eps))
+        return scale, np.float32(np.clip(-np.round(lo * r / scale), 0, qmax))
+
+    def error(r):
+        scale, zp = qparams(r)
+        q = np.clip(np.round(x / scale) + zp, 0, qmax)
+        return np.mean(((q - zp) * scale - x) ** 2)
+
+    ratios = [np.float32(1.0 - 0.01 * i) for i in range(90)]
+    return qparams(ratios[int(np.argmin([error(r) for r in ratios]))])
+
+
+def _site_input(model, params, method, x, site):
+    seen = []
+
+    def record(kind, name, a):
+        if name == site:
+            seen.append(np.asarray(a))
+        return a
+
+    with sites.intercept(record):
+        model.apply({"params": params}, x, method=method)
+    return seen[0]
+
+
+def test_balanced_text_search_scores_every_prompt_up_to_its_end_of_text(tiny):
+    """All rows (no element budget): OMSE on the rows of every prompt up to its EOT token,
+    against the same search in numpy on the FP activations."""
+    model, params = tiny
+    qstate = quant.calibrate(model, params, "w4a4attn8", texts=TEXTS, text_batch_size=3,
+                             images=_images(32), search_max_elements=None)
+    site = "text/transformer/resblocks_1/mlp/c_fc"
+    tokens = clip.crop_to_eot(clip.tokenize(TEXTS))
+    a = _site_input(model, params, model.encode_text, tokens, site).astype(np.float64)
+    lengths = np.argmax(tokens, -1) + 1
+    rows = np.concatenate([a[i, :n] for i, n in enumerate(lengths)])
+    assert len(rows) < a.shape[0] * a.shape[1]  # the padding after EOT is left out
+    scale, zp = _numpy_omse(rows, a.min(), a.max(), 15.0)  # uint4; min/max over everything
+    np.testing.assert_allclose(np.asarray(qstate.acts[site].scale), scale, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(qstate.acts[site].zero_point), zp)
+
+
+def test_balanced_image_search_scores_every_batch(tiny):
+    """The patch embedding's input is the images: its OMSE runs on all of them (three
+    batches), not the last batch as FQ-ViT and `search_rows="last"` do."""
+    model, params = tiny
+    images = _images(32, batches=3)
+    images[0] = images[0] * 3.0  # the widest batch is not the last
+    kwargs = dict(images=images, texts=TEXTS, search_max_elements=None)
+    stacked = np.concatenate(images).astype(np.float64)
+    balanced = quant.calibrate(model, params, "w4a4attn8", **kwargs).acts["visual/conv1"]
+    last = quant.calibrate(model, params, "w4a4attn8", search_rows="last",
+                           **kwargs).acts["visual/conv1"]
+    scale, _ = _numpy_omse(stacked, stacked.min(), stacked.max(), 15.0)
+    np.testing.assert_allclose(np.asarray(balanced.scale), scale, rtol=1e-5)
+    scale_last, _ = _numpy_omse(images[-1].astype(np.float64), stacked.min(), stacked.max(), 15.0)
+    np.testing.assert_allclose(np.asarray(last.scale), scale_last, rtol=1e-5)
+    assert abs(scale / scale_last - 1) > 0.05  # the two rules differ on this data
+
+
+def test_balanced_scales_depend_on_neither_text_batch_size_nor_order(tiny):
+    """The default: every prompt draws its own rows by its tokens, every image by its place
+    in the calibration set (element budget on), so neither the chunking nor the prompt order
+    moves a scale. The public code's rule ("last": the final chunk) moves with them."""
+    model, params = tiny
+    texts = TEXTS + [t.format(c) for c in CLASSES for t in ("art of the {}.", "a {} in the wild.")]
+    images = _images(32, batches=3)
+    shuffled = list(np.random.default_rng(1).permutation(texts))
+    rebatched = [np.concatenate(images)[i:i + 12] for i in range(0, 24, 12)]
+
+    def scales(search_rows, texts, images, text_batch_size):
+        qstate = quant.calibrate(model, params, "w4a4attn8", images=images, texts=texts,
+                                 text_batch_size=text_batch_size, search_rows=search_rows,
+                                 search_max_elements=2**10)
+        return {k: np.asarray(v.scale) for k, v in qstate.acts.items()}
+
+    base = scales("balanced", texts, images, 5)
+    for other in (scales("balanced", shuffled, rebatched, 64),
+                  scales("balanced", texts[::-1], images, 7)):
+        for name in base:
+            np.testing.assert_allclose(other[name], base[name], rtol=1e-5, err_msg=name)
+    last_a, last_b = scales("last", texts, images, 5), scales("last", shuffled, images, 64)
+    moved = max(np.max(np.abs(last_a[n] / last_b[n] - 1)) for n in last_a if n.startswith("text/"))
+    assert moved > 0.01
+
+
+def test_search_rows_auto_keeps_the_public_rule_for_the_official_preset(tiny):
+    model, params = tiny
+    resolve = calibration.resolve_search_rows
+    assert resolve("auto", quant.QConfig.parse("official")) == "last"
+    assert resolve("auto", quant.QConfig.parse("w4a4attn8")) == "balanced"
+    assert resolve("balanced", quant.QConfig.parse("official")) == "balanced"
+    images = _images(32)
+    auto = quant.calibrate(model, params, "official", images=images, texts=TEXTS)
+    last = quant.calibrate(model, params, "official", images=images, texts=TEXTS,
+                           search_rows="last")
+    jax.tree.map(np.testing.assert_array_equal, auto, last)
+    with pytest.raises(ValueError, match=r"search_rows: expected one of .*got 'first'"):
+        quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS, search_rows="first")
+
+
+def test_sample_rows_draws_a_quota_of_valid_rows_per_sample():
+    x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    valid = np.array([[True] * 5, [True, True, False, False, False]])
+    rows, index, weights = observers.sample_rows(x, np.array([7, 9], np.int32), 3,
+                                                       valid=valid)
+    rows, index, weights = map(np.asarray, (rows, index, weights))
+    assert rows.shape == (2, 3, 3) and len(set(index[0])) == 3
+    np.testing.assert_array_equal(rows, np.take_along_axis(x, index[..., None], axis=1))
+    np.testing.assert_array_equal(weights[0], 1.0)
+    assert sorted(index[1][weights[1] > 0]) == [0, 1]  # sample 1 has two valid rows
+    again = observers.sample_rows(x[::-1], np.array([9, 7], np.int32), 3,
+                                        valid=valid[::-1])
+    np.testing.assert_array_equal(np.asarray(again[1])[::-1], index)  # the seed decides
+    _, _, none_kept = observers.sample_rows(x, np.array([7, 9], np.int32), 3, keep=0.0)
+    assert not np.asarray(none_kept).any()

@@ -46,6 +46,10 @@ def get_config():
     config.quant.config = "w4a4attn8"  # official | w{W}a{A}[attn{S}] (see p4q_jax/quant/qconfig.py)
     config.quant.calib_batches = 2  # training batches the image tower is calibrated on
     config.quant.calib_batch_size = 32
+    # Rows OMSE/PTF score their clipping candidates on: "balanced" (an equal share of every
+    # calibration image and prompt), "last" (the final batch, as the public P4Q code), or
+    # "auto" ("last" for quant.config='official', else "balanced").
+    config.quant.search_rows = "auto"
     # ResNets: fold BatchNorm into the conv kernels before weight quantization (what an
     # integer deployment runs); False keeps it in float after the quantized conv, as the
     # public P4Q code does.

@@ -12,8 +12,10 @@ zero-shot 65.34 top-1, PTQ (OMSE) 46.05, P4Q 69.20. Against that code (commit bc
   its input, 8-bit everything else (config.py; site by site in p4q_jax/quant/qconfig.py).
 * quant.calib_batches=10 x calib_batch_size=128: `--calib-iter 10` batches of the shuffled,
   flipped training loader, whose batch is `--train_batch 128` (main.py:298-304, 332-337;
-  `--calib-batchsize` is never read); OMSE scores the last one (main.py:395-401). The text
-  tower sees the 100 x 18 zero-shot ensemble (`--zeroshot_prompt`, main.py:351-362).
+  `--calib-batchsize` is never read); OMSE scores the last one (main.py:395-401), hence
+  quant.search_rows="last". The text tower sees the 100 x 18 zero-shot ensemble
+  (`--zeroshot_prompt`, main.py:351-362), in chunks whose last (its search rows) holds the
+  last class's prompts.
 * data: the full training set (build_dataset ignores n_shot, dataset/
   build_dataset_allsample.py:82-94), center crop + random flips (`--aug flip`).
 * train.batch_size=128; prompts SGD at 5e-4 x 128 / 20 (dq:449, 487), no momentum,
@@ -64,6 +66,7 @@ def get_config():
     config.quant.config = "official"
     config.quant.calib_batches = 10
     config.quant.calib_batch_size = 128
+    config.quant.search_rows = "last"
     config.train.batch_size = 128
     config.train.schedule = "official_stages"
     config.train.stage_epochs = STAGE_EPOCHS

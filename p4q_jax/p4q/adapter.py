@@ -65,9 +65,13 @@ def train_apply(adapter, params, features):
         return adapter.apply({"params": fake_quant_kernels(params)}, features)
 
 
-def calibrate(adapter, params, feature_batches):
-    """Frozen 8-bit ranges for evaluation, observed with the final weights -> QState."""
-    return calibration.calibrate_module(adapter, params, QCONFIG, feature_batches)
+def calibrate(adapter, params, feature_batches, *, search_rows="balanced"):
+    """Frozen 8-bit ranges for evaluation, observed with the final weights -> QState.
+
+    `search_rows`: "balanced" (every feature) or "last" (the final batch, the public code's
+    way), see `quant.calibrate`."""
+    return calibration.calibrate_module(adapter, params, QCONFIG, feature_batches,
+                                        search_rows=search_rows)
 
 
 def apply(adapter, params, features, qstate):

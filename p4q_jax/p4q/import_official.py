@@ -140,10 +140,11 @@ def import_official(*, adapter_path, prompt_learner_path, checkpoint, data_confi
     texts = [t for class_prompts in data.prompts(info.class_names, info.templates)
              for t in class_prompts]
     qstate = quant.calibrate(model, params, quant.QConfig.parse("official"), images=images,
-                             texts=texts)
+                             texts=texts, search_rows="last")
     encode = jax.jit(lambda x: clip.encode_image(model, params, x, qstate=qstate))
     adapter_qstate = adapter_lib.calibrate(
-        adapter, adapter_params, [encode(x) for x in images[:adapter_calib_batches]])
+        adapter, adapter_params, [encode(x) for x in images[:adapter_calib_batches]],
+        search_rows="last")
     trained = trained_lib.Trained(
         class_names=tuple(info.class_names), position="end", context=jnp.asarray(context),
         adapter=adapter, adapter_params=adapter_params,

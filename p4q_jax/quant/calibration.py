@@ -2,10 +2,11 @@
 
 Observers see the full-precision activations (as in FQ-ViT and the public P4Q code).
 The image tower sees the given image batches, the text tower the given prompts (the
-dataset's zero-shot ensemble), in chunks cropped after the last end-of-text token. Each
-tower's statistics are folded over its batches; its final batch runs through a pass that
-also returns, per site, the rows of that batch's tensor that the search-based observers
-(OMSE, PTF) score their candidates on. Each site's search then runs as its own jitted
+dataset's zero-shot ensemble), in chunks cropped after the last end-of-text token of all
+of them. Each tower's statistics are folded over its batches. The search-based observers
+(OMSE, PTF) score their candidates on rows of the data: by default an equal share drawn
+from every sample as its batch passes, or (`search_rows="last"`, the public code's way)
+the rows of the final batch, returned by one last pass. Each site's search then runs as its own jitted
 call, compiled once per distinct (spec, shape). A tower has a handful of those, so this
 compiles far less than one program holding every site's search (ViT-B/32's final image
 pass: 4 s instead of 13 s on a 2-core CPU). Weights are calibrated and fake-quantized
@@ -14,11 +15,14 @@ once, here.
 
 from collections import abc
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from p4q_jax import clip
+from p4q_jax.clip import model as model_lib
 from p4q_jax.quant import observers
 from p4q_jax.quant import primitives
 from p4q_jax.quant import qconfig as qconfig_lib
@@ -41,16 +45,48 @@ def _site_specs(qconfig, model, params, method, example, prefix=""):
     return found
 
 
-def _pass_fn(model, method, specs, *, finalize, max_elements=None):
-    """jit: one calibration pass over a batch, (params, x, running stats) ->
+SEARCH_ROWS = ("auto", "balanced", "last")
+
+
+def resolve_search_rows(search_rows, qconfig):
+    """Where OMSE/PTF draw their rows: "balanced" (an equal share of every calibration
+    sample) or "last" (the final batch, as FQ-ViT and the public P4Q code); "auto" is "last"
+    for the `official` preset, which reproduces the public code, and "balanced" otherwise."""
+    if search_rows not in SEARCH_ROWS:
+        raise ValueError(f"search_rows: expected one of {SEARCH_ROWS}, got {search_rows!r}")
+    if search_rows == "auto":
+        return "last" if qconfig.name == "official" else "balanced"
+    return search_rows
+
+
+def _valid_text_rows(name, shape, lengths):
+    """bool [B, R]: the rows of a text site's tensor at positions up to each prompt's
+    end-of-text token (`lengths` [B]); None where the tensor has no position axis.
+
+    Positions are axis 1 ([B, L, W], [B, L, H, D]) except in the attention logits and
+    probabilities [B, H, L, L], whose rows are queries (axis 2)."""
+    if lengths is None or len(shape) < 3:
+        return None
+    axis = 2 if name.endswith(("/logits", "/probs")) else 1
+    row = jnp.arange(math.prod(shape[1:-1]))
+    position = (row // math.prod(shape[axis + 1:-1])) % shape[axis]
+    return position[None, :] < lengths[:, None]
+
+
+def _pass_fn(model, method, specs, *, finalize=False, max_elements=None, num_samples=None):
+    """jit: one calibration pass over a batch, (params, x, running stats, seeds, lengths) ->
     ({site: batch stats}, {site: all finite}, features).
 
-    The final pass (`finalize`) returns, per site, the running statistics with this
-    batch's merged in and the rows of this batch that the observer searches on
-    (`observers.search_input`), for `_site_qparams`.
+    With `num_samples` (the "balanced" search over a calibration set of that many samples)
+    every pass returns, per searched site, (stats, `observers.sample_rows` of this batch
+    with the samples' `seeds`): about `max_elements` rows over the whole set, an equal
+    quota per sample, drawn among the rows `_valid_text_rows` allows (`lengths` [B]: text
+    positions up to end-of-text; None: all rows). Otherwise the final pass (`finalize`)
+    returns, per site, the running statistics with this batch's merged in and the rows of
+    this batch that the observer searches on (`observers.search_input`).
     """
 
-    def run(params, x, running):
+    def run(params, x, running, seeds, lengths):
         results, finite = {}, {}
 
         def record(kind, name, a):
@@ -58,7 +94,15 @@ def _pass_fn(model, method, specs, *, finalize, max_elements=None):
             if name in specs:
                 spec = specs[name]
                 stats = observers.batch_stats(spec, a)
-                if finalize:
+                if num_samples and observers.searches(spec):
+                    per_sample = math.prod(a.shape[1:-1])
+                    budget = max_elements // a.shape[-1] if max_elements else None
+                    quota = max(1, budget // num_samples) if budget else per_sample
+                    keep = min(1.0, budget / num_samples) if budget else 1.0
+                    stats = (stats, observers.sample_rows(
+                        a, seeds, quota, keep=keep,
+                        valid=_valid_text_rows(name, a.shape, lengths)))
+                elif finalize:
                     stats = (observers.merge(spec, running.get(name), stats),
                              observers.search_input(spec, a, max_elements))
                 results[name] = stats
@@ -77,6 +121,14 @@ def _site_qparams(spec, stats, searched):
     return state_lib.QParams(*observers.qparams_from_search_input(spec, stats, searched))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _sampled_site_qparams(spec, stats, rows, seeds, index, weights):
+    searched, row_weights = observers.sampled_search_input(rows, seeds, index, weights,
+                                                           stats["lo"].ndim)
+    return state_lib.QParams(*observers.qparams_from_search_input(spec, stats, searched,
+                                                                  row_weights))
+
+
 def _check_finite(finite, what):
     """Raises naming the sites (in forward order) whose tensors held NaN/Inf."""
     bad = [name for name, ok in finite.items() if not bool(ok)]
@@ -86,19 +138,63 @@ def _check_finite(finite, what):
             "they appear): check the calibration data and the FP model")
 
 
-def _calibrate_tower(model, params, specs, method, batches, max_elements):
-    observe = _pass_fn(model, method, specs, finalize=False)
+def _calibrate_tower(model, params, specs, method, batches, max_elements, *, search_rows,
+                     seeds, lengths=None):
+    """{site: QParams} and the FP outputs of every batch.
+
+    `seeds` / `lengths`: per batch, int32 [B] sample seeds and (text) valid lengths or None,
+    for the "balanced" search (see `_pass_fn`)."""
+    if search_rows == "balanced":
+        observe = _pass_fn(model, method, specs, max_elements=max_elements,
+                           num_samples=sum(len(s) for s in seeds))
+        running, sampled, outputs = {}, {}, []
+        for x, batch_seeds, batch_lengths in zip(batches, seeds, lengths or [None] * len(seeds)):
+            results, finite, out = observe(params, x, {}, batch_seeds, batch_lengths)
+            _check_finite(finite, "activation")
+            for name, value in results.items():
+                stats = value
+                if observers.searches(specs[name]):
+                    stats, rows = value
+                    sampled.setdefault(name, []).append((batch_seeds, *rows))
+                running[name] = observers.merge(specs[name], running.get(name), stats)
+            outputs.append(out)
+        qparams = {}
+        for name, stats in running.items():
+            if name in sampled:
+                batch_seeds, rows, index, weights = zip(*sampled[name])
+                qparams[name] = _sampled_site_qparams(specs[name], stats, list(rows),
+                                                      list(batch_seeds), list(index),
+                                                      list(weights))
+            else:
+                qparams[name] = _site_qparams(specs[name], stats, None)
+        return qparams, outputs
+    observe = _pass_fn(model, method, specs)
     running, outputs = {}, []
     for x in batches[:-1]:
-        stats, finite, out = observe(params, x, {})
+        stats, finite, out = observe(params, x, {}, None, None)
         _check_finite(finite, "activation")
         running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
         outputs.append(out)
     finalize = _pass_fn(model, method, specs, finalize=True, max_elements=max_elements)
-    final, finite, out = finalize(params, batches[-1], running)
+    final, finite, out = finalize(params, batches[-1], running, None, None)
     _check_finite(finite, "activation")
     qparams = {name: _site_qparams(specs[name], *final[name]) for name in final}
     return qparams, outputs + [out]
+
+
+def _index_seeds(batches):
+    """Per batch, int32 [B]: each sample's position in the calibration set."""
+    starts = np.cumsum([0] + [b.shape[0] for b in batches])
+    return [np.arange(a, b, dtype=np.int32) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _token_seeds(tokens):
+    """int32 [N]: a hash of each prompt's tokens (FNV-1a), so that a prompt draws the same
+    rows wherever it sits in the calibration set."""
+    h = np.full(tokens.shape[0], 2166136261, np.uint64)
+    for column in np.asarray(tokens, np.int64).T:
+        h = ((h ^ column.astype(np.uint64)) * 16777619) % 2**32
+    return (h % 2**31).astype(np.int32)
 
 
 def _weights(qconfig, params, max_elements):
@@ -168,7 +264,7 @@ def _image_batches(images, size):
 
 
 def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_size=256,
-              return_text_features=False,
+              return_text_features=False, search_rows="auto",
               search_max_elements=observers.SEARCH_MAX_ELEMENTS):
     """Post-training calibration of a CLIP for `qconfig`.
 
@@ -183,14 +279,22 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
       text_batch_size: prompts per calibration chunk.
       return_text_features: also return the FP text features of `texts` [N, E], which the
         calibration pass computes anyway (the P4Q teacher needs them).
-      search_max_elements: elements of a site's final batch that OMSE/PTF score their
-        candidates on (rows drawn with a fixed seed); None scores all, as FQ-ViT does.
+      search_rows: where OMSE/PTF draw the rows they score their candidates on:
+        "balanced", an equal quota from every image and every prompt (a prompt's rows up to
+        its end-of-text token, drawn by a hash of its tokens), so the scales depend on
+        neither `text_batch_size` nor the order of `images` and `texts`; "last", the final
+        batch only, as FQ-ViT and the public P4Q code (whose final text chunk holds one
+        class's prompts); "auto" (default): "last" for the `official` preset, else
+        "balanced".
+      search_max_elements: about how many elements OMSE/PTF score (whole rows drawn with a
+        fixed seed); None scores all of them.
 
     Returns:
       A QState, or (QState, FP text features) with `return_text_features`.
     """
     if isinstance(qconfig, str):
         qconfig = qconfig_lib.QConfig.parse(qconfig)
+    search_rows = resolve_search_rows(search_rows, qconfig)
     if qconfig.name == "official" and model.config.vision.is_resnet and "visual" in qconfig.towers:
         raise ValueError(qconfig_lib.OFFICIAL_RESNET_ERROR)
     if isinstance(texts, (str, bytes)):
@@ -210,7 +314,8 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
             raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
                              "calibration needs at least one image batch")
         image_qparams, _ = _calibrate_tower(model, params, image_specs, model.encode_image,
-                                            images, search_max_elements)
+                                            images, search_max_elements,
+                                            search_rows=search_rows, seeds=_index_seeds(images))
         acts |= image_qparams
     tokens = None if not texts else clip.crop_to_eot(clip.tokenize(list(texts)))
     text_example = jax.ShapeDtypeStruct((1, 2), jnp.int32)
@@ -220,20 +325,29 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
             raise ValueError(f"texts: config {qconfig.name!r} quantizes the text tower (or text "
                              "features were asked for), so calibration needs prompts")
         chunks = [tokens[i:i + text_batch_size] for i in range(0, len(tokens), text_batch_size)]
-        text_qparams, outs = _calibrate_tower(model, params, text_specs, model.encode_text,
-                                              chunks, search_max_elements)
+        seeds = _token_seeds(tokens)
+        lengths = np.asarray(model_lib.eot_index(tokens), np.int32) + 1
+        text_qparams, outs = _calibrate_tower(
+            model, params, text_specs, model.encode_text, chunks, search_max_elements,
+            search_rows=search_rows,
+            seeds=[seeds[i:i + text_batch_size] for i in range(0, len(tokens), text_batch_size)],
+            lengths=[lengths[i:i + text_batch_size]
+                     for i in range(0, len(tokens), text_batch_size)])
         acts |= text_qparams
         text_features = jnp.concatenate(outs)
     qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
     return (qstate, text_features) if return_text_features else qstate
 
 
-def calibrate_module(module, params, qconfig, batches, *,
+def calibrate_module(module, params, qconfig, batches, *, search_rows="balanced",
                      search_max_elements=observers.SEARCH_MAX_ELEMENTS):
     """Calibrates any Flax module's sites (e.g. P4Q's adapter) on input batches -> QState.
 
     `batches`: a sequence of arrays [B, ...] of one shape past the batch axis, or one array.
+    `search_rows`: "balanced" (every sample) or "last" (the final batch), see `calibrate`.
     """
+    if search_rows not in ("balanced", "last"):
+        raise ValueError(f"search_rows: expected 'balanced' or 'last', got {search_rows!r}")
     batches = _batch_list(batches, "batches")
     if not batches:
         raise ValueError("batches: calibration needs at least one batch")
@@ -245,5 +359,6 @@ def calibrate_module(module, params, qconfig, batches, *,
     example = jax.ShapeDtypeStruct((1, *batches[0].shape[1:]), batches[0].dtype)
     specs = _site_specs(qconfig, module, params, module.__call__, example)
     acts, _ = _calibrate_tower(module, params, specs, module.__call__, batches,
-                               search_max_elements)
+                               search_max_elements, search_rows=search_rows,
+                               seeds=_index_seeds(batches))
     return state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)

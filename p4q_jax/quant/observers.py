@@ -10,9 +10,11 @@ clamped to float32 eps, and the asymmetric zero point is clamped to the integer 
 * ema: exponential moving average of per-batch min/max (momentum `EMA_MOMENTUM`).
 * percentile: EMA of per-batch 1e-4 / 1 - 1e-4 quantiles (robust to outliers).
 * omse: running min/max, then the clipping ratio r in {1.00, 0.99, ..., 0.11} applied to
-  both ends that minimises the mean squared quantization error on the final batch.
-  FQ-ViT scores every element of that batch; here the score uses at most
-  `SEARCH_MAX_ELEMENTS` of them (whole rows, i.e. tokens or pixels, drawn with a fixed
+  both ends that minimises the mean squared quantization error on a set of rows (tokens
+  or pixels). FQ-ViT and the public P4Q code score every element of the *final* batch;
+  calibration (`quant.calibrate`) instead draws the rows from every batch, an equal quota
+  per sample (`sample_rows`), unless told to keep the public behaviour. Either way the
+  score uses at most about `SEARCH_MAX_ELEMENTS` elements (whole rows, drawn with a fixed
   seed), which makes ViT-B/32's image calibration several times faster; `None` scores all.
 * ptf: FQ-ViT's power-of-two factors for LayerNorm inputs: one zero point, and per
   channel the scale `s / 2^k` (k in 0..3, s the 8x-coarsest scale) with least error.
@@ -72,16 +74,22 @@ def range_qparams(lo, hi, spec, *, symmetric=None):
     return scale, zero_point
 
 
-def _mse(x, scale, zero_point, fmt, axes=None):
+def _mse(x, scale, zero_point, fmt, axes=None, weights=None):
+    """Mean squared quantization error over `axes`; rows weighted by `weights` [..., n, 1]."""
     q = primitives.quantize(x, scale, zero_point, fmt)
-    return jnp.mean(jnp.square(x - primitives.dequantize(q, scale, zero_point)), axis=axes)
+    error = jnp.square(x - primitives.dequantize(q, scale, zero_point))
+    if weights is None:
+        return jnp.mean(error, axis=axes)
+    weights = jnp.broadcast_to(weights, error.shape)
+    return jnp.sum(error * weights, axis=axes) / jnp.sum(weights, axis=axes)
 
 
-def _omse(spec, stats, x):
+def _omse(spec, stats, x, weights=None):
     ratios = 1.0 - 0.01 * jnp.arange(OMSE_RATIOS, dtype=jnp.float32)
 
     def error(r):
-        return _mse(x, *range_qparams(stats["lo"] * r, stats["hi"] * r, spec), spec.fmt)
+        return _mse(x, *range_qparams(stats["lo"] * r, stats["hi"] * r, spec), spec.fmt,
+                    weights=weights)
 
     # Candidates in vectorised chunks: fast, with bounded memory on large activations.
     errors = jax.lax.map(error, ratios, batch_size=10)
@@ -89,14 +97,20 @@ def _omse(spec, stats, x):
     return range_qparams(stats["lo"] * best, stats["hi"] * best, spec)
 
 
-def _ptf(spec, stats, x):
+def _ptf(spec, stats, x, weights=None):
     lo, hi = jnp.min(stats["lo"]), jnp.max(stats["hi"])
     coarse, zero_point = range_qparams(lo, hi, spec, symmetric=False)
     axes = tuple(range(x.ndim - 1))
     factors = 2.0 ** -jnp.arange(PTF_FACTORS, dtype=jnp.float32)  # s, s/2, s/4, s/8
-    errors = jnp.stack([_mse(x, coarse * f, zero_point, spec.fmt, axes) for f in factors])
+    errors = jnp.stack([_mse(x, coarse * f, zero_point, spec.fmt, axes, weights)
+                        for f in factors])
     scale = (coarse * factors[jnp.argmin(errors, axis=0)]).reshape((1,) * len(axes) + (-1,))
     return scale, jnp.broadcast_to(zero_point, scale.shape)
+
+
+def searches(spec):
+    """Whether `spec`'s observer searches over rows of the data (omse, ptf)."""
+    return spec.observer in ("omse", "ptf")
 
 
 def search_rows(x, max_elements):
@@ -110,11 +124,58 @@ def search_rows(x, max_elements):
     return rows[jnp.sort(idx)]
 
 
+def sample_rows(x, seeds, quota, *, valid=None, keep=1.0):
+    """An equal share of every sample's rows, for a search over a whole calibration set.
+
+    Args:
+      x: one batch's tensor [B, ..., C]; its rows are the vectors along C.
+      seeds: int32 [B], one per sample: the draw depends on the sample's seed alone, not on
+        the batch it arrived in or its place there.
+      quota: rows per sample (at most the sample's row count).
+      valid: optional bool [B, R] (R rows per sample): rows that may be drawn, e.g. the
+        text positions up to each prompt's end-of-text token.
+      keep: probability that a sample contributes at all (its own draw), for calibration
+        sets with more samples than the element budget has rows.
+
+    Returns:
+      (rows float32 [B, k, C], row indices int32 [B, k], weights float32 [B, k]: 1 for a
+      drawn valid row of a kept sample, 0 for padding that fills a short sample's quota).
+    """
+    b, c = x.shape[0], x.shape[-1]
+    rows = x.reshape(b, -1, c).astype(jnp.float32)
+    r = rows.shape[1]
+    base = jax.random.key(_SEARCH_SEED)
+    draws = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (r + 1,)))(seeds)
+    scores, kept = draws[:, :r], draws[:, r] < keep
+    if valid is not None:
+        scores = jnp.where(valid, scores, 2.0)  # after every valid row
+    neg_scores, index = jax.lax.top_k(-scores, min(quota, r))
+    weights = (neg_scores >= -1.0) & kept[:, None]
+    picked = jnp.take_along_axis(rows, index[..., None], axis=1)
+    return picked, index.astype(jnp.int32), weights.astype(jnp.float32)
+
+
+def sampled_search_input(rows, seeds, index, weights, ndim):
+    """`sample_rows`' outputs of every batch -> (search rows, row weights) for `qparams`.
+
+    The rows are ordered by (sample seed, row index), so the result depends on neither the
+    batching nor the order of the calibration samples. `ndim`: the site tensor's rank.
+    """
+    flat_rows = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in rows])
+    flat_seeds = jnp.concatenate([jnp.broadcast_to(s[:, None], i.shape).ravel()
+                                  for s, i in zip(seeds, index)])
+    order = jnp.lexsort((jnp.concatenate([i.ravel() for i in index]), flat_seeds))
+    flat_weights = jnp.concatenate([w.ravel() for w in weights])[order]
+    lead = (1,) * (ndim - 2)
+    return (flat_rows[order].reshape(lead + flat_rows.shape),
+            flat_weights.reshape(lead + (-1, 1)))
+
+
 def search_input(spec, x, max_elements=SEARCH_MAX_ELEMENTS):
     """The part of a final-batch tensor that `qparams` needs: for omse / ptf at most
     `max_elements` of `x` as whole rows (see `search_rows`; rank kept; None: all of them),
     float32; None for the other observers, which use the statistics alone."""
-    if spec.observer not in ("omse", "ptf"):
+    if not searches(spec):
         return None
     x = x.astype(jnp.float32)
     if x.ndim < 2:
@@ -123,14 +184,15 @@ def search_input(spec, x, max_elements=SEARCH_MAX_ELEMENTS):
     return rows.reshape((1,) * (x.ndim - 2) + rows.shape)
 
 
-def qparams_from_search_input(spec, stats, searched):
-    """(scale, zero_point) from the statistics and `search_input`'s output."""
+def qparams_from_search_input(spec, stats, searched, weights=None):
+    """(scale, zero_point) from the statistics and the searched rows (`search_input`'s
+    output, or `sampled_search_input`'s rows and their weights)."""
     if spec.observer == "omse":
-        return _omse(spec, stats, searched)
+        return _omse(spec, stats, searched, weights)
     if spec.observer == "ptf":
         if not spec.per_channel:
             raise ValueError("the ptf observer needs per_channel=True")
-        return _ptf(spec, stats, searched)
+        return _ptf(spec, stats, searched, weights)
     if spec.observer == "log2":
         return jnp.ones(()), jnp.zeros(())
     return range_qparams(stats["lo"], stats["hi"], spec)
