@@ -3,7 +3,8 @@
     python benchmarks/train_step.py [--model=ViT-B/32] [--batches=32,128] [--steps=3]
         [--steps_off=1] [--settings=all_on,no_feature_cache,no_crop_text,no_shared_prefix,all_off]
     python benchmarks/train_step.py --model=tiny --steps=1   # a quick smoke run
-    python benchmarks/train_step.py --dataset=imagenet2012 --model=ViT-B/16 --batches=32
+    python benchmarks/train_step.py --dataset=imagenet2012 --model=ViT-B/16 --batches=32 \
+        [--remat=off|blocks|dots]
 
 The step is the one `p4q_jax.train` runs: n_ctx=16 shared context, class token at the
 end, the QAdapter on, default loss weights, the class names of `--dataset` (default CIFAR-100's
@@ -15,6 +16,8 @@ the time goes") are switched on and off:
   off, it carries images and both image towers (quantized student, FP teacher) run in it;
 * crop_text: the text tower runs on the positions up to the last EOT; off, on all 77;
 * shared_prefix: the context prefix common to all classes is encoded once.
+
+`--remat` rematerialises the text blocks in the backward pass (`config.speed.remat`).
 
 Settings: all rules on, all off, and each single rule off. One subprocess calibrates
 (not measured: the text tower on the classes x the first `--templates` of the dataset's
@@ -62,6 +65,8 @@ N_CTX = 16
 
 _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config (random weights).")
 _QUANT = flags.DEFINE_string("quant", "w4a4attn8", "Quantization preset.")
+_REMAT = flags.DEFINE_enum("remat", "off", ["off", *clip.model_lib.REMAT_POLICIES],
+                           "Rematerialise the text blocks (config.speed.remat).")
 _SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to measure.")
 _BATCHES = flags.DEFINE_list("batches", ["32", "128"], "Global batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the first call.", lower_bound=1)
@@ -114,6 +119,7 @@ def _measure(setting, batch_size, steps):
     """Runs one setting -> {"compile_s", "step_s", "peak_rss_gb"} of this process."""
     rules = SETTINGS[setting]
     model, params = clip.init(_MODEL.value)
+    model = model.clone(text_remat=_REMAT.value)
     jax.block_until_ready(params)  # the init's temporaries are freed before the loading
     mesh = parallel.make_mesh()
     qstate, teacher_text, class_names = _load_calibration(mesh)
@@ -161,6 +167,7 @@ def _child(*args):
     """Runs this script in a subprocess with `args` -> its stdout."""
     return subprocess.run(
         [sys.executable, __file__, f"--model={_MODEL.value}", f"--quant={_QUANT.value}",
+         f"--remat={_REMAT.value}",
          f"--templates={_TEMPLATES.value}", f"--dataset={_DATASET.value}", *args],
         check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
@@ -175,7 +182,7 @@ def main(argv):
         return
     print(f"{host.describe()}, model {_MODEL.value}, "
           f"{_QUANT.value}, {_DATASET.value} ({data.get_info(_DATASET.value).num_classes} "
-          f"classes), n_ctx={N_CTX}")
+          f"classes), n_ctx={N_CTX}, text remat {_REMAT.value}")
     with tempfile.TemporaryDirectory() as tmp:
         path = f"--calibration={tmp}/calibration.pkl"
         print(_child(path))

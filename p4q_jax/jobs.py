@@ -19,6 +19,7 @@ from p4q_jax import train
 from p4q_jax.clip import checkpoints
 from p4q_jax.configs import baselines
 from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.quant import integer
 
 
 def initialize_distributed(config):
@@ -73,8 +74,14 @@ class _Job:
         self._step = evaluate.make_eval_step(evaluate.image_features(self.model), mesh=self.mesh,
                                              num_classes=len(self.info.class_names))
 
+    def inference(self, qstate):
+        """The state quantized inference runs on (`quant.integer`), on every device."""
+        return parallel.replicate(
+            integer.inference_state(qstate, self.params, self.config.quant.get("integer")),
+            self.mesh)
+
     def variables(self, qstate=None):
-        return {"params": self.params, "qstate": parallel.replicate(qstate, self.mesh)}
+        return {"params": self.params, "qstate": self.inference(qstate)}
 
     def classifier(self, variables):
         return evaluate.zeroshot_classifier(self.model, variables, self.prompts, mesh=self.mesh,
@@ -190,7 +197,7 @@ def _with_new_classes(config, job, rows, qstate, trained):
         measured["ptq"] = new.accuracy(q, new.classifier(q), desc="PTQ, new")
     moved = trained.for_classes(new.info.class_names)
     measured[config.p4q.method] = _trained_accuracy(
-        new, moved, moved.variables(new.params, parallel.replicate(qstate, new.mesh)),
+        new, moved, moved.variables(new.params, new.inference(qstate)),
         desc=f"{config.p4q.method}, new")
     return [{**row, "new": measured[row["method"]],
              "hm": harmonic_mean(row["top1"], measured[row["method"]]["top1"])} for row in rows]
@@ -214,7 +221,7 @@ def p4q(config, workdir):
                       teacher_text=teacher, class_names=job.info.class_names, mesh=job.mesh,
                       workdir=workdir)
     qconfig = None if qstate is None else qstate.config.name
-    variables = out.trained.variables(job.params, qstate)
+    variables = out.trained.variables(job.params, job.inference(qstate))
     rows.append({"method": config.p4q.method, "qconfig": qconfig,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
     if config.data.get("subsample", "all") == "base":
@@ -244,7 +251,7 @@ def evaluate_export(config, workdir):
                      "was trained on %d others)", config.data.name, len(job.info.class_names),
                      len(trained.class_names))
         trained = trained.for_classes(job.info.class_names)
-    variables = trained.variables(job.params, parallel.replicate(qstate, job.mesh))
+    variables = trained.variables(job.params, job.inference(qstate))
     metrics = _trained_accuracy(job, trained, variables, desc="P4Q eval")
     row = {"method": config.p4q.method, "qconfig": None if qstate is None else qstate.config.name,
            **metrics}

@@ -45,6 +45,7 @@ from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
 from p4q_jax.quant import calibration
+from p4q_jax.quant import integer
 
 
 def epochs(config):
@@ -128,6 +129,7 @@ def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_
     cache = features_lib.load_cache(directory, key)
     crops = config.data.get("augment", "flip") != "flip"
     if cache is None:
+        encoder_state = integer.inference_state(qstate, params, config.quant.get("integer"))
         batch_size = config.eval.batch_size
         total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
 
@@ -135,8 +137,9 @@ def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_
             ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
                                      image_size=image_size, train=False, seed=config.seed,
                                      augment_view=view)
-            return features_lib.build_cache(model, params, qstate, data.as_numpy_batches(ds),
-                                            mesh=mesh, total=total, flip=not crops)
+            return features_lib.build_cache(model, params, encoder_state,
+                                            data.as_numpy_batches(ds), mesh=mesh, total=total,
+                                            flip=not crops)
 
         if crops:
             logging.warning("feature cache of %d random %s views per image: an approximation "
@@ -174,6 +177,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     """
     cfg, tcfg = config.p4q, config.train
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
+    model = model.clone(text_remat=config.speed.get("remat", "off"))
     key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
     context = _initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,

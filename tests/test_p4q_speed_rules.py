@@ -44,8 +44,9 @@ def _frozen(model, params, qstate, prompts, teacher_text):
 
 
 def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, shared_prefix=True,
-                    cached=True, context=None):
+                    cached=True, context=None, remat="off"):
     model, params, qstates, teacher_text, adapter, trainable, images, labels = setup
+    model = model.clone(text_remat=remat)
     qstate = qstates.get(qstate_name)
     prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX, position=position, crop=crop)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
@@ -124,6 +125,18 @@ def test_cached_features_same_loss_and_gradients(setup, qstate_name):
     _assert_same(cached, in_step, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", ["blocks", "dots"])
+@pytest.mark.parametrize("qstate_name, shared_prefix", [(None, True), (None, False),
+                                                         ("w4a4attn8", True)])
+def test_rematerialised_text_blocks_same_loss_and_gradients(setup, remat, qstate_name,
+                                                            shared_prefix):
+    """speed.remat recomputes the text blocks in the backward pass: the same loss and
+    gradients (the quantized tower included: the recomputation rounds the same values)."""
+    kwargs = dict(qstate_name=qstate_name, shared_prefix=shared_prefix)
+    _assert_same(_loss_and_grads(setup, remat=remat, **kwargs), _loss_and_grads(setup, **kwargs),
+                 rtol=1e-5, atol=1e-6)
+
+
 def test_class_specific_context_takes_the_full_path(setup):
     context = prompts_lib.init_context(jax.random.key(4), n_ctx=N_CTX, width=64,
                                        num_classes=len(CLASSES))
@@ -131,3 +144,17 @@ def test_class_specific_context_takes_the_full_path(setup):
     off = _loss_and_grads(setup, shared_prefix=False, context=context)
     _assert_same(on, off, rtol=0, atol=0)
     assert on[1]["context"].shape == context.shape
+
+
+def test_remat_wraps_each_text_block_only(setup):
+    model, params = setup[:2]
+    tokens, images = clip.tokenize(["a photo of a cat."]), np.zeros((1, 32, 32, 3), np.float32)
+
+    def remats(m, method, x):
+        program = jax.make_jaxpr(lambda p: m.apply({"params": p}, x, method=method))(params)
+        return str(program).count("remat")
+
+    remat = model.clone(text_remat="blocks")
+    assert remats(model, model.encode_text, tokens) == 0
+    assert remats(remat, remat.encode_text, tokens) == model.config.text.layers
+    assert remats(remat, remat.encode_image, images) == 0

@@ -117,28 +117,86 @@ def test_load_of_a_damaged_export_names_the_file(tmp_path, tiny, monkeypatch):
         export.load("q")
 
 
-def test_integer_path_equals_fake_quant(tiny):
+def _int32_products(model, params, state, method, x):
+    """The int32-result dots and convolutions over the batch in the lowered program of one
+    tower (not counting Qwix's [1, 1, K] zero-point products)."""
+    text = jax.jit(lambda p, x, s: clip.encode.apply(model, p, x, method=method, qstate=s)).lower(
+        params, x, state).as_text()
+    return sum(1 for line in text.splitlines()
+               if ("dot_general" in line or "convolution" in line)
+               and f"-> tensor<{len(x)}x" in line and line.endswith("xi32>"))
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w6a6", "w4a4attn8"])
+def test_integer_path_equals_fake_quant(tiny, name):
+    """Every Dense layer, the patch conv and both attention products run on int8 codes
+    (4- and 6-bit codes in int8 containers) and give fake-quant's features."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    qstate = quant.calibrate(model, params, name, images=_images(32), texts=TEXTS)
     int_state = integer.integer_state(qstate, params)
     blocks = model.config.vision.layers + model.config.text.layers
-    # in_proj, out_proj, c_fc, c_proj of every block + the two projections; conv1 stays fake-quant.
-    assert len(int_state.kernels) == 4 * blocks + 2
+    # in_proj, out_proj, c_fc, c_proj of every block, the two projections, the patch conv.
+    assert len(int_state.kernels) == 4 * blocks + 3
+    bits = qstate.config.spec("weight", "visual/conv1").bits
+    for kernel in int_state.kernels.values():
+        codes = np.asarray(kernel.qvalue)
+        assert codes.dtype == np.int8 and np.abs(codes).max() <= 2 ** (bits - 1)
     images, tokens = _images(32)[0], clip.tokenize(TEXTS)
     for encode, x in ((clip.encode_image, images), (clip.encode_text, tokens)):
         fake = np.asarray(encode(model, params, x, qstate=qstate))
         real = np.asarray(encode(model, params, x, qstate=int_state))
         np.testing.assert_allclose(real, fake, atol=1e-5 * np.abs(fake).max())
-    hlo = jax.jit(lambda p, t, s: clip.encode.apply(model, p, t, method=model.encode_text,
-                                                    qstate=s)).lower(params, tokens, int_state)
-    assert hlo.as_text().count("xi32>) -> tensor") >= 2 * model.config.text.layers
+    vision, text = model.config.vision, model.config.text
+    # 4 Dense + q k^T + p v per block, the projection, and (images) the patch conv.
+    assert _int32_products(model, params, int_state, model.encode_image, images) == (
+        6 * vision.layers + 2)
+    assert _int32_products(model, params, int_state, model.encode_text, tokens) == (
+        6 * text.layers + 1)
 
 
-def test_integer_path_needs_an_8bit_per_tensor_config(tiny):
+def test_integer_einsum_against_numpy():
+    """The zero-point expansion of both attention products, against float64 numpy."""
+    rng = np.random.default_rng(0)
+    for equation, shapes in (("bqhd,bkhd->bhqk", ((2, 5, 3, 4), (2, 6, 3, 4))),
+                             ("bhqk,bkhd->bqhd", ((2, 3, 5, 6), (2, 6, 3, 4)))):
+        a, b = (rng.integers(-128, 128, size=s).astype(np.int8) for s in shapes)
+        za, zb = -77, 31
+        got = integer._integer_einsum(equation, jnp.asarray(a), za, jnp.asarray(b), zb)
+        expected = np.einsum(equation, a.astype(np.float64) - za, b.astype(np.float64) - zb)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_resnet_convs_keep_the_fake_quant_path():
+    """Padded convs would need a position-dependent zero-point term: only a ViT's patch
+    embedding runs as an integer conv; a ResNet's stem and blocks stay fake-quant."""
+    model, params = clip.init("tiny-rn", seed=0)
+    qstate = quant.calibrate(model, params, "w8a8", images=_images(64), texts=TEXTS)
+    int_state = integer.integer_state(qstate, params)
+    images = _images(64)[0]
+    fake = np.asarray(clip.encode_image(model, params, images, qstate=qstate))
+    real = np.asarray(clip.encode_image(model, params, images, qstate=int_state))
+    np.testing.assert_allclose(real, fake, atol=1e-5 * np.abs(fake).max())
+    text = jax.jit(lambda p, x, s: clip.encode.apply(model, p, x, method=model.encode_image,
+                                                     qstate=s)).lower(params, images,
+                                                                      int_state).as_text()
+    assert not any("convolution" in line and "xi32>" in line for line in text.splitlines())
+
+
+def test_inference_state_falls_back_where_nothing_fits(tiny):
+    """`official` quantizes its inputs per channel, which no integer product can take: the
+    job's inference state is then the QState itself, as with quant.integer=False."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
-    with pytest.raises(ValueError, match="w4a4attn8.*nothing runs in int8"):
-        integer.integer_state(qstate, params)
+    official = quant.calibrate(model, params, "official", images=_images(32), texts=TEXTS)
+    with pytest.raises(ValueError, match="'official' has no Dense layer.*nothing runs in int8"):
+        integer.integer_state(official, params)
+    assert integer.inference_state(official, params, True) is official
+    w8 = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    assert integer.inference_state(w8, params, False) is w8
+    assert isinstance(integer.inference_state(w8, params, True), integer.IntegerState)
+    faster, _ = integer.int8_dot_is_faster()
+    assert isinstance(integer.inference_state(w8, params, None), integer.IntegerState) == faster
+    assert integer.inference_state(None, params, True) is None
 
 
 def test_agrees_with_qwix_own_w8a8(tiny):

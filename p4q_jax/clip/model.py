@@ -29,6 +29,18 @@ class Site(nn.Module):
         return x
 
 
+class Product(nn.Module):
+    """A parameter-free einsum of two named activations (`operands`: the sibling `Site`s
+    that produce them), a module only so that an integer path can intercept it."""
+
+    equation: str
+    operands: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, a, b):
+        return jnp.einsum(self.equation, a, b)
+
+
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
@@ -66,14 +78,15 @@ class Attention(nn.Module):
                             kernel_init=nn.initializers.normal(std))
         q_site, k_site, v_site = Site(name="q"), Site(name="k"), Site(name="v")
         logits_site, probs_site = Site(name="logits"), Site(name="probs")
+        qk = Product("bqhd,bkhd->bhqk", ("q", "k"), name="qk")
+        pv = Product("bhqk,bkhd->bqhd", ("probs", "v"), name="pv")
 
         def project(h):
             qkv = in_proj(h).reshape(*h.shape[:2], 3, self.heads, head_dim)
             return q_site(qkv[:, :, 0]), k_site(qkv[:, :, 1]), v_site(qkv[:, :, 2])
 
         def scores(q, k):
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-            return logits.astype(jnp.float32)
+            return (qk(q, k) * head_dim**-0.5).astype(jnp.float32)
 
         def attend(logits, mask):
             logits = logits_site(logits)
@@ -87,7 +100,7 @@ class Attention(nn.Module):
         q, k, v = project(x)
         if prefix is None:
             probs = attend(scores(q, k), mask)
-            return output(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v))
+            return output(pv(probs.astype(self.dtype), v))
         qp, kp, vp = project(prefix)
         causal_p = nn.make_causal_mask(jnp.ones(prefix.shape[:2], bool))
         probs_p = attend(scores(qp, kp), causal_p)
@@ -141,19 +154,35 @@ class ResidualAttentionBlock(nn.Module):
         return prefix + mlp(ln_2(prefix)), x + mlp(ln_2(x))
 
 
+# What a rematerialised block keeps for the backward pass (`Transformer.remat`): nothing
+# (every block recomputed), or its matmul outputs (the element-wise work recomputed).
+REMAT_POLICIES = {
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nn.Module):
+    """Residual attention blocks. `remat` ("off" or a `REMAT_POLICIES` key) recomputes each
+    block's activations in the backward pass instead of saving them: less memory for the
+    same values and gradients (what prompt training over many classes needs)."""
+
     layers: int
     heads: int
     mlp_dim: int
     activation: str
     eps: float
     dtype: jnp.dtype = jnp.float32
+    remat: str = "off"
 
     @nn.compact
     def __call__(self, x, mask=None, prefix=None):
         """x -> x; with a shared causal `prefix` [1, P, W], (prefix, x) -> x."""
+        block_cls = ResidualAttentionBlock
+        if self.remat != "off":
+            block_cls = nn.remat(ResidualAttentionBlock, policy=REMAT_POLICIES[self.remat])
         for i in range(self.layers):
-            block = ResidualAttentionBlock(
+            block = block_cls(
                 self.heads, self.mlp_dim, self.activation, self.eps, dtype=self.dtype,
                 name=f"resblocks_{i}")
             if prefix is None:
@@ -325,6 +354,7 @@ class TextTransformer(nn.Module):
     activation: str
     eps: float
     dtype: jnp.dtype = jnp.float32
+    remat: str = "off"  # see `Transformer`
 
     def setup(self):
         cfg = self.config
@@ -334,7 +364,7 @@ class TextTransformer(nn.Module):
             "positional_embedding", nn.initializers.normal(0.01),
             (cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.layers, cfg.heads, cfg.mlp_dim, self.activation,
-                                       self.eps, dtype=self.dtype)
+                                       self.eps, dtype=self.dtype, remat=self.remat)
         self.ln_final = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype)
         self.text_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                                         kernel_init=nn.initializers.normal(cfg.width**-0.5))
@@ -384,10 +414,12 @@ def eot_index(tokens):
 
 
 class CLIP(nn.Module):
-    """The two towers plus the learned temperature `logit_scale` (log of 1/T)."""
+    """The two towers plus the learned temperature `logit_scale` (log of 1/T). `text_remat`:
+    the text tower's `Transformer.remat` (prompt training: `model.clone(text_remat=...)`)."""
 
     config: configs.CLIPConfig
     dtype: jnp.dtype = jnp.float32
+    text_remat: str = "off"
 
     def setup(self):
         cfg = self.config
@@ -397,7 +429,7 @@ class CLIP(nn.Module):
             self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation,
                                             cfg.layer_norm_eps, dtype=self.dtype)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation,
-                                    cfg.layer_norm_eps, dtype=self.dtype)
+                                    cfg.layer_norm_eps, dtype=self.dtype, remat=self.text_remat)
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(jnp.log(1 / 0.07)), ())
 

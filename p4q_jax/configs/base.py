@@ -50,6 +50,11 @@ def get_config():
     # calibration image and prompt), "last" (the final batch, as the public P4Q code), or
     # "auto" ("last" for quant.config='official', else "balanced").
     config.quant.search_rows = "auto"
+    # Inference (PTQ and trained-model evaluation, the feature cache, --mode=eval) on int8
+    # x int8 -> int32 products where the config allows (p4q_jax/quant/integer.py): None
+    # (default) where this machine's int8 dot is faster (GPUs, TPUs, CPUs with AVX-512 VNNI
+    # or AMX), True / False to force it. Training always runs fake-quant (STE gradients).
+    config.quant.integer = config_dict.placeholder(bool)
     # ResNets: fold BatchNorm into the conv kernels before weight quantization (what an
     # integer deployment runs); False keeps it in float after the quantized conv, as the
     # public P4Q code does.

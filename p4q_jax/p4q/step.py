@@ -27,7 +27,6 @@ from p4q_jax.clip import encode
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts as prompts_lib
-from p4q_jax.quant import sites
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,10 +59,7 @@ def make_frozen(model, params, qstate, prompts, teacher_text=None, *, image_towe
     if not image_towers:
         params = {name: p for name, p in params.items() if name != "visual"}
         if qstate is not None:
-            text = lambda d: {n: v for n, v in d.items() if not n.startswith("visual/")}
-            params = sites.replace_kernels(params, text(qstate.kernels))
-            qstate = qstate.replace(acts=text(qstate.acts), weights=text(qstate.weights),
-                                    kernels={})
+            params, qstate = qstate.text_only(params)
     return Frozen(
         params=params, qstate=qstate,
         token_embeddings=encode.apply(model, params, prompts.tokens, method=model.embed_tokens),

@@ -1,89 +1,239 @@
-"""Integer inference: int8 x uint8 -> int32 matmuls (Qwix), with the scales applied after.
+"""Integer inference: int8 x int8 -> int32 products, with the scales applied after.
 
-For each Dense whose kernel is quantized symmetric per output channel at 8 bits and
-whose input is quantized per tensor (the `w8a8` preset), the input's int8 codes and the
-kernel's are multiplied by `qwix.dot_general` with int32 accumulation, the zero point is
-corrected in int32, and only then are the scales applied. That equals the fake-quant result up to
-float rounding. The kernels' int8 codes are computed once (`integer_state`). Sites that
-do not fit (the patch conv, per-channel activations, the attention tensors) keep the
-fake-quant path of the QState, so an IntegerState can be used wherever a QState is.
+Codes of every format up to 8 bits fit an int8 container (4-bit codes included; unsigned
+codes are shifted by -128 with their zero point, which leaves every product unchanged and
+lets XLA use its int8 x int8 dot, several times faster than float32 on CPUs with AVX-512
+VNNI). Three kinds of product run on the codes, each equal to the fake-quant result up to
+float re-association:
+
+* every Dense whose kernel is quantized symmetric (per output channel) and whose input is
+  quantized per tensor: `qwix.dot_general` of the input's codes (with its zero point)
+  and the kernel's, computed once (`integer_state`);
+* the patch embedding of a ViT (a stride-`patch` conv without padding) on the same
+  conditions, as an int32 convolution with its zero-point term subtracted;
+* the attention products q k^T and p v (`clip.model.Product`) where both operands' sites
+  are quantized per tensor: their codes are read back from the fake-quantized float32
+  values (exact: |code - zero point| <= 255), multiplied in int32 with the zero-point
+  terms expanded (Qwix allows a zero point on one operand only).
+
+Per-channel activations (the `official` preset) do not factor out of a contraction over
+channels, so their layers keep the fake-quant path of the QState; an IntegerState can be
+used wherever a QState is (inference only: no straight-through gradients).
 """
 
 import contextlib
+import functools
+import math
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import qwix
+from absl import logging
 
+from p4q_jax.clip import model as model_lib
 from p4q_jax.quant import primitives
 from p4q_jax.quant import sites
 from p4q_jax.quant import state as state_lib
 
-INT_BITS = 8
+MAX_BITS = 8
+_SHIFT = 2 ** (MAX_BITS - 1)  # unsigned codes minus this fit int8
+
+
+def _per_tensor_act(qstate, kind, name):
+    spec = qstate.config.spec(kind, name)
+    return (spec is not None and spec.bits <= MAX_BITS and not spec.per_channel
+            and spec.observer != "log2" and name in qstate.acts)
 
 
 def _fits(qstate, name):
     w = qstate.config.spec("weight", name)
-    x = qstate.config.spec("input", name)
-    return (w is not None and x is not None and w.bits == INT_BITS and x.bits == INT_BITS
-            and w.symmetric and not x.per_channel and x.observer != "log2"
-            and name in qstate.acts)
+    return (w is not None and w.bits <= MAX_BITS and w.symmetric
+            and _per_tensor_act(qstate, "input", name))
+
+
+def _int8_codes(x, params, fmt):
+    """float x -> (int8 codes, int8-shifted zero point) of `fmt` (<= 8 bits)."""
+    codes = primitives.quantize(x.astype(jnp.float32), params.scale, params.zero_point, fmt)
+    shift = 0 if fmt.signed else _SHIFT
+    return (codes - shift).astype(jnp.int8), params.zero_point - shift
+
+
+def _recovered_codes(x, params, fmt):
+    """The int8 codes behind a fake-quantized float32 tensor (and the shifted zero point)."""
+    codes = jnp.round(x / params.scale) + params.zero_point
+    shift = 0 if fmt.signed else _SHIFT
+    return (jnp.clip(codes, fmt.qmin, fmt.qmax) - shift).astype(jnp.int8), (
+        params.zero_point - shift)
+
+
+def _broadcast_to_output(x, labels, out):
+    """`x` (axes `labels`) transposed and reshaped to broadcast against einsum output `out`."""
+    order = "".join(c for c in out if c in labels)
+    x = jnp.einsum(f"{labels}->{order}", x)
+    return x.reshape([x.shape[order.index(c)] if c in labels else 1 for c in out])
+
+
+def _integer_einsum(equation, a, za, b, zb):
+    """sum (a - za)(b - zb) over the contracted labels, in int32 (a, b int8; za, zb scalars)."""
+    inputs, out = equation.split("->")
+    la, lb = inputs.split(",")
+    summed = [c for c in la if c in lb and c not in out]
+    n = math.prod(a.shape[la.index(c)] for c in summed)
+    za, zb = jnp.asarray(za).astype(jnp.int32), jnp.asarray(zb).astype(jnp.int32)
+    result = jnp.einsum(equation, a, b, preferred_element_type=jnp.int32)
+    free_a, free_b = ("".join(c for c in l if c not in summed) for l in (la, lb))
+    sum_a = jnp.einsum(f"{la}->{free_a}", a.astype(jnp.int32))
+    sum_b = jnp.einsum(f"{lb}->{free_b}", b.astype(jnp.int32))
+    return (result - za.reshape(()) * _broadcast_to_output(sum_b, free_b, out)
+            - zb.reshape(()) * _broadcast_to_output(sum_a, free_a, out) + n * za * zb)
 
 
 @flax.struct.dataclass
 class IntegerState:
-    """A QState plus int8 kernels (as `qwix.QArray`) for the Dense layers that fit."""
+    """A QState plus int8 kernels (`qwix.QArray`) for the layers that fit (see module doc)."""
 
     qstate: state_lib.QState
     kernels: dict
 
+    @property
+    def config(self):
+        return self.qstate.config
+
     def quantized_params(self, params):
         return self.qstate.quantized_params(params)
 
+    def text_only(self, params):
+        """See `QState.text_only`; the image tower's int8 kernels go too."""
+        params, qstate = self.qstate.text_only(params)
+        kernels = {n: k for n, k in self.kernels.items() if not n.startswith("visual/")}
+        return params, self.replace(qstate=qstate, kernels=kernels)
+
+    def _codes(self, name, x):
+        return _int8_codes(x, self.qstate.acts[name], self.config.spec("input", name).fmt)
+
     def _dense(self, module, x):
         name = sites.site_name(module)
-        act = self.qstate.acts[name]
-        fmt = self.qstate.config.spec("input", name).fmt
-        codes = primitives.quantize(x.astype(jnp.float32), act.scale, act.zero_point, fmt)
-        # uint8 codes and zero point shifted by -128 give the same product, and XLA's
-        # int8 x int8 -> int32 dot is several times faster than uint8 x int8 on CPU.
-        shift = 0 if fmt.signed else 2 ** (INT_BITS - 1)
+        codes, zero_point = self._codes(name, x)
         ones = (1,) * x.ndim
-        lhs = qwix.QArray(qvalue=(codes - shift).astype(jnp.int8),
-                          scale=jnp.reshape(act.scale, ones),
-                          zero_point=jnp.reshape(act.zero_point - shift, ones).astype(jnp.int8))
+        lhs = qwix.QArray(qvalue=codes, scale=jnp.reshape(self.qstate.acts[name].scale, ones),
+                          zero_point=jnp.reshape(zero_point, ones).astype(jnp.int8))
         y = qwix.dot_general(lhs, self.kernels[name], (((x.ndim - 1,), (0,)), ((), ())))
         if module.use_bias:
             y = y + module.get_variable("params", "bias")
         return y.astype(module.dtype or x.dtype)
 
+    def _conv(self, module, x):
+        name = sites.site_name(module)
+        codes, zero_point = self._codes(name, x)
+        kernel = self.kernels[name]
+        y = jax.lax.conv_general_dilated(
+            codes, kernel.qvalue, window_strides=module.strides, padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
+        kernel_sum = jnp.sum(kernel.qvalue.astype(jnp.int32), axis=(0, 1, 2))
+        y = y - zero_point.reshape(()).astype(jnp.int32) * kernel_sum
+        scale = self.qstate.acts[name].scale.reshape(()) * kernel.scale.reshape(-1)
+        return (y * scale).astype(module.dtype or x.dtype)
+
+    def _product_sites(self, module):
+        parent = sites.site_name(module).rsplit("/", 1)[0]
+        names = [f"{parent}/{operand}" for operand in module.operands]
+        return names if all(_per_tensor_act(self.qstate, "attn", n) for n in names) else None
+
+    def _product(self, module, a, b, names):
+        (ca, za), (cb, zb) = (
+            _recovered_codes(x, self.qstate.acts[n], self.config.spec("attn", n).fmt)
+            for x, n in zip((a, b), names))
+        y = _integer_einsum(module.equation, ca, za, cb, zb)
+        scale = self.qstate.acts[names[0]].scale * self.qstate.acts[names[1]].scale
+        return (y * scale.reshape(())).astype(a.dtype)
+
     @contextlib.contextmanager
     def intercept(self):
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if (context.method_name == "__call__" and isinstance(module, nn.Dense)
-                    and sites.site_name(module) in self.kernels):
-                return self._dense(module, args[0])
+            if context.method_name == "__call__":
+                name = sites.site_name(module)
+                if isinstance(module, nn.Dense) and name in self.kernels:
+                    return self._dense(module, args[0])
+                if isinstance(module, nn.Conv) and name in self.kernels and _patchify(module):
+                    return self._conv(module, args[0])
+                if (isinstance(module, model_lib.Product)
+                        and all(x.dtype == jnp.float32 for x in args[:2])
+                        and (names := self._product_sites(module))):
+                    return self._product(module, *args[:2], names)
             return next_fun(*args, **kwargs)
 
-        # Outer interceptors run first: integer Dense layers never reach the fake-quant one.
+        # Outer interceptors run first: integer layers never reach the fake-quant one.
         with nn.intercept_methods(interceptor), self.qstate.intercept():
             yield
 
 
+def _patchify(conv):
+    """A ViT's patch embedding: no padding, no bias, stride equal to the window (other convs
+    keep the fake-quant path: padding would make the zero-point term position-dependent)."""
+    return (conv.padding == "VALID" and not conv.use_bias
+            and tuple(conv.strides or ()) == tuple(conv.kernel_size))
+
+
 def integer_state(qstate, params):
-    """Computes the int8 kernel codes once -> an IntegerState (usable as `qstate=`)."""
+    """Computes the int8 kernel codes once -> an IntegerState (usable as `qstate=`).
+
+    Raises ValueError when no layer fits (e.g. the `official` preset's per-channel inputs).
+    """
     kernels = {}
     for name, kernel in sites.kernels(params).items():
-        if kernel.ndim != 2 or not _fits(qstate, name):  # conv kernels stay fake-quant
+        # Of the convs only the stem can be a patch embedding (checked again when it runs).
+        if not (kernel.ndim == 2 or (kernel.ndim == 4 and name == "visual/conv1")):
+            continue
+        if not _fits(qstate, name):
             continue
         p = qstate.weights[name]
         fmt = qstate.config.spec("weight", name).fmt
         codes = primitives.quantize(kernel, p.scale, p.zero_point, fmt).astype(jnp.int8)
         kernels[name] = qwix.QArray(qvalue=codes, scale=p.scale.astype(jnp.float32))
     if not kernels:
-        raise ValueError(f"config {qstate.config.name!r} has no Dense layer with 8-bit "
-                         "per-channel kernels and 8-bit per-tensor inputs; nothing runs in int8")
+        raise ValueError(f"config {qstate.config.name!r} has no Dense layer with <= 8-bit "
+                         "per-channel kernels and <= 8-bit per-tensor inputs; nothing runs "
+                         "in int8")
     return IntegerState(qstate=qstate, kernels=jax.tree.map(jnp.asarray, kernels))
+
+
+@functools.cache
+def int8_dot_is_faster():
+    """Whether this machine's int8 dot beats float32: GPUs and TPUs, and CPUs with
+    AVX-512 VNNI or AMX (`/proc/cpuinfo` flags); -> (bool, reason)."""
+    platform = jax.devices()[0].platform
+    if platform != "cpu":
+        return True, f"the {platform} runs int8 dots natively"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag in ("amx_int8", "avx512_vnni"):
+        if flag in flags:
+            return True, f"the CPU has {flag}"
+    return False, "the CPU has neither AVX-512 VNNI nor AMX (its int8 dot is not faster)"
+
+
+def inference_state(qstate, params, integer=None):
+    """The state inference runs on: an IntegerState where `integer` (None: where
+    `int8_dot_is_faster()`) and some layer fits, else `qstate` itself. Logs the choice."""
+    if qstate is None or isinstance(qstate, IntegerState):
+        return qstate
+    reason = f"quant.integer={integer}"
+    if integer is None:
+        integer, reason = int8_dot_is_faster()
+    if not integer:
+        logging.info("quantized inference in fake-quant float32: %s", reason)
+        return qstate
+    try:
+        state = integer_state(qstate, params)
+    except ValueError as e:
+        logging.info("quantized inference in fake-quant float32: %s", e)
+        return qstate
+    logging.info("quantized inference in int8 for %d layers (%s)", len(state.kernels), reason)
+    return state

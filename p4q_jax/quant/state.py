@@ -39,6 +39,14 @@ class QState:
         """`params` with every quantized kernel swapped for its fake-quantized copy."""
         return sites.replace_kernels(params, self.kernels)
 
+    def text_only(self, params):
+        """(params with the text tower's quantized kernels swapped in, this state without the
+        image tower's sites and with no kernels of its own): what a text-only consumer
+        holds, each kernel once."""
+        text = lambda d: {n: v for n, v in d.items() if not n.startswith("visual/")}
+        params = sites.replace_kernels(params, text(self.kernels))
+        return params, self.replace(acts=text(self.acts), weights=text(self.weights), kernels={})
+
     def handler(self, kind, name, x):
         spec = self.config.spec(kind, name)
         if spec is None:
