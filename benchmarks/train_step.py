@@ -1,7 +1,8 @@
 """One P4Q train step of ViT-B/32 (random weights, W4A4): speed and peak memory per speed rule.
 
     python benchmarks/train_step.py [--model=ViT-B/32] [--batches=32,128] [--steps=3]
-        [--steps_off=1] [--settings=all_on,no_feature_cache,no_crop_text,no_shared_prefix,all_off]
+        [--steps_off=1] [--settings=all_on,no_feature_cache,no_crop_text,no_shared_prefix,
+        no_length_buckets,all_off]
     python benchmarks/train_step.py --model=tiny --steps=1   # a quick smoke run
     python benchmarks/train_step.py --dataset=imagenet2012 --model=ViT-B/16 --batches=32 \
         [--remat=off|blocks|dots]
@@ -15,7 +16,9 @@ the time goes") are switched on and off:
 * feature_cache: the batch carries cached student/teacher image features (random values);
   off, it carries images and both image towers (quantized student, FP teacher) run in it;
 * crop_text: the text tower runs on the positions up to the last EOT; off, on all 77;
-* shared_prefix: the context prefix common to all classes is encoded once.
+* shared_prefix: the context prefix common to all classes is encoded once;
+* length_buckets: the classes run in up to 4 groups, each padded to its own longest
+  prompt (with crop_text only: uncropped prompts keep all 77 positions).
 
 `--remat` rematerialises the text blocks in the backward pass (`config.speed.remat`).
 
@@ -58,7 +61,8 @@ from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 
-RULES = ("feature_cache", "crop_text", "shared_prefix")
+RULES = ("feature_cache", "crop_text", "shared_prefix", "length_buckets")
+LENGTH_BUCKETS = 4  # config.speed.length_buckets's default
 SETTINGS = {"all_on": RULES, **{f"no_{r}": tuple(x for x in RULES if x != r) for r in RULES},
             "all_off": ()}  # setting -> the rules switched on
 N_CTX = 16
@@ -141,7 +145,8 @@ def _measure(setting, batch_size, steps):
     state = parallel.replicate(step_lib.init_state(trainable, tx), mesh)
     train_step = step_lib.make_train_step(
         model=model, prompts=prompts, adapter=adapter, tx=tx, weights=step_lib.LossWeights(),
-        mesh=mesh, shared_prefix="shared_prefix" in rules)
+        mesh=mesh, shared_prefix="shared_prefix" in rules,
+        length_buckets=LENGTH_BUCKETS if {"length_buckets", "crop_text"} <= set(rules) else 1)
 
     rng = np.random.default_rng(0)
     if "feature_cache" in rules:

@@ -236,6 +236,7 @@ def _p4q(config, problems, shards):
                      "(data.augment='coop'); with 'flip' the cache holds both views exactly")
     if config.speed.cache_dir:
         _writable_dir(problems, "speed.cache_dir", config.speed.cache_dir)
+    problems.at_least("speed.length_buckets", config.speed.get("length_buckets", 1), 1)
     problems.one_of("speed.remat", config.speed.get("remat", "off"),
                     ("off", *model_lib.REMAT_POLICIES))
 

@@ -238,7 +238,8 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
         model=model, prompts=prompts, adapter=adapter, tx=tx, mesh=mesh,
         weights=step_lib.LossWeights(**config.loss.to_dict()),
         shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
-        frozen_shardings=frozen_shardings)
+        frozen_shardings=frozen_shardings,
+        length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1)
 
     if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir)

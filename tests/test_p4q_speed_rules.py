@@ -1,6 +1,8 @@
 """The speed rules of DESIGN.md change the cost, not the math: each switched off gives the
 same loss and gradients (shared text prefix, cropping after the last EOT, cached features)."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,7 @@ def _frozen(model, params, qstate, prompts, teacher_text):
 
 
 def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, shared_prefix=True,
-                    cached=True, context=None, remat="off"):
+                    cached=True, context=None, remat="off", length_buckets=1):
     model, params, qstates, teacher_text, adapter, trainable, images, labels = setup
     model = model.clone(text_remat=remat)
     qstate = qstates.get(qstate_name)
@@ -59,7 +61,8 @@ def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, share
     trainable = dict(trainable, context=trainable["context"] if context is None else context)
     fn = jax.jit(jax.value_and_grad(
         lambda t, b: step_lib.loss_fn(t, frozen, b, model=model, prompts=prompts, adapter=adapter,
-                                      weights=step_lib.LossWeights(), shared_prefix=shared_prefix),
+                                      weights=step_lib.LossWeights(), shared_prefix=shared_prefix,
+                                      length_buckets=length_buckets),
         has_aux=True))
     (loss, _), grads = fn(trainable, batch)
     return float(loss), grads
@@ -158,3 +161,41 @@ def test_remat_wraps_each_text_block_only(setup):
     assert remats(model, model.encode_text, tokens) == 0
     assert remats(remat, remat.encode_text, tokens) == model.config.text.layers
     assert remats(remat, remat.encode_image, images) == 0
+
+
+def test_length_buckets_leave_the_fewest_padded_positions():
+    """Against brute force over every way to cut the sorted lengths into <= k groups."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        eot = rng.integers(5, 20, size=rng.integers(1, 30))
+        start, k = int(rng.integers(0, 5)), int(rng.integers(1, 5))
+        groups = prompts_lib.length_buckets(eot, start, k)
+        need = eot + 1 - start
+        assert len(groups) <= k
+        assert sorted(np.concatenate([g for g, _ in groups])) == list(range(len(eot)))
+        for index, n in groups:
+            assert n == need[index].max()  # padded to its own longest only
+        distinct = sorted(set(need))
+        best = min(
+            sum(max(part) * sum(int(np.sum(need == d)) for d in part)
+                for part in np.split(distinct, list(cuts)))
+            for g in range(min(k, len(distinct)))
+            for cuts in itertools.combinations(range(1, len(distinct)), g))
+        assert sum(n * len(index) for index, n in groups) == best
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_length_buckets_same_loss_and_gradients(setup, shared_prefix):
+    """The class names here run from 1 to 3 tokens: three groups instead of one padding."""
+    prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX)
+    assert len(prompts_lib.length_buckets(prompts.eot, prompts.shared_prefix, 4)) > 1
+    bucketed = _loss_and_grads(setup, shared_prefix=shared_prefix, length_buckets=4)
+    padded = _loss_and_grads(setup, shared_prefix=shared_prefix)
+    _assert_same(bucketed, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_length_buckets_same_loss_and_gradients_quantized(setup):
+    """Through the 4-bit text tower: within one quantization step (see the shared prefix)."""
+    bucketed = _loss_and_grads(setup, qstate_name="w4a4attn8", length_buckets=4)
+    padded = _loss_and_grads(setup, qstate_name="w4a4attn8")
+    _assert_same(bucketed, padded, rtol=2e-2, atol=1e-3)

@@ -405,5 +405,12 @@ def test_sample_rows_draws_a_quota_of_valid_rows_per_sample():
     again = observers.sample_rows(x[::-1], np.array([9, 7], np.int32), 3,
                                         valid=valid[::-1])
     np.testing.assert_array_equal(np.asarray(again[1])[::-1], index)  # the seed decides
-    _, _, none_kept = observers.sample_rows(x, np.array([7, 9], np.int32), 3, keep=0.0)
-    assert not np.asarray(none_kept).any()
+
+
+def test_sample_quota_spends_the_element_budget():
+    # 100 samples, 10 channels, 5 rows each: a budget of 2000 elements is 200 rows, 2 each.
+    assert observers.sample_quota(100, 10, 5, 2000) == (100, 2)
+    # 50 rows for 100 samples: 50 samples contribute one row each.
+    assert observers.sample_quota(100, 10, 5, 500) == (50, 1)
+    assert observers.sample_quota(100, 10, 5, None) == (100, 5)
+    assert observers.sample_quota(3, 10, 5, 10**6) == (3, 5)  # never more rows than there are

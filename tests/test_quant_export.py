@@ -150,6 +150,9 @@ def test_integer_path_equals_fake_quant(tiny, name):
     # 4 Dense + q k^T + p v per block, the projection, and (images) the patch conv.
     assert _int32_products(model, params, int_state, model.encode_image, images) == (
         6 * vision.layers + 2)
+    assert "convolution" not in jax.jit(
+        lambda p, x, s: clip.encode.apply(model, p, x, method=model.encode_image, qstate=s)
+    ).lower(params, images, int_state).as_text()  # the patch conv is a dot over patches
     assert _int32_products(model, params, int_state, model.encode_text, tokens) == (
         6 * text.layers + 1)
 
@@ -177,10 +180,11 @@ def test_resnet_convs_keep_the_fake_quant_path():
     fake = np.asarray(clip.encode_image(model, params, images, qstate=qstate))
     real = np.asarray(clip.encode_image(model, params, images, qstate=int_state))
     np.testing.assert_allclose(real, fake, atol=1e-5 * np.abs(fake).max())
-    text = jax.jit(lambda p, x, s: clip.encode.apply(model, p, x, method=model.encode_image,
-                                                     qstate=s)).lower(params, images,
-                                                                      int_state).as_text()
-    assert not any("convolution" in line and "xi32>" in line for line in text.splitlines())
+    assert "visual/conv1" in int_state.kernels  # its codes are there, but it runs fake-quant:
+    without_stem = int_state.replace(
+        kernels={k: v for k, v in int_state.kernels.items() if k != "visual/conv1"})
+    assert _int32_products(model, params, int_state, model.encode_image, images) == (
+        _int32_products(model, params, without_stem, model.encode_image, images))
 
 
 def test_inference_state_falls_back_where_nothing_fits(tiny):

@@ -74,6 +74,9 @@ def get_config():
     config.speed.cache_dir = config_dict.placeholder(str)  # default: WORKDIR/feature_cache
     config.speed.crop_text = True  # text tower on max_eot + 1 positions, not 77
     config.speed.shared_prefix = True  # the context prefix encoded once for all classes
+    # With crop_text: the classes in at most this many groups, each padded only to its own
+    # longest prompt (1: all to the longest class name).
+    config.speed.length_buckets = 4
     # Recompute the text blocks in the backward pass instead of saving their activations:
     # "off", "blocks" (save nothing) or "dots" (save the matmul outputs). Same loss and
     # gradients, less memory: for many classes (ImageNet's 1,000) or a wide text tower.

@@ -108,3 +108,33 @@ def embed(prompts, token_embeddings, context):
     rows = jnp.arange(num_classes)[:, None]
     return token_embeddings.at[rows, prompts.context_positions].set(
         context.astype(token_embeddings.dtype))
+
+
+def length_buckets(eot, start, max_buckets):
+    """Classes grouped by how many positions from `start` their prompts need (up to their
+    EOT), each group padded only to its own longest: the text tower then runs on far fewer
+    padded positions when class names differ in length (ImageNet's run from 1 to 20
+    tokens). At most `max_buckets` groups, cut where they leave the fewest positions in all
+    (dynamic programming over the distinct lengths).
+
+    Returns [(class indices int [n], positions)], shortest first; static (numpy), since
+    every group is its own shape in the compiled program.
+    """
+    need = np.asarray(eot) + 1 - start
+    lengths, counts = np.unique(need, return_counts=True)
+    k, m = min(max_buckets, len(lengths)), len(lengths)
+    total = np.concatenate([[0], np.cumsum(counts)])
+    cost = np.full((k + 1, m + 1), np.inf)
+    cut = np.zeros((k + 1, m + 1), int)
+    cost[0, 0] = 0
+    for g in range(1, k + 1):
+        for j in range(g, m + 1):  # groups 1..g cover the j shortest lengths
+            options = [cost[g - 1, i] + lengths[j - 1] * (total[j] - total[i])
+                       for i in range(g - 1, j)]
+            cut[g, j] = g - 1 + int(np.argmin(options))
+            cost[g, j] = min(options)
+    bounds, j = [], m
+    for g in range(k, 0, -1):
+        bounds.append((lengths[cut[g, j]], lengths[j - 1]))
+        j = cut[g, j]
+    return [(np.flatnonzero((need >= lo) & (need <= hi)), int(hi)) for lo, hi in bounds[::-1]]

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from p4q_jax import parallel
@@ -234,21 +235,34 @@ def init_state(trainable, tx):
                       opt_state=tx.init(trainable))
 
 
-def class_text_features(model, frozen, prompts, context, *, shared_prefix=True):
+def class_text_features(model, frozen, prompts, context, *, shared_prefix=True, length_buckets=1):
     """Class prompt features [C, E] through the (quantized) text tower.
 
     With `shared_prefix` and a shared context, the positions every prompt starts with are
-    encoded once (`CLIP.encode_text_prefixed`); the result is the same math.
+    encoded once (`CLIP.encode_text_prefixed`). With `length_buckets` > 1 the classes run
+    in at most that many groups, each padded only to its own longest prompt
+    (`prompts.length_buckets`). Either way the result is the same math.
     """
     x = prompts_lib.embed(prompts, frozen.token_embeddings, context)
     length = prompts.shared_prefix
-    if shared_prefix and context.ndim == 2 and length:
-        return encode.apply(model, frozen.params, (x[0, :length], x[:, length:],
-                                                   frozen.eot - length),
-                            qstate=frozen.qstate,
-                            method=lambda m, a: m.encode_text_prefixed(*a))
-    return encode.apply(model, frozen.params, (x, frozen.eot), qstate=frozen.qstate,
-                        method=lambda m, a: m.encode_text_embeddings(*a))
+    prefixed = shared_prefix and context.ndim == 2 and length
+    start = length if prefixed else 0
+
+    def encode_rows(rows, eot):
+        if prefixed:
+            return encode.apply(model, frozen.params, (x[0, :length], rows, eot - length),
+                                qstate=frozen.qstate,
+                                method=lambda m, a: m.encode_text_prefixed(*a))
+        return encode.apply(model, frozen.params, (rows, eot), qstate=frozen.qstate,
+                            method=lambda m, a: m.encode_text_embeddings(*a))
+
+    groups = prompts_lib.length_buckets(prompts.eot, start, max(length_buckets, 1))
+    if len(groups) == 1:
+        return encode_rows(x[:, start:], frozen.eot)
+    features = [encode_rows(x[index, start:start + n], frozen.eot[index])
+                for index, n in groups]
+    order = np.concatenate([index for index, _ in groups])
+    return jnp.concatenate(features)[np.argsort(order)]
 
 
 def image_features(model, params, qstate, images):
@@ -259,12 +273,13 @@ def image_features(model, params, qstate, images):
 
 
 def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, shared_prefix=True,
-            train_prompts=True):
+            train_prompts=True, length_buckets=1):
     """(total loss, {term: value}) for one batch of cached image features (or images)."""
     context = trainable["context"]
     if not train_prompts:
         context = jax.lax.stop_gradient(context)  # no backward pass through the text tower
-    text = class_text_features(model, frozen, prompts, context, shared_prefix=shared_prefix)
+    text = class_text_features(model, frozen, prompts, context, shared_prefix=shared_prefix,
+                               length_buckets=length_buckets)
     if "image" in batch:
         batch = {**batch, **jax.lax.stop_gradient(
             image_features(model, frozen.params, frozen.qstate, batch["image"]))}
@@ -290,7 +305,7 @@ def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, share
 
 
 def make_train_step(*, model, prompts, adapter, tx, weights, mesh, shared_prefix=True,
-                    train_prompts=True, frozen_shardings=None):
+                    train_prompts=True, frozen_shardings=None, length_buckets=1):
     """A jitted (state, frozen, batch) -> (state, metrics), batch sharded over `data`.
 
     `frozen` is replicated unless `frozen_shardings` (`parallel.weight_shardings`) splits
@@ -300,7 +315,8 @@ def make_train_step(*, model, prompts, adapter, tx, weights, mesh, shared_prefix
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.trainable, frozen, batch, model=model,
                                       prompts=prompts, adapter=adapter, weights=weights,
-                                      shared_prefix=shared_prefix, train_prompts=train_prompts)
+                                      shared_prefix=shared_prefix, train_prompts=train_prompts,
+                                      length_buckets=length_buckets)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics

@@ -74,19 +74,22 @@ def _valid_text_rows(name, shape, lengths):
 
 
 def _pass_fn(model, method, specs, *, finalize=False, max_elements=None, num_samples=None):
-    """jit: one calibration pass over a batch, (params, x, running stats, seeds, lengths) ->
-    ({site: batch stats}, {site: all finite}, features).
+    """jit: one calibration pass over a batch, (params, x, running stats, seeds, lengths,
+    draws) -> ({site: batch stats}, {site: all finite}, features).
 
     With `num_samples` (the "balanced" search over a calibration set of that many samples)
-    every pass returns, per searched site, (stats, `observers.sample_rows` of this batch
-    with the samples' `seeds`): about `max_elements` rows over the whole set, an equal
-    quota per sample, drawn among the rows `_valid_text_rows` allows (`lengths` [B]: text
-    positions up to end-of-text; None: all rows). Otherwise the final pass (`finalize`)
-    returns, per site, the running statistics with this batch's merged in and the rows of
-    this batch that the observer searches on (`observers.search_input`).
+    every pass returns, per searched site, (stats, (`observers.sample_rows` of this batch
+    with the samples' `seeds`, which samples contribute)): about `max_elements` elements over
+    the whole set, an equal quota per contributing sample, drawn among the rows
+    `_valid_text_rows` allows (`lengths` [B]: text positions up to end-of-text; None: all
+    rows). Where the budget has fewer rows than the set has samples, the samples with the
+    smallest of `draws` (this batch's [B], and all of them sorted: "all") contribute.
+    Otherwise the final pass (`finalize`) returns, per site, the running statistics with
+    this batch's merged in and the rows of this batch that the observer searches on
+    (`observers.search_input`).
     """
 
-    def run(params, x, running, seeds, lengths):
+    def run(params, x, running, seeds, lengths, draws):
         results, finite = {}, {}
 
         def record(kind, name, a):
@@ -95,13 +98,12 @@ def _pass_fn(model, method, specs, *, finalize=False, max_elements=None, num_sam
                 spec = specs[name]
                 stats = observers.batch_stats(spec, a)
                 if num_samples and observers.searches(spec):
-                    per_sample = math.prod(a.shape[1:-1])
-                    budget = max_elements // a.shape[-1] if max_elements else None
-                    quota = max(1, budget // num_samples) if budget else per_sample
-                    keep = min(1.0, budget / num_samples) if budget else 1.0
-                    stats = (stats, observers.sample_rows(
-                        a, seeds, quota, keep=keep,
-                        valid=_valid_text_rows(name, a.shape, lengths)))
+                    samples, quota = observers.sample_quota(
+                        num_samples, a.shape[-1], math.prod(a.shape[1:-1]), max_elements)
+                    kept = draws["batch"] <= draws["all"][samples - 1]
+                    stats = (stats, (*observers.sample_rows(
+                        a, seeds, quota, valid=_valid_text_rows(name, a.shape, lengths)),
+                        kept))
                 elif finalize:
                     stats = (observers.merge(spec, running.get(name), stats),
                              observers.search_input(spec, a, max_elements))
@@ -121,10 +123,10 @@ def _site_qparams(spec, stats, searched):
     return state_lib.QParams(*observers.qparams_from_search_input(spec, stats, searched))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _sampled_site_qparams(spec, stats, rows, seeds, index, weights):
-    searched, row_weights = observers.sampled_search_input(rows, seeds, index, weights,
-                                                           stats["lo"].ndim)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sampled_site_qparams(spec, num_rows, stats, rows, seeds, index, weights, kept):
+    searched, row_weights = observers.sampled_search_input(rows, seeds, index, weights, kept,
+                                                           num_rows, stats["lo"].ndim)
     return state_lib.QParams(*observers.qparams_from_search_input(spec, stats, searched,
                                                                   row_weights))
 
@@ -145,11 +147,16 @@ def _calibrate_tower(model, params, specs, method, batches, max_elements, *, sea
     `seeds` / `lengths`: per batch, int32 [B] sample seeds and (text) valid lengths or None,
     for the "balanced" search (see `_pass_fn`)."""
     if search_rows == "balanced":
+        num_samples = sum(len(s) for s in seeds)
         observe = _pass_fn(model, method, specs, max_elements=max_elements,
-                           num_samples=sum(len(s) for s in seeds))
+                           num_samples=num_samples)
+        draws = [_uniform(s) for s in seeds]
+        all_draws = np.sort(np.concatenate(draws))
         running, sampled, outputs = {}, {}, []
-        for x, batch_seeds, batch_lengths in zip(batches, seeds, lengths or [None] * len(seeds)):
-            results, finite, out = observe(params, x, {}, batch_seeds, batch_lengths)
+        for x, batch_seeds, batch_lengths, batch_draws in zip(
+                batches, seeds, lengths or [None] * len(seeds), draws):
+            results, finite, out = observe(params, x, {}, batch_seeds, batch_lengths,
+                                           {"batch": batch_draws, "all": all_draws})
             _check_finite(finite, "activation")
             for name, value in results.items():
                 stats = value
@@ -161,22 +168,24 @@ def _calibrate_tower(model, params, specs, method, batches, max_elements, *, sea
         qparams = {}
         for name, stats in running.items():
             if name in sampled:
-                batch_seeds, rows, index, weights = zip(*sampled[name])
-                qparams[name] = _sampled_site_qparams(specs[name], stats, list(rows),
-                                                      list(batch_seeds), list(index),
-                                                      list(weights))
+                batch_seeds, rows, index, weights, kept = map(list, zip(*sampled[name]))
+                samples, _ = observers.sample_quota(num_samples, rows[0].shape[-1], 1,
+                                                    max_elements)
+                qparams[name] = _sampled_site_qparams(
+                    specs[name], samples * index[0].shape[1], stats, rows, batch_seeds, index,
+                    weights, kept)
             else:
                 qparams[name] = _site_qparams(specs[name], stats, None)
         return qparams, outputs
     observe = _pass_fn(model, method, specs)
     running, outputs = {}, []
     for x in batches[:-1]:
-        stats, finite, out = observe(params, x, {}, None, None)
+        stats, finite, out = observe(params, x, {}, None, None, None)
         _check_finite(finite, "activation")
         running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
         outputs.append(out)
     finalize = _pass_fn(model, method, specs, finalize=True, max_elements=max_elements)
-    final, finite, out = finalize(params, batches[-1], running, None, None)
+    final, finite, out = finalize(params, batches[-1], running, None, None, None)
     _check_finite(finite, "activation")
     qparams = {name: _site_qparams(specs[name], *final[name]) for name in final}
     return qparams, outputs + [out]
@@ -186,6 +195,15 @@ def _index_seeds(batches):
     """Per batch, int32 [B]: each sample's position in the calibration set."""
     starts = np.cumsum([0] + [b.shape[0] for b in batches])
     return [np.arange(a, b, dtype=np.int32) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _uniform(seeds):
+    """float64 [N] in [0, 1): a fixed hash of each int32 seed (which samples contribute
+    when the element budget has fewer rows than the calibration set has samples)."""
+    x = np.asarray(seeds, np.uint64)
+    for _ in range(2):
+        x = ((x ^ (x >> np.uint64(16))) * np.uint64(0x45D9F3B)) % np.uint64(2**32)
+    return (x ^ (x >> np.uint64(16))) / 2.0**32
 
 
 def _token_seeds(tokens):

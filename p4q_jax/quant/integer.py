@@ -10,7 +10,7 @@ float re-association:
   quantized per tensor: `qwix.dot_general` of the input's codes (with its zero point)
   and the kernel's, computed once (`integer_state`);
 * the patch embedding of a ViT (a stride-`patch` conv without padding) on the same
-  conditions, as an int32 convolution with its zero-point term subtracted;
+  conditions, as the same dot over the image's patches;
 * the attention products q k^T and p v (`clip.model.Product`) where both operands' sites
   are quantized per tensor: their codes are read back from the fake-quantized float32
   values (exact: |code - zero point| <= 255), multiplied in int32 with the zero-point
@@ -113,28 +113,30 @@ class IntegerState:
     def _codes(self, name, x):
         return _int8_codes(x, self.qstate.acts[name], self.config.spec("input", name).fmt)
 
-    def _dense(self, module, x):
-        name = sites.site_name(module)
-        codes, zero_point = self._codes(name, x)
-        ones = (1,) * x.ndim
+    def _matmul(self, name, codes, zero_point):
+        """codes [..., K] (int8, the input's zero point) x the int8 kernel [K, N], scaled."""
+        ones = (1,) * codes.ndim
         lhs = qwix.QArray(qvalue=codes, scale=jnp.reshape(self.qstate.acts[name].scale, ones),
                           zero_point=jnp.reshape(zero_point, ones).astype(jnp.int8))
-        y = qwix.dot_general(lhs, self.kernels[name], (((x.ndim - 1,), (0,)), ((), ())))
+        return qwix.dot_general(lhs, self.kernels[name], (((codes.ndim - 1,), (0,)), ((), ())))
+
+    def _dense(self, module, x):
+        name = sites.site_name(module)
+        y = self._matmul(name, *self._codes(name, x))
         if module.use_bias:
             y = y + module.get_variable("params", "bias")
         return y.astype(module.dtype or x.dtype)
 
     def _conv(self, module, x):
+        """The patch conv as what it is, a matmul over non-overlapping patches (XLA:CPU's
+        integer convolution is far slower than its int8 dot)."""
         name = sites.site_name(module)
         codes, zero_point = self._codes(name, x)
-        kernel = self.kernels[name]
-        y = jax.lax.conv_general_dilated(
-            codes, kernel.qvalue, window_strides=module.strides, padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
-        kernel_sum = jnp.sum(kernel.qvalue.astype(jnp.int32), axis=(0, 1, 2))
-        y = y - zero_point.reshape(()).astype(jnp.int32) * kernel_sum
-        scale = self.qstate.acts[name].scale.reshape(()) * kernel.scale.reshape(-1)
-        return (y * scale).astype(module.dtype or x.dtype)
+        p, q = module.kernel_size
+        b, h, w, c = codes.shape
+        codes = codes[:, : h // p * p, : w // q * q].reshape(b, h // p, p, w // q, q, c)
+        patches = codes.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // q, p * q * c)
+        return self._matmul(name, patches, zero_point).astype(module.dtype or x.dtype)
 
     def _product_sites(self, module):
         parent = sites.site_name(module).rsplit("/", 1)[0]
@@ -192,7 +194,10 @@ def integer_state(qstate, params):
         p = qstate.weights[name]
         fmt = qstate.config.spec("weight", name).fmt
         codes = primitives.quantize(kernel, p.scale, p.zero_point, fmt).astype(jnp.int8)
-        kernels[name] = qwix.QArray(qvalue=codes, scale=p.scale.astype(jnp.float32))
+        scale = p.scale.astype(jnp.float32)
+        if kernel.ndim == 4:  # HWIO -> [patch elements (kh, kw, c), out], as `_conv` reads it
+            codes, scale = codes.reshape(-1, codes.shape[-1]), scale.reshape(1, -1)
+        kernels[name] = qwix.QArray(qvalue=codes, scale=scale)
     if not kernels:
         raise ValueError(f"config {qstate.config.name!r} has no Dense layer with <= 8-bit "
                          "per-channel kernels and <= 8-bit per-tensor inputs; nothing runs "

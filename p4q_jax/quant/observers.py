@@ -124,7 +124,16 @@ def search_rows(x, max_elements):
     return rows[jnp.sort(idx)]
 
 
-def sample_rows(x, seeds, quota, *, valid=None, keep=1.0):
+def sample_quota(num_samples, channels, rows_per_sample, max_elements):
+    """(samples that contribute, rows each) so that about `max_elements` elements of a site
+    with `channels` per row are searched (None: every row of every sample)."""
+    if not max_elements:
+        return num_samples, rows_per_sample
+    budget = max(1, max_elements // channels)
+    return min(num_samples, budget), min(rows_per_sample, max(1, budget // num_samples))
+
+
+def sample_rows(x, seeds, quota, *, valid=None):
     """An equal share of every sample's rows, for a search over a whole calibration set.
 
     Args:
@@ -134,41 +143,40 @@ def sample_rows(x, seeds, quota, *, valid=None, keep=1.0):
       quota: rows per sample (at most the sample's row count).
       valid: optional bool [B, R] (R rows per sample): rows that may be drawn, e.g. the
         text positions up to each prompt's end-of-text token.
-      keep: probability that a sample contributes at all (its own draw), for calibration
-        sets with more samples than the element budget has rows.
 
     Returns:
       (rows float32 [B, k, C], row indices int32 [B, k], weights float32 [B, k]: 1 for a
-      drawn valid row of a kept sample, 0 for padding that fills a short sample's quota).
+      drawn valid row, 0 for padding that fills a short sample's quota).
     """
     b, c = x.shape[0], x.shape[-1]
     rows = x.reshape(b, -1, c).astype(jnp.float32)
     r = rows.shape[1]
     base = jax.random.key(_SEARCH_SEED)
-    draws = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (r + 1,)))(seeds)
-    scores, kept = draws[:, :r], draws[:, r] < keep
+    scores = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (r,)))(seeds)
     if valid is not None:
         scores = jnp.where(valid, scores, 2.0)  # after every valid row
     neg_scores, index = jax.lax.top_k(-scores, min(quota, r))
-    weights = (neg_scores >= -1.0) & kept[:, None]
     picked = jnp.take_along_axis(rows, index[..., None], axis=1)
-    return picked, index.astype(jnp.int32), weights.astype(jnp.float32)
+    return picked, index.astype(jnp.int32), (neg_scores >= -1.0).astype(jnp.float32)
 
 
-def sampled_search_input(rows, seeds, index, weights, ndim):
+def sampled_search_input(rows, seeds, index, weights, kept, num_rows, ndim):
     """`sample_rows`' outputs of every batch -> (search rows, row weights) for `qparams`.
 
-    The rows are ordered by (sample seed, row index), so the result depends on neither the
-    batching nor the order of the calibration samples. `ndim`: the site tensor's rank.
+    `kept` (bool [B] per batch) marks the samples that contribute; `num_rows` (static) is
+    their row count. Rows are ordered by (sample seed, row index), so the result depends on
+    neither the batching nor the order of the calibration samples. `ndim`: the site
+    tensor's rank.
     """
-    flat_rows = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in rows])
-    flat_seeds = jnp.concatenate([jnp.broadcast_to(s[:, None], i.shape).ravel()
-                                  for s, i in zip(seeds, index)])
-    order = jnp.lexsort((jnp.concatenate([i.ravel() for i in index]), flat_seeds))
-    flat_weights = jnp.concatenate([w.ravel() for w in weights])[order]
+    def flat(parts):
+        return jnp.concatenate([p.reshape(-1, *p.shape[2:]) for p in parts])
+
+    per_row = lambda per_sample: [jnp.broadcast_to(s[:, None], i.shape)
+                                  for s, i in zip(per_sample, index)]
+    order = jnp.lexsort((flat(index), flat(per_row(seeds)), ~flat(per_row(kept))))[:num_rows]
     lead = (1,) * (ndim - 2)
-    return (flat_rows[order].reshape(lead + flat_rows.shape),
-            flat_weights.reshape(lead + (-1, 1)))
+    return flat(rows)[order].reshape(lead + (num_rows, -1)), flat(weights)[order].reshape(
+        lead + (num_rows, 1))
 
 
 def search_input(spec, x, max_elements=SEARCH_MAX_ELEMENTS):
