@@ -128,9 +128,8 @@ def test_cached_features_same_loss_and_gradients(setup, qstate_name):
     _assert_same(cached, in_step, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["blocks", "dots"])
-@pytest.mark.parametrize("qstate_name, shared_prefix", [(None, True), (None, False),
-                                                         ("w4a4attn8", True)])
+@pytest.mark.parametrize("remat, qstate_name, shared_prefix", [
+    ("blocks", None, True), ("dots", None, False), ("blocks", "w4a4attn8", True)])
 def test_rematerialised_text_blocks_same_loss_and_gradients(setup, remat, qstate_name,
                                                             shared_prefix):
     """speed.remat recomputes the text blocks in the backward pass: the same loss and
