@@ -6,8 +6,8 @@ dataset's zero-shot ensemble), in chunks cropped after the last end-of-text toke
 of them. Each tower's statistics are folded over its batches. The search-based observers
 (OMSE, PTF) score their candidates on rows of the data: by default an equal share drawn
 from every sample as its batch passes, or (`search_rows="last"`, the public code's way)
-the rows of the final batch, returned by one last pass. Each site's search then runs as its own jitted
-call, compiled once per distinct (spec, shape). A tower has a handful of those, so this
+the rows of the final batch, returned by one last pass. Each site's search then runs as
+its own jitted call, compiled once per distinct (spec, shape). A tower has a handful of those, so this
 compiles far less than one program holding every site's search (ViT-B/32's final image
 pass: 4 s instead of 13 s on a 2-core CPU). Weights are calibrated and fake-quantized
 once, here.
@@ -299,8 +299,9 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         calibration pass computes anyway (the P4Q teacher needs them).
       search_rows: where OMSE/PTF draw the rows they score their candidates on:
         "balanced", an equal quota from every image and every prompt (a prompt's rows up to
-        its end-of-text token, drawn by a hash of its tokens), so the scales depend on
-        neither `text_batch_size` nor the order of `images` and `texts`; "last", the final
+        its end-of-text token, drawn by a hash of its tokens; an image's by its place in
+        `images`), so the scales depend on neither `text_batch_size`, the order of `texts`
+        nor how `images` is cut into batches; "last", the final
         batch only, as FQ-ViT and the public P4Q code (whose final text chunk holds one
         class's prompts); "auto" (default): "last" for the `official` preset, else
         "balanced".
