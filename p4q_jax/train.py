@@ -304,7 +304,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
 def _adapter_search_rows(config, qstate):
     """`config.quant.search_rows` resolved for the towers' preset ("auto": "last" for the
     public code's `official`), which the adapter's calibration follows."""
-    search_rows = config.quant.get("search_rows", "auto") if "quant" in config else "auto"
+    search_rows = config.quant.get("search_rows", "auto")
     if qstate is None:
         return "balanced" if search_rows == "auto" else search_rows
     return calibration.resolve_search_rows(search_rows, qstate.config)

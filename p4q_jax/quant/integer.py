@@ -54,18 +54,11 @@ def _fits(qstate, name):
 
 
 def _int8_codes(x, params, fmt):
-    """float x -> (int8 codes, int8-shifted zero point) of `fmt` (<= 8 bits)."""
+    """float x -> (int8 codes, int8-shifted zero point) of `fmt` (<= 8 bits). Applied to a
+    fake-quantized float32 tensor it gives back exactly the codes behind it."""
     codes = primitives.quantize(x.astype(jnp.float32), params.scale, params.zero_point, fmt)
     shift = 0 if fmt.signed else _SHIFT
     return (codes - shift).astype(jnp.int8), params.zero_point - shift
-
-
-def _recovered_codes(x, params, fmt):
-    """The int8 codes behind a fake-quantized float32 tensor (and the shifted zero point)."""
-    codes = jnp.round(x / params.scale) + params.zero_point
-    shift = 0 if fmt.signed else _SHIFT
-    return (jnp.clip(codes, fmt.qmin, fmt.qmax) - shift).astype(jnp.int8), (
-        params.zero_point - shift)
 
 
 def _broadcast_to_output(x, labels, out):
@@ -145,7 +138,7 @@ class IntegerState:
 
     def _product(self, module, a, b, names):
         (ca, za), (cb, zb) = (
-            _recovered_codes(x, self.qstate.acts[n], self.config.spec("attn", n).fmt)
+            _int8_codes(x, self.qstate.acts[n], self.config.spec("attn", n).fmt)
             for x, n in zip((a, b), names))
         y = _integer_einsum(module.equation, ca, za, cb, zb)
         scale = self.qstate.acts[names[0]].scale * self.qstate.acts[names[1]].scale
