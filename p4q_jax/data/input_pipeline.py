@@ -389,5 +389,12 @@ def training_examples(cfg):
 
 
 def as_numpy_batches(ds):
-    """Iterates a dataset as dicts of numpy arrays."""
-    return tfds.as_numpy(ds)
+    """Iterates a dataset as dicts of numpy arrays, each a copy in memory of its own.
+
+    `tfds.as_numpy` hands out views of TensorFlow's buffers, which a CPU `jax.Array` made
+    from them keeps alive, and TensorFlow's allocator never returns freed memory to the
+    system: the 10 calibration batches of 128 images the p4q job holds would stay in its
+    resident memory (0.7 GB at 224 px) to the end. A copy pins TensorFlow's memory to the
+    pipeline's own few batches in flight."""
+    for batch in tfds.as_numpy(ds):
+        yield jax.tree.map(np.array, batch)
