@@ -35,7 +35,7 @@ def _text_encoder(model, mesh):
     """One jitted text encoder per (model, mesh): repeated classifier builds reuse it."""
     return jax.jit(
         lambda v, t: _apply(model, v, t, method=model.encode_text),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        in_shardings=(None, parallel.batch_sharding(mesh)),  # variables: as placed
         out_shardings=parallel.replicated(mesh),
     )
 
@@ -77,7 +77,8 @@ def make_eval_step(image_features_fn, *, mesh, num_classes):
     Args:
       image_features_fn: (variables, images) -> image features [B, E] (FP, quantized,
         or adapted: the evaluator does not care which).
-      mesh: the device mesh; the batch is sharded over `data`.
+      mesh: the device mesh; the batch is sharded over `data`, the variables are taken as
+        placed (`parallel.place_weights`: large kernels may be split over `model`).
       num_classes: C, for per-class counts (mean-per-class accuracy).
     """
     k = min(5, num_classes)
@@ -99,8 +100,8 @@ def make_eval_step(image_features_fn, *, mesh, num_classes):
 
     return jax.jit(
         step,
-        in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh),
-                      parallel.batch_sharding(mesh)),
+        # variables and classifier as placed (a classifier made with split params is split)
+        in_shardings=(None, None, parallel.batch_sharding(mesh)),
         out_shardings=parallel.replicated(mesh),
     )
 

@@ -12,6 +12,7 @@ from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import parallel
+from p4q_jax import phases as phases_lib
 from p4q_jax import preflight
 from p4q_jax import quant
 from p4q_jax import results
@@ -59,26 +60,36 @@ def build_model(config):
 class _Job:
     """What every mode sets up: mesh, model, dataset info, and a sharded evaluator."""
 
-    def __init__(self, config, *, model_and_params=None):
+    def __init__(self, config, *, model_and_params=None, phases=None):
         self.config = config
+        if phases is None:
+            phases = phases_lib.Phases()
+            phases.start("set-up")
+        self.phases = phases  # process-wide: a job's own phases, or those of its caller
         self.mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
         parallel.check_batch_size(config.eval.batch_size, self.mesh, name="eval.batch_size")
         if model_and_params is None:
             self.model, params, self.smoke = build_model(config)
         else:
             (self.model, params), self.smoke = model_and_params, False
-        self.params = parallel.replicate(params, self.mesh)  # copied to the devices once
+        self.params = self.place(params)  # on the devices once, large kernels split over `model`
+        on_device, total = parallel.bytes_per_device(self.params)
+        logging.info("frozen params: %.1f of %.1f MB on each device (mesh %s)", on_device / 2**20,
+                     total / 2**20, dict(self.mesh.shape))
         self.info = data.info_from_config(config.data)
         self.prompts = data.prompts(self.info.class_names, self.info.templates)
         self.image_size = self.model.config.vision.image_size
         self._step = evaluate.make_eval_step(evaluate.image_features(self.model), mesh=self.mesh,
                                              num_classes=len(self.info.class_names))
 
+    def place(self, tree):
+        """Frozen arrays -> placed on the mesh (`parallel.place_weights`)."""
+        return parallel.place_weights(tree, self.mesh, min_size=self.config.mesh.shard_min_size)
+
     def inference(self, qstate):
-        """The state quantized inference runs on (`quant.integer`), on every device."""
-        return parallel.replicate(
-            integer.inference_state(qstate, self.params, self.config.quant.get("integer")),
-            self.mesh)
+        """The state quantized inference runs on (`quant.integer`), placed on the mesh."""
+        return self.place(
+            integer.inference_state(qstate, self.params, self.config.quant.get("integer")))
 
     def variables(self, qstate=None):
         return {"params": self.params, "qstate": self.inference(qstate)}
@@ -111,6 +122,8 @@ class _Job:
         }
 
     def finish(self, workdir, out):
+        self.phases.stop()
+        out["phases"] = self.phases.records
         path = results.file_for(workdir, out["mode"])
         results.write_json(path, out)
         for row in out["rows"]:
@@ -125,18 +138,21 @@ class _Job:
 def zeroshot(config, workdir):
     """Zero-shot top-1/top-5 of a CLIP on the dataset's test split -> results.json."""
     job = _Job(config)
+    job.phases.start("zero-shot evaluation")
     variables = job.variables()
     metrics = job.accuracy(variables, job.classifier(variables), desc="zero-shot")
     return job.finish(workdir, job.results("zeroshot", [{"method": "fp_zeroshot", **metrics}]))
 
 
 def calibration_images(job):
-    """`config.quant.calib_batches` training batches (global arrays), for the image tower."""
+    """`config.quant.calib_batches` training batches (global arrays), for the image tower:
+    (a generator that decodes each batch when it is read, the number of images)."""
     cfg = job.config
     dataset = data.create_dataset(cfg.data, split="train", batch_size=cfg.quant.calib_batch_size,
                                   image_size=job.image_size, train=True, seed=cfg.seed)
     batches = itertools.islice(data.as_numpy_batches(dataset), cfg.quant.calib_batches)
-    return [parallel.to_global(b["image"], job.mesh) for b in batches]
+    return ((parallel.to_global(b["image"], job.mesh) for b in batches),
+            cfg.quant.calib_batches * cfg.quant.calib_batch_size)
 
 
 def _fp_and_ptq(job, *, quantize=True):
@@ -146,16 +162,20 @@ def _fp_and_ptq(job, *, quantize=True):
     classifier costs no second text pass."""
     fp = job.variables()
     if not quantize:
+        job.phases.start("zero-shot evaluation")
         teacher = job.classifier(fp)
         return None, teacher, [{"method": "fp_zeroshot",
                                 **job.accuracy(fp, teacher, desc="FP zero-shot")}]
     texts = [t for class_prompts in job.prompts for t in class_prompts]
     qconfig = quant.QConfig.parse(job.config.quant.config)
+    job.phases.start("calibration")
+    images, num_images = calibration_images(job)
     qstate, fp_text = quant.calibrate(
-        job.model, job.params, qconfig, images=calibration_images(job), texts=texts,
+        job.model, job.params, qconfig, images=images, num_images=num_images, texts=texts,
         text_batch_size=job.config.eval.text_batch_size, return_text_features=True,
         search_rows=job.config.quant.search_rows)
     teacher = evaluate.ensemble(fp_text, num_classes=len(job.prompts))
+    job.phases.start("zero-shot and PTQ evaluation")
     q = job.variables(qstate)
     return qstate, teacher, [
         {"method": "fp_zeroshot", **job.accuracy(fp, teacher, desc="FP zero-shot")},
@@ -172,6 +192,7 @@ def ptq(config, workdir):
 
 def _trained_accuracy(job, trained, variables, *, desc):
     """Top-1/top-5 of a trained P4Q (prompts + adapter) on the test split."""
+    variables = job.place(variables)  # the learned context and adapter: replicated
     class_features = jax.jit(lambda v: trained.class_features(job.model, v))(variables)
     step = evaluate.make_eval_step(lambda v, x: trained.image_features(job.model, v, x),
                                    mesh=job.mesh, num_classes=len(job.info.class_names))
@@ -183,22 +204,35 @@ def harmonic_mean(a, b):
     return 2 * a * b / (a + b) if a + b else 0.0
 
 
-def _with_new_classes(config, job, rows, qstate, trained):
-    """CoCoOp's base-to-new: every row of a run trained on the base half of the classes is
-    also measured on the new half (its class names and test images; the learned context in
-    front of the new names), with the harmonic mean of the two top-1s."""
+def _new_classes_job(config, job):
+    """The job of CoCoOp's new half of the classes (its class names and test images), on
+    the model and params `job` holds now."""
     new_config = config.copy_and_resolve_references()
     new_config.data.subsample = "new"
-    new = _Job(new_config, model_and_params=(job.model, job.params))
+    return _Job(new_config, model_and_params=(job.model, job.params), phases=job.phases)
+
+
+def _baselines_on_new(config, job, qstate):
+    """FP zero-shot and PTQ top-1/top-5 on the new half: {method: metrics}."""
+    new = _new_classes_job(config, job)
     fp = new.variables()
     measured = {"fp_zeroshot": new.accuracy(fp, new.classifier(fp), desc="FP zero-shot, new")}
     if qstate is not None:
         q = new.variables(qstate)
         measured["ptq"] = new.accuracy(q, new.classifier(q), desc="PTQ, new")
+    return measured
+
+
+def _with_new_classes(config, job, rows, qstate, trained, measured):
+    """CoCoOp's base-to-new: every row of a run trained on the base half of the classes is
+    also measured on the new half (`measured`: the baselines', from `_baselines_on_new`;
+    the trained model's with the learned context in front of the new names), with the
+    harmonic mean of the two top-1s."""
+    new = _new_classes_job(config, job)
     moved = trained.for_classes(new.info.class_names)
-    measured[config.p4q.method] = _trained_accuracy(
+    measured = {**measured, config.p4q.method: _trained_accuracy(
         new, moved, moved.variables(new.params, new.inference(qstate)),
-        desc=f"{config.p4q.method}, new")
+        desc=f"{config.p4q.method}, new")}
     return [{**row, "new": measured[row["method"]],
              "hm": harmonic_mean(row["top1"], measured[row["method"]]["top1"])} for row in rows]
 
@@ -208,7 +242,13 @@ def p4q(config, workdir):
     training curves, and the exact training images in train_split.json. With
     `p4q.quantize=False` the FP model is trained (CoOp baseline). Trained on the base half
     of a CoOp dataset's classes (`data.subsample="base"`), each row also holds its accuracy on
-    the new half ("new") and the harmonic mean ("hm")."""
+    the new half ("new") and the harmonic mean ("hm").
+
+    Lean: every FP measurement comes first; once the quantized model's training input is
+    the feature cache (FP teacher features included), the FP kernels of the quantized
+    layers are dropped (the job's params become `qstate.quantized_params`), so training,
+    evaluation and export hold each kernel once. `results.json` lists each phase's wall
+    time and peak resident memory ("phases")."""
     workdir = pathlib.Path(workdir)
     export_dir = trained_lib.export_dir(config, workdir)
     if jax.process_index() == 0:
@@ -216,16 +256,29 @@ def p4q(config, workdir):
     job = _Job(config)
     results.write_json(workdir / "train_split.json", data.training_examples(config.data))
     qstate, teacher, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
-    qstate = parallel.replicate(qstate, job.mesh)
+    qstate = job.place(qstate)
+    base_to_new = config.data.get("subsample", "all") == "base"
+    if base_to_new:
+        job.phases.start("base-to-new: FP and PTQ")
+        measured_new = _baselines_on_new(config, job, qstate)
+    source = None
+    if qstate is not None and train.uses_feature_cache(config):
+        job.phases.start("feature cache")
+        source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
+                                     mesh=job.mesh, workdir=workdir)
+        job.params = job.place(qstate.quantized_params(job.params))  # the FP kernels go
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,
                       teacher_text=teacher, class_names=job.info.class_names, mesh=job.mesh,
-                      workdir=workdir)
+                      workdir=workdir, source=source, phases=job.phases)
+    job.phases.start("evaluation")
     qconfig = None if qstate is None else qstate.config.name
     variables = out.trained.variables(job.params, job.inference(qstate))
     rows.append({"method": config.p4q.method, "qconfig": qconfig,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
-    if config.data.get("subsample", "all") == "base":
-        rows = _with_new_classes(config, job, rows, qstate, out.trained)
+    if base_to_new:
+        job.phases.start("base-to-new evaluation")
+        rows = _with_new_classes(config, job, rows, qstate, out.trained, measured_new)
+    job.phases.start("export")
     writer = results.metric_writer(workdir)
     writer.write_scalars(out.history[-1]["step"] if out.history else 0, {
         f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
@@ -251,6 +304,7 @@ def evaluate_export(config, workdir):
                      "was trained on %d others)", config.data.name, len(job.info.class_names),
                      len(trained.class_names))
         trained = trained.for_classes(job.info.class_names)
+    job.phases.start("evaluation")
     variables = trained.variables(job.params, job.inference(qstate))
     metrics = _trained_accuracy(job, trained, variables, desc="P4Q eval")
     row = {"method": config.p4q.method, "qconfig": None if qstate is None else qstate.config.name,

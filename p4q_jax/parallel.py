@@ -2,7 +2,9 @@
 
 The mesh has a `data` axis (batch) and a `model` axis (for towers too large to
 replicate); sizes come from the config, with -1 meaning "all remaining devices".
-Frozen weights and quantization state are replicated; batches are split over `data`.
+Frozen weights and quantization state are placed once by `place_weights` (large kernels
+split over `model`, the rest replicated) and the jitted functions take them as placed;
+batches are split over `data`.
 """
 
 import jax
@@ -45,6 +47,22 @@ def weight_shardings(tree, mesh, *, min_size=2**16):
         return replicated(mesh)
 
     return jax.tree.map(sharding, tree)
+
+
+def place_weights(tree, mesh, *, min_size=2**16):
+    """Places frozen weights (params, quantization state) on the mesh once, laid out by
+    `weight_shardings`; arrays already so placed are not copied."""
+    return jax.device_put(tree, weight_shardings(tree, mesh, min_size=min_size))
+
+
+def bytes_per_device(tree):
+    """(bytes of `tree` on its most loaded device, bytes of the whole tree)."""
+    per_device, total = {}, 0
+    for x in jax.tree.leaves(tree):
+        total += x.nbytes
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0), total
 
 
 def batch_sharding(mesh):

@@ -91,6 +91,7 @@ def _data_shards(config, problems):
     """Devices along the mesh's `data` axis (None when the mesh fields are invalid)."""
     n = jax.device_count()
     model, data_size = config.mesh.model, config.mesh.data
+    problems.at_least("mesh.shard_min_size", config.mesh.get("shard_min_size", 0), 0)
     if not isinstance(model, int) or model < 1 or n % model:
         problems.add("mesh.model", model, f"expected an integer >= 1 dividing the {n} devices")
         return None

@@ -37,6 +37,7 @@ from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import parallel
+from p4q_jax import phases as phases_lib
 from p4q_jax import results as results_lib
 from p4q_jax.clip import tokenizer as tokenizer_lib
 from p4q_jax.p4q import adapter as adapter_lib
@@ -115,7 +116,14 @@ class _PipelineInput:
         return {"image": batch["image"], "label": batch["label"]}
 
 
-def _cached_input(config, model, params, qstate, mesh, workdir, image_size, num_examples):
+def feature_cache(config, *, model, params, qstate, mesh, workdir):
+    """The training input of cached student/teacher image features (`uses_feature_cache`):
+    read back from `speed.cache_dir` (default WORKDIR/feature_cache) when it holds the
+    features of this model, quantization and data, else built with the image towers and
+    saved -> a `features.CachedInput`. Afterwards training needs no image tower and no FP
+    kernel (the teacher's features are cached)."""
+    image_size = model.config.vision.image_size
+    num_examples = data.num_examples(config.data, split="train")
     cfg = config.speed
     key = features_lib.fingerprint(
         checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
@@ -163,7 +171,8 @@ class Result:
     history: list  # [{"step": n, metric: mean since the previous entry, ...}]
 
 
-def train(config, *, model, params, qstate, teacher_text, class_names, mesh, workdir):
+def train(config, *, model, params, qstate, teacher_text, class_names, mesh, workdir,
+          source=None, phases=None):
     """Trains P4Q (or a baseline/ablation, as configured) -> Result.
 
     Args:
@@ -174,7 +183,13 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
       class_names: the C class names, in label order.
       mesh: the device mesh; the global batch is split over its `data` axis.
       workdir: checkpoints, the feature cache and the metric logs go here.
+      source: the `feature_cache` input, if the caller built it (then `params` need only
+        hold what the student's text tower and the prompts read, e.g. the quantized params
+        `qstate.quantized_params(params)`); default: built here when the config uses one.
+      phases: a `phases.Phases` that times the feature cache, the training and the
+        adapter's calibration (default: a new one, not returned).
     """
+    phases = phases or phases_lib.Phases()
     cfg, tcfg = config.p4q, config.train
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
     model = model.clone(text_remat=config.speed.get("remat", "off"))
@@ -185,7 +200,8 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
                                 crop=config.speed.crop_text)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
                                   image_towers=not uses_feature_cache(config))
-    frozen_shardings = parallel.weight_shardings(frozen, mesh)
+    frozen_shardings = parallel.weight_shardings(frozen, mesh,
+                                                 min_size=config.mesh.shard_min_size)
     frozen = jax.device_put(frozen, frozen_shardings)
     adapter = adapter_params = None
     if cfg.adapter:
@@ -195,8 +211,10 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     image_size = model.config.vision.image_size
     num_examples = data.num_examples(config.data, split="train")
     if uses_feature_cache(config):
-        source = _cached_input(config, model, params, qstate, mesh, workdir, image_size,
-                               num_examples)
+        if source is None:
+            phases.start("feature cache")
+            source = feature_cache(config, model=model, params=params, qstate=qstate,
+                                   mesh=mesh, workdir=workdir)
         steps_per_epoch = source.steps_per_epoch
     else:
         # A set smaller than the batch still gets a step per epoch (Dassl: one short batch;
@@ -241,6 +259,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
         frozen_shardings=frozen_shardings,
         length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1)
 
+    phases.start("training")
     if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -289,6 +308,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     trainable = jax.device_get(state.trainable)
     adapter_qstate = None
     if adapter is not None:
+        phases.start("adapter calibration")
         adapter_qstate = adapter_lib.calibrate(
             adapter, trainable["adapter"],
             _calibration_features(config, model, frozen, mesh, image_size, source,

@@ -377,6 +377,36 @@ def test_balanced_scales_depend_on_neither_text_batch_size_nor_order(tiny):
     assert moved > 0.01
 
 
+@pytest.mark.parametrize("search_rows", ["balanced", "last"])
+def test_images_from_a_generator_calibrate_as_the_list_does(tiny, search_rows):
+    """A generator (the p4q job's calibration batches, decoded as they are read) is read
+    once and gives the scales of the same batches as a list; its image count is checked."""
+    model, params = tiny
+    images = _images(32, batches=3)
+    kwargs = dict(texts=TEXTS, search_rows=search_rows, search_max_elements=2**10)
+    listed = quant.calibrate(model, params, "w4a4attn8", images=images, **kwargs)
+    reads = []
+
+    def stream():
+        for batch in images:
+            reads.append(len(reads))
+            yield batch
+
+    streamed = quant.calibrate(model, params, "w4a4attn8", images=stream(), num_images=24,
+                               **kwargs)
+    assert reads == [0, 1, 2]
+    jax.tree.map(np.testing.assert_array_equal, streamed, listed)
+    with pytest.raises(TypeError, match=r"images: a generator is read once.*give num_images="):
+        quant.calibrate(model, params, "w4a4attn8", images=(b for b in images), **kwargs)
+    for count, match in ((30, r"images: yielded 24 images, but num_images=30"),
+                         (16, r"images: yielded more than num_images=16 images")):
+        with pytest.raises(ValueError, match=match):
+            quant.calibrate(model, params, "w4a4attn8", images=(b for b in images),
+                            num_images=count, **kwargs)
+    with pytest.raises(ValueError, match=r"images: 24 images given, but num_images=8"):
+        quant.calibrate(model, params, "w4a4attn8", images=images, num_images=8, **kwargs)
+
+
 def test_search_rows_auto_keeps_the_public_rule_for_the_official_preset(tiny):
     model, params = tiny
     resolve = calibration.resolve_search_rows

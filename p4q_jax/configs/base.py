@@ -63,6 +63,9 @@ def get_config():
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by `model`
     config.mesh.model = 1
+    # Frozen arrays of at least this many entries are split over `model` (when it is > 1)
+    # along their last dimension; smaller ones are replicated (parallel.weight_shardings).
+    config.mesh.shard_min_size = 2**16
 
     # Multi-host: set coordinator_address (+ num_processes, process_id), or `auto` on
     # TPU pods / SLURM where jax.distributed.initialize() finds them itself.

@@ -37,15 +37,14 @@ _MARKER = "fingerprint.json"
 def make_encoder(model, mesh, *, flip=True):
     """Jitted (params, qstate, images [B, H, W, 3]) -> {"student", "teacher"}: [B, V, E] each,
     with `flip` V = 2, view 0 the image as given and view 1 its horizontal flip, else V = 1;
-    batch sharded over `data`."""
+    batch sharded over `data`, params and qstate taken as placed (`parallel.place_weights`)."""
 
     def encode(params, qstate, images):
         views = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
         out = step_lib.image_features(model, params, qstate, views)
         return jax.tree.map(lambda f: jnp.stack(jnp.split(f, 2 if flip else 1), axis=1), out)
 
-    replicated = parallel.replicated(mesh)
-    return jax.jit(encode, in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
+    return jax.jit(encode, in_shardings=(None, None, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.batch_sharding(mesh))
 
 

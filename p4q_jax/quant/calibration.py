@@ -141,22 +141,21 @@ def _check_finite(finite, what):
 
 
 def _calibrate_tower(model, params, specs, method, batches, max_elements, *, search_rows,
-                     seeds, lengths=None):
+                     all_seeds):
     """{site: QParams} and the FP outputs of every batch.
 
-    `seeds` / `lengths`: per batch, int32 [B] sample seeds and (text) valid lengths or None,
-    for the "balanced" search (see `_pass_fn`)."""
+    `batches`: an iterable of (x, seeds, lengths), read once: per batch its input, the
+    int32 [B] seeds of its samples and (text) their valid lengths or None, for the
+    "balanced" search (see `_pass_fn`); `all_seeds` [N]: the seeds of every sample."""
     if search_rows == "balanced":
-        num_samples = sum(len(s) for s in seeds)
+        num_samples = len(all_seeds)
         observe = _pass_fn(model, method, specs, max_elements=max_elements,
                            num_samples=num_samples)
-        draws = [_uniform(s) for s in seeds]
-        all_draws = np.sort(np.concatenate(draws))
+        all_draws = np.sort(_uniform(all_seeds))
         running, sampled, outputs = {}, {}, []
-        for x, batch_seeds, batch_lengths, batch_draws in zip(
-                batches, seeds, lengths or [None] * len(seeds), draws):
+        for x, batch_seeds, batch_lengths in batches:
             results, finite, out = observe(params, x, {}, batch_seeds, batch_lengths,
-                                           {"batch": batch_draws, "all": all_draws})
+                                           {"batch": _uniform(batch_seeds), "all": all_draws})
             _check_finite(finite, "activation")
             for name, value in results.items():
                 stats = value
@@ -178,23 +177,27 @@ def _calibrate_tower(model, params, specs, method, batches, max_elements, *, sea
                 qparams[name] = _site_qparams(specs[name], stats, None)
         return qparams, outputs
     observe = _pass_fn(model, method, specs)
-    running, outputs = {}, []
-    for x in batches[:-1]:
-        stats, finite, out = observe(params, x, {}, None, None, None)
-        _check_finite(finite, "activation")
-        running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
-        outputs.append(out)
+    running, outputs, last = {}, [], None
+    for x, _, _ in batches:  # every batch but the last folded into the running statistics
+        if last is not None:
+            stats, finite, out = observe(params, last, {}, None, None, None)
+            _check_finite(finite, "activation")
+            running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
+            outputs.append(out)
+        last = x
     finalize = _pass_fn(model, method, specs, finalize=True, max_elements=max_elements)
-    final, finite, out = finalize(params, batches[-1], running, None, None, None)
+    final, finite, out = finalize(params, last, running, None, None, None)
     _check_finite(finite, "activation")
     qparams = {name: _site_qparams(specs[name], *final[name]) for name in final}
     return qparams, outputs + [out]
 
 
-def _index_seeds(batches):
-    """Per batch, int32 [B]: each sample's position in the calibration set."""
-    starts = np.cumsum([0] + [b.shape[0] for b in batches])
-    return [np.arange(a, b, dtype=np.int32) for a, b in zip(starts[:-1], starts[1:])]
+def _with_positions(batches):
+    """batches -> (batch, int32 [B] each sample's position in the calibration set, None)."""
+    start = 0
+    for batch in batches:
+        yield batch, np.arange(start, start + batch.shape[0], dtype=np.int32), None
+        start += batch.shape[0]
 
 
 def _uniform(seeds):
@@ -266,24 +269,52 @@ def _short(value):
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _image_batches(images, size):
-    """`images` as a list of batches, each checked to be float [B >= 1, size, size, 3]."""
+def _image_batches(images, size, num_images):
+    """`images` -> (the batches, each checked to be float [B >= 1, size, size, 3], the number
+    of images). One array or a sequence is listed and checked up front; any other iterable
+    (a generator) is read lazily, one batch at a time, and must yield `num_images` images."""
     expected = f"float [B, {size}, {size}, 3] (CLIP-normalized, e.g. from clip.preprocess)"
     if hasattr(images, "ndim") and images.ndim != 4:
         raise ValueError(f"images: expected one batch {expected} or a sequence of them, got an "
                          f"array of shape {images.shape}")
-    batches = _batch_list(images, "images")
-    for i, batch in enumerate(batches):
+
+    def checked(i, batch):
         if (batch.ndim != 4 or batch.shape[1:] != (size, size, 3) or not batch.shape[0]
                 or not jnp.issubdtype(batch.dtype, jnp.floating)):
             raise ValueError(f"images[{i}]: expected {expected}, got {batch.dtype} "
                              f"{batch.shape}")
-    return batches
+        return batch
+
+    if images is None or hasattr(images, "ndim") or isinstance(
+            images, (abc.Sequence, abc.Mapping)):
+        batches = [checked(i, b) for i, b in enumerate(_batch_list(images, "images"))]
+        total = sum(b.shape[0] for b in batches)
+        if num_images is not None and num_images != total:
+            raise ValueError(f"images: {total} images given, but num_images={num_images}")
+        return batches, total
+    if num_images is None:
+        raise TypeError(f"images: a {type(images).__name__} is read once, batch by batch; "
+                        "give num_images=, the number of images it yields (or a list)")
+
+    def stream():
+        seen = 0
+        for i, batch in enumerate(images):
+            if isinstance(batch, (str, bytes, abc.Mapping)) or not hasattr(batch, "dtype"):
+                raise TypeError(f"images[{i}]: expected an array [B, ...], got "
+                                f"{type(batch).__name__} {_short(batch)}")
+            seen += checked(i, batch).shape[0]
+            if seen > num_images:
+                raise ValueError(f"images: yielded more than num_images={num_images} images")
+            yield batch
+        if seen != num_images:
+            raise ValueError(f"images: yielded {seen} images, but num_images={num_images}")
+
+    return stream(), num_images
 
 
 def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_size=256,
               return_text_features=False, search_rows="auto",
-              search_max_elements=observers.SEARCH_MAX_ELEMENTS):
+              search_max_elements=observers.SEARCH_MAX_ELEMENTS, num_images=None):
     """Post-training calibration of a CLIP for `qconfig`.
 
     Args:
@@ -291,7 +322,9 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
       params: its FP params.
       qconfig: a `quant.QConfig` (or a preset name such as "w4a4attn8").
       images: CLIP-normalized image batches float32 [B, H, W, 3], a sequence of them or
-        one array (one batch); needed when the image tower is quantized.
+        one array (one batch), or an iterable read once, batch by batch (e.g. a generator
+        over a data pipeline: only one batch is held at a time), with `num_images`;
+        needed when the image tower is quantized.
       texts: a sequence of prompt strings, e.g. the dataset's zero-shot ensemble (needed
         when the text tower is quantized); not one string.
       text_batch_size: prompts per calibration chunk.
@@ -307,6 +340,8 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         "balanced".
       search_max_elements: about how many elements OMSE/PTF score (whole rows drawn with a
         fixed seed); None scores all of them.
+      num_images: how many images `images` holds: needed for a generator (the balanced
+        search sizes each sample's share before the first batch), checked otherwise.
 
     Returns:
       A QState, or (QState, FP text features) with `return_text_features`.
@@ -321,7 +356,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
                         f"{_short(texts)} (it would be read as one prompt per character); pass "
                         "[texts] for a single prompt")
     size = model.config.vision.image_size
-    images = _image_batches(images, size)
+    images, num_images = _image_batches(images, size, num_images)
     texts = None if texts is None else list(texts)
     weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
     acts, text_features = {}, None
@@ -329,12 +364,13 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
     image_specs = _site_specs(qconfig, model, params, model.encode_image, image_example,
                               "visual/")
     if image_specs:
-        if not images:
+        if not num_images:
             raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
                              "calibration needs at least one image batch")
-        image_qparams, _ = _calibrate_tower(model, params, image_specs, model.encode_image,
-                                            images, search_max_elements,
-                                            search_rows=search_rows, seeds=_index_seeds(images))
+        image_qparams, _ = _calibrate_tower(
+            model, params, image_specs, model.encode_image, _with_positions(images),
+            search_max_elements, search_rows=search_rows,
+            all_seeds=np.arange(num_images, dtype=np.int32))
         acts |= image_qparams
     tokens = None if not texts else clip.crop_to_eot(clip.tokenize(list(texts)))
     text_example = jax.ShapeDtypeStruct((1, 2), jnp.int32)
@@ -343,15 +379,14 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         if tokens is None:
             raise ValueError(f"texts: config {qconfig.name!r} quantizes the text tower (or text "
                              "features were asked for), so calibration needs prompts")
-        chunks = [tokens[i:i + text_batch_size] for i in range(0, len(tokens), text_batch_size)]
         seeds = _token_seeds(tokens)
         lengths = np.asarray(model_lib.eot_index(tokens), np.int32) + 1
+        chunks = [(tokens[i:i + text_batch_size], seeds[i:i + text_batch_size],
+                   lengths[i:i + text_batch_size])
+                  for i in range(0, len(tokens), text_batch_size)]
         text_qparams, outs = _calibrate_tower(
             model, params, text_specs, model.encode_text, chunks, search_max_elements,
-            search_rows=search_rows,
-            seeds=[seeds[i:i + text_batch_size] for i in range(0, len(tokens), text_batch_size)],
-            lengths=[lengths[i:i + text_batch_size]
-                     for i in range(0, len(tokens), text_batch_size)])
+            search_rows=search_rows, all_seeds=seeds)
         acts |= text_qparams
         text_features = jnp.concatenate(outs)
     qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
@@ -377,7 +412,8 @@ def calibrate_module(module, params, qconfig, batches, *, search_rows="balanced"
     weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
     example = jax.ShapeDtypeStruct((1, *batches[0].shape[1:]), batches[0].dtype)
     specs = _site_specs(qconfig, module, params, module.__call__, example)
-    acts, _ = _calibrate_tower(module, params, specs, module.__call__, batches,
+    acts, _ = _calibrate_tower(module, params, specs, module.__call__, _with_positions(batches),
                                search_max_elements, search_rows=search_rows,
-                               seeds=_index_seeds(batches))
+                               all_seeds=np.arange(sum(b.shape[0] for b in batches),
+                                                   dtype=np.int32))
     return state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)

@@ -1,0 +1,57 @@
+"""The p4q job's layout and phases, through main.py: frozen params split over a `model` axis
+(a (4, 2) mesh of the 8 test devices) give the data-parallel (8, 1) job's results, and
+results.json lists every phase with its wall time and peak resident memory."""
+
+import json
+import re
+
+import pytest
+
+import main_runner
+
+_FLAGS = ["--config=configs/p4q.py", "--config.data.name=synthetic",
+          "--config.data.synthetic_examples=80", "--config.quant.calib_batches=2",
+          "--config.quant.calib_batch_size=16", "--config.eval.batch_size=40",
+          "--config.eval.text_batch_size=64", "--config.train.batch_size=16",
+          "--config.train.num_steps=4", "--config.train.log_every=1", "--config.p4q.n_ctx=4",
+          "--config.p4q.adapter_calib_batches=1"]
+PHASES = ["set-up", "calibration", "zero-shot and PTQ evaluation", "feature cache", "training",
+          "adapter calibration", "evaluation", "export"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("lean")
+    flags = [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}"]
+    out = {}
+    for name, extra in (("data", []),
+                        ("model", ["--config.mesh.model=2", "--config.mesh.shard_min_size=0"])):
+        log = main_runner.run_main([*flags, *extra, f"--workdir={root / name}"],
+                                   mock_examples=None)
+        on_device, total = map(float, re.search(
+            r"frozen params: ([\d.]+) of ([\d.]+) MB on each device", log).groups())
+        out[name] = (on_device, total, json.loads((root / name / "results.json").read_text()))
+    return out
+
+
+def test_a_model_axis_splits_the_frozen_params_and_keeps_the_results(runs):
+    on_device, total, data = runs["data"]
+    assert on_device == total  # (8, 1): replicated
+    on_device, total, model = runs["model"]
+    assert on_device < 0.6 * total  # (4, 2): each device holds about half
+    rows_data = {r["method"]: r for r in data["rows"]}
+    rows_model = {r["method"]: r for r in model["rows"]}
+    assert list(rows_model) == ["fp_zeroshot", "ptq", "p4q"] and rows_model["p4q"]["count"] == 80
+    for method in ("fp_zeroshot", "ptq"):  # 80 test images: one is 1.25 points
+        assert abs(rows_model[method]["top1"] - rows_data[method]["top1"]) <= 1.25, method
+    for term in ("cross_entropy", "distillation"):
+        assert model["history"][0][term] == pytest.approx(data["history"][0][term],
+                                                          rel=1e-4), term
+    assert abs(rows_model["p4q"]["top1"] - rows_data["p4q"]["top1"]) <= 2.5
+
+
+def test_results_list_every_phase_with_its_time_and_peak_memory(runs):
+    phases = runs["data"][2]["phases"]
+    assert [p["phase"] for p in phases] == PHASES
+    for p in phases:
+        assert p["seconds"] >= 0 and 0.1 < p["peak_rss_gb"] < 20, p
