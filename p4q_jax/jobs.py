@@ -20,6 +20,7 @@ from p4q_jax import train
 from p4q_jax.clip import checkpoints
 from p4q_jax.configs import baselines
 from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.quant import calibration
 from p4q_jax.quant import integer
 
 
@@ -144,15 +145,25 @@ def zeroshot(config, workdir):
     return job.finish(workdir, job.results("zeroshot", [{"method": "fp_zeroshot", **metrics}]))
 
 
-def calibration_images(job):
-    """`config.quant.calib_batches` training batches (global arrays), for the image tower:
-    (a generator that decodes each batch when it is read, the number of images)."""
+def calibration_images(job, qconfig):
+    """The first `quant.calib_batches` x `quant.calib_batch_size` images of the training
+    stream, for the image tower: (a generator of global arrays, decoded as they are read,
+    the number of images).
+
+    With the balanced search, whose scales do not depend on how the images are cut into
+    batches, they come in passes of `eval.batch_size` where that divides the calibration
+    batch (the same images in the same order, a fraction of the activations in memory);
+    the public code's rule ("last") scores the final calibration batch, so it keeps them."""
     cfg = job.config
-    dataset = data.create_dataset(cfg.data, split="train", batch_size=cfg.quant.calib_batch_size,
-                                  image_size=job.image_size, train=True, seed=cfg.seed)
-    batches = itertools.islice(data.as_numpy_batches(dataset), cfg.quant.calib_batches)
-    return ((parallel.to_global(b["image"], job.mesh) for b in batches),
-            cfg.quant.calib_batches * cfg.quant.calib_batch_size)
+    size, count = cfg.quant.calib_batch_size, cfg.quant.calib_batches
+    if (calibration.resolve_search_rows(cfg.quant.search_rows, qconfig) == "balanced"
+            and size % cfg.eval.batch_size == 0):
+        size, count = cfg.eval.batch_size, count * (size // cfg.eval.batch_size)
+    dataset = data.in_the_foreground(data.create_dataset(
+        cfg.data, split="train", batch_size=size, image_size=job.image_size, train=True,
+        seed=cfg.seed))
+    batches = itertools.islice(data.as_numpy_batches(dataset), count)
+    return (parallel.to_global(b["image"], job.mesh) for b in batches), size * count
 
 
 def _fp_and_ptq(job, *, quantize=True):
@@ -169,7 +180,7 @@ def _fp_and_ptq(job, *, quantize=True):
     texts = [t for class_prompts in job.prompts for t in class_prompts]
     qconfig = quant.QConfig.parse(job.config.quant.config)
     job.phases.start("calibration")
-    images, num_images = calibration_images(job)
+    images, num_images = calibration_images(job, qconfig)
     qstate, fp_text = quant.calibrate(
         job.model, job.params, qconfig, images=images, num_images=num_images, texts=texts,
         text_batch_size=job.config.eval.text_batch_size, return_text_features=True,

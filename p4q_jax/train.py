@@ -177,7 +177,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
 
     Args:
       config: the experiment ConfigDict (sections p4q, train, loss, speed, checkpoint, data).
-      model, params: the CLIP and its FP params (replicated on `mesh`).
+      model, params: the CLIP and its FP params (on `mesh`: `parallel.place_weights`).
       qstate: the calibrated QState of both towers, or None to train on the FP model.
       teacher_text: the FP zero-shot ensemble text features [C, E], normalized.
       class_names: the C class names, in label order.

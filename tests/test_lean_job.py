@@ -5,7 +5,12 @@ results.json lists every phase with its wall time and peak resident memory."""
 import json
 import re
 
+import numpy as np
 import pytest
+
+from p4q_jax import jobs
+from p4q_jax import quant
+from p4q_jax.configs import p4q as p4q_config
 
 import main_runner
 
@@ -55,3 +60,26 @@ def test_results_list_every_phase_with_its_time_and_peak_memory(runs):
     assert [p["phase"] for p in phases] == PHASES
     for p in phases:
         assert p["seconds"] >= 0 and 0.1 < p["peak_rss_gb"] < 20, p
+
+
+def test_balanced_calibration_reads_the_same_images_in_smaller_passes():
+    """With the balanced search the calibration images come in passes of eval.batch_size:
+    the same images in the same order as the calibration batches the public rule reads."""
+    config = p4q_config.get_config()
+    config.data.name = "synthetic"
+    config.quant.calib_batches, config.quant.calib_batch_size = 2, 16
+    config.eval.batch_size = 8
+    job = jobs._Job(config)  # pylint: disable=protected-access
+
+    def read(search_rows):
+        config.quant.search_rows = search_rows
+        batches, count = jobs.calibration_images(job, quant.QConfig.parse("w4a4attn8"))
+        batches = [np.asarray(b) for b in batches]
+        assert count == sum(len(b) for b in batches) == 32
+        return batches
+
+    passes, last = read("balanced"), read("last")
+    assert [len(b) for b in passes] == [8] * 4 and [len(b) for b in last] == [16] * 2
+    np.testing.assert_array_equal(np.concatenate(passes), np.concatenate(last))
+    config.eval.batch_size = 24  # does not divide 16: the calibration batches as they are
+    assert [len(b) for b in read("balanced")] == [16] * 2

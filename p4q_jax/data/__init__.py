@@ -20,8 +20,8 @@ from p4q_jax.data.registry import prompts
 
 # The input pipeline imports TensorFlow (5 s); it loads on first use, so that a config's
 # errors (preflight, which needs only the registry) are reported before that wait.
-_PIPELINE = ("as_numpy_batches", "create_dataset", "num_eval_batches", "num_examples",
-             "training_examples")
+_PIPELINE = ("as_numpy_batches", "create_dataset", "in_the_foreground", "num_eval_batches",
+             "num_examples", "training_examples")
 
 
 def __getattr__(name):

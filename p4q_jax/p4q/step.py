@@ -41,7 +41,7 @@ class LossWeights:
 
 @flax.struct.dataclass
 class Frozen:
-    """Everything the step reads but never changes (replicated on the mesh)."""
+    """Everything the step reads but never changes (placed by `parallel.weight_shardings`)."""
 
     params: dict  # FP CLIP params
     qstate: object  # the towers' QState (None: FP CoOp); the image tower's is used only
