@@ -153,15 +153,18 @@ def calibration_images(job, qconfig):
     With the balanced search, whose scales do not depend on how the images are cut into
     batches, they come in passes of `eval.batch_size` where that divides the calibration
     batch (the same images in the same order, a fraction of the activations in memory);
-    the public code's rule ("last") scores the final calibration batch, so it keeps them."""
+    the public code's rule ("last") scores the final calibration batch, so it keeps them. On
+    CPU devices the pipeline decodes only when a batch is read (`data.in_the_foreground`); an
+    accelerator computes while the host decodes ahead."""
     cfg = job.config
     size, count = cfg.quant.calib_batch_size, cfg.quant.calib_batches
     if (calibration.resolve_search_rows(cfg.quant.search_rows, qconfig) == "balanced"
             and size % cfg.eval.batch_size == 0):
         size, count = cfg.eval.batch_size, count * (size // cfg.eval.batch_size)
-    dataset = data.in_the_foreground(data.create_dataset(
-        cfg.data, split="train", batch_size=size, image_size=job.image_size, train=True,
-        seed=cfg.seed))
+    dataset = data.create_dataset(cfg.data, split="train", batch_size=size,
+                                  image_size=job.image_size, train=True, seed=cfg.seed)
+    if jax.devices()[0].platform == "cpu":  # decoding ahead would take XLA's cores
+        dataset = data.in_the_foreground(dataset)
     batches = itertools.islice(data.as_numpy_batches(dataset), count)
     return (parallel.to_global(b["image"], job.mesh) for b in batches), size * count
 

@@ -120,8 +120,9 @@ def feature_cache(config, *, model, params, qstate, mesh, workdir):
     """The training input of cached student/teacher image features (`uses_feature_cache`):
     read back from `speed.cache_dir` (default WORKDIR/feature_cache) when it holds the
     features of this model, quantization and data, else built with the image towers and
-    saved -> a `features.CachedInput`. Afterwards training needs no image tower and no FP
-    kernel (the teacher's features are cached)."""
+    saved -> a `features.CachedInput`. Afterwards training needs no image tower, and a
+    quantized student no FP kernel of its quantized layers (the teacher's features are
+    cached)."""
     image_size = model.config.vision.image_size
     num_examples = data.num_examples(config.data, split="train")
     cfg = config.speed
