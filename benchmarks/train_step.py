@@ -5,7 +5,7 @@
         no_length_buckets,all_off]
     python benchmarks/train_step.py --model=tiny --steps=1   # a quick smoke run
     python benchmarks/train_step.py --dataset=imagenet2012 --model=ViT-B/16 --batches=32 \
-        [--remat=off|blocks|dots]
+        [--remat=off|blocks|dots] [--schedule=auto|memory|concurrency]
 
 The step is the one `p4q_jax.train` runs: n_ctx=16 shared context, class token at the
 end, the QAdapter on, default loss weights, the class names of `--dataset` (default CIFAR-100's
@@ -20,17 +20,20 @@ the time goes") are switched on and off:
 * length_buckets: the classes run in up to 4 groups, each padded to its own longest
   prompt (with crop_text only: uncropped prompts keep all 77 positions).
 
-`--remat` rematerialises the text blocks in the backward pass (`config.speed.remat`).
+`--remat` rematerialises the text blocks in the backward pass (`config.speed.remat`);
+`--schedule` is `config.speed.xla_schedule` (XLA:CPU's scheduling of the step; "auto":
+for memory from 500 classes on or with remat, as the training job picks it).
 
 Settings: all rules on, all off, and each single rule off. One subprocess calibrates
 (not measured: the text tower on the classes x the first `--templates` of the dataset's
 templates, default 1; the image tower on one random batch of 32), then every (setting,
-batch) runs in its own subprocess, whose peak RSS (`ru_maxrss`; GB here = 2^30 bytes)
-covers JAX, model init, the calibration read back, compilation and the steps, but not
-TensorFlow (the data pipeline; ~0.5 GB more in a training process). The parent stays
-small on purpose: on Linux a child's `ru_maxrss` starts at its parent's peak RSS.
-"compile s" is the first call (trace + compile + one step); "s/step" the median of the
-timed steps after it. The batch is on the device before timing starts.
+batch) runs in its own subprocess in two phases, as the training job records them
+(`p4q_jax.phases`; GB here = 2^30 bytes): "set-up" (JAX, model init, the calibration read
+back, the frozen inputs built) and "step" (the memory set-up freed handed back to the
+system, as the job's training phase starts, then compilation and the steps). Peak RSS
+leaves out TensorFlow (the data pipeline; ~0.5 GB more in a training process). "compile s"
+is the first call (trace + compile + one step); "s/step" the median of the timed steps
+after it. The batch is on the device before timing starts.
 
 Target on the 2-core CPU dev machine: at most 1.7 s/step and 3 GB peak RSS at batch 32
 with all rules on. The public PyTorch code takes a median 34.5 s/step and 9.7 GB RSS
@@ -39,7 +42,6 @@ at the same shapes on that machine.
 
 import json
 import pickle
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,7 @@ from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import parallel
+from p4q_jax import phases as phases_lib
 from p4q_jax import quant
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import prompts as prompts_lib
@@ -71,6 +74,8 @@ _MODEL = flags.DEFINE_string("model", "ViT-B/32", "Named CLIP config (random wei
 _QUANT = flags.DEFINE_string("quant", "w4a4attn8", "Quantization preset.")
 _REMAT = flags.DEFINE_enum("remat", "off", ["off", *clip.model_lib.REMAT_POLICIES],
                            "Rematerialise the text blocks (config.speed.remat).")
+_SCHEDULE = flags.DEFINE_enum("schedule", "auto", list(step_lib.XLA_SCHEDULES),
+                               "XLA:CPU's schedule of the step (config.speed.xla_schedule).")
 _SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to measure.")
 _BATCHES = flags.DEFINE_list("batches", ["32", "128"], "Global batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the first call.", lower_bound=1)
@@ -119,9 +124,15 @@ def _load_calibration(mesh):
     return (*jax.tree.unflatten(treedef, leaves), class_names)
 
 
+def _schedule(num_classes):
+    return step_lib.xla_schedule(_SCHEDULE.value, num_classes=num_classes, remat=_REMAT.value)
+
+
 def _measure(setting, batch_size, steps):
-    """Runs one setting -> {"compile_s", "step_s", "peak_rss_gb"} of this process."""
+    """Runs one setting -> {"compile_s", "step_s", "setup_peak_gb", "step_peak_gb"}."""
     rules = SETTINGS[setting]
+    phases = phases_lib.Phases()
+    phases.start("set-up")
     model, params = clip.init(_MODEL.value)
     model = model.clone(text_remat=_REMAT.value)
     jax.block_until_ready(params)  # the init's temporaries are freed before the loading
@@ -146,7 +157,8 @@ def _measure(setting, batch_size, steps):
     train_step = step_lib.make_train_step(
         model=model, prompts=prompts, adapter=adapter, tx=tx, weights=step_lib.LossWeights(),
         mesh=mesh, shared_prefix="shared_prefix" in rules,
-        length_buckets=LENGTH_BUCKETS if {"length_buckets", "crop_text"} <= set(rules) else 1)
+        length_buckets=LENGTH_BUCKETS if {"length_buckets", "crop_text"} <= set(rules) else 1,
+        schedule=_schedule(len(class_names)))
 
     rng = np.random.default_rng(0)
     if "feature_cache" in rules:
@@ -158,21 +170,24 @@ def _measure(setting, batch_size, steps):
     batch["label"] = rng.integers(0, len(class_names), batch_size).astype(np.int32)
     batch = parallel.to_global(batch, mesh)
 
+    phases.start("step")
     seconds = []
     for _ in range(1 + steps):
         start = time.perf_counter()
         state, metrics = train_step(state, frozen, batch)
         jax.block_until_ready((state, metrics))
         seconds.append(time.perf_counter() - start)
+    phases.stop()
+    setup, step = (r["peak_rss_gb"] for r in phases.records)
     return {"compile_s": seconds[0], "step_s": float(np.median(seconds[1:])),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "setup_peak_gb": setup, "step_peak_gb": step}
 
 
 def _child(*args):
     """Runs this script in a subprocess with `args` -> its stdout."""
     return subprocess.run(
         [sys.executable, __file__, f"--model={_MODEL.value}", f"--quant={_QUANT.value}",
-         f"--remat={_REMAT.value}",
+         f"--remat={_REMAT.value}", f"--schedule={_SCHEDULE.value}",
          f"--templates={_TEMPLATES.value}", f"--dataset={_DATASET.value}", *args],
         check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
@@ -185,21 +200,23 @@ def main(argv):
     if _CALIBRATION.value is not None:
         _calibrate(_CALIBRATION.value)
         return
-    print(f"{host.describe()}, model {_MODEL.value}, "
-          f"{_QUANT.value}, {_DATASET.value} ({data.get_info(_DATASET.value).num_classes} "
-          f"classes), n_ctx={N_CTX}, text remat {_REMAT.value}")
+    num_classes = data.get_info(_DATASET.value).num_classes
+    print(f"{host.describe()}, model {_MODEL.value}, {_QUANT.value}, {_DATASET.value} "
+          f"({num_classes} classes), n_ctx={N_CTX}, text remat {_REMAT.value}, XLA schedule "
+          f"{_schedule(num_classes)} ({_SCHEDULE.value})")
     with tempfile.TemporaryDirectory() as tmp:
         path = f"--calibration={tmp}/calibration.pkl"
         print(_child(path))
         print(f"{'setting':<17} {'batch':>5} {'compile s':>9} {'s/step':>8} {'images/s':>9} "
-              f"{'peak RSS GB':>11}", flush=True)
+              f"{'set-up GB':>9} {'step peak GB':>12}", flush=True)
         for batch_size in map(int, _BATCHES.value):
             for setting in _SETTINGS.value:
                 steps = _STEPS.value if setting == "all_on" else (_STEPS_OFF.value or _STEPS.value)
                 r = json.loads(_child(path, f"--setting={setting}", f"--batch={batch_size}",
                                       f"--steps={steps}").splitlines()[-1])
                 print(f"{setting:<17} {batch_size:>5} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
-                      f"{batch_size / r['step_s']:>9.1f} {r['peak_rss_gb']:>11.2f}", flush=True)
+                      f"{batch_size / r['step_s']:>9.1f} {r['setup_peak_gb']:>9.2f} "
+                      f"{r['step_peak_gb']:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,8 @@ def _p4q(config, problems, shards):
     problems.at_least("speed.length_buckets", config.speed.get("length_buckets", 1), 1)
     problems.one_of("speed.remat", config.speed.get("remat", "off"),
                     ("off", *model_lib.REMAT_POLICIES))
+    problems.one_of("speed.xla_schedule", config.speed.get("xla_schedule", "auto"),
+                    step_lib.XLA_SCHEDULES)
 
 
 def _results_of_another_mode(workdir, mode, problems):

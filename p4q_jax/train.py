@@ -258,7 +258,10 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
         weights=step_lib.LossWeights(**config.loss.to_dict()),
         shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
         frozen_shardings=frozen_shardings,
-        length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1)
+        length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1,
+        schedule=step_lib.xla_schedule(config.speed.get("xla_schedule", "auto"),
+                                       num_classes=len(class_names),
+                                       remat=config.speed.get("remat", "off")))
 
     phases.start("training")
     if config.checkpoint.restart:

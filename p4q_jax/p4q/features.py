@@ -37,7 +37,9 @@ _MARKER = "fingerprint.json"
 def make_encoder(model, mesh, *, flip=True):
     """Jitted (params, qstate, images [B, H, W, 3]) -> {"student", "teacher"}: [B, V, E] each,
     with `flip` V = 2, view 0 the image as given and view 1 its horizontal flip, else V = 1;
-    batch sharded over `data`, params and qstate taken as placed (`parallel.place_weights`)."""
+    batch sharded over `data`, params and qstate taken as placed (`parallel.place_weights`).
+    Scheduled for memory on CPUs (`step.compiler_options`): XLA's concurrent schedule runs
+    the two towers side by side, holding both towers' activations at once."""
 
     def encode(params, qstate, images):
         views = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
@@ -45,7 +47,8 @@ def make_encoder(model, mesh, *, flip=True):
         return jax.tree.map(lambda f: jnp.stack(jnp.split(f, 2 if flip else 1), axis=1), out)
 
     return jax.jit(encode, in_shardings=(None, None, parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.batch_sharding(mesh))
+                   out_shardings=parallel.batch_sharding(mesh),
+                   compiler_options=step_lib.compiler_options(mesh, "memory"))
 
 
 def build_cache(model, params, qstate, batches, *, mesh, total=None, flip=True):
