@@ -15,9 +15,12 @@ float re-association:
 * the patch embedding of a ViT (a stride-`patch` conv without padding) on the same
   conditions, as the same dot over the image's patches;
 * the attention products q k^T and p v (`clip.model.Product`) where both operands' sites
-  are quantized per tensor: their codes are read back from the fake-quantized float32
-  values (exact: |code - zero point| <= 255), multiplied in int32 with the zero-point
-  terms expanded (Qwix allows a zero point on one operand only).
+  are quantized per tensor and `IntegerState.products` is on: their codes are read back
+  from the fake-quantized float32 values (exact: |code - zero point| <= 255), multiplied in
+  int32 with the zero-point terms expanded (Qwix allows a zero point on one operand only).
+  Off by default on CPUs (`int8_products_pay`): XLA:CPU's batched int8 dots over the heads'
+  small matrices are slower than its float32 ones on the same (fake-quantized, hence
+  exactly representable) values, so the products stay on the fake-quant path there.
 
 Per-channel activations (the `official` preset) do not factor out of a contraction over
 channels, so their layers keep the fake-quant path of the QState; an IntegerState can be
@@ -93,6 +96,7 @@ class IntegerState:
     qstate: state_lib.QState
     kernels: dict  # site -> qwix.QArray: int8 codes [K, N], float32 scale [1, N]
     sums: dict  # site -> int32 [N]: the kernel codes summed over K (the zero-point term)
+    products: bool = flax.struct.field(pytree_node=False, default=True)  # attention on codes
 
     @property
     def config(self):
@@ -162,7 +166,7 @@ class IntegerState:
                     return self._dense(module, args[0])
                 if isinstance(module, nn.Conv) and name in self.kernels and _patchify(module):
                     return self._conv(module, args[0])
-                if (isinstance(module, model_lib.Product)
+                if (self.products and isinstance(module, model_lib.Product)
                         and all(x.dtype == jnp.float32 for x in args[:2])
                         and (names := self._product_sites(module))):
                     return self._product(module, *args[:2], names)
@@ -180,9 +184,10 @@ def _patchify(conv):
             and tuple(conv.strides or ()) == tuple(conv.kernel_size))
 
 
-def integer_state(qstate, params):
+def integer_state(qstate, params, *, products=None):
     """Computes the int8 kernel codes once -> an IntegerState (usable as `qstate=`).
 
+    `products`: the attention products on int8 codes too (None: where `int8_products_pay`).
     Raises ValueError when no layer fits (e.g. the `official` preset's per-channel inputs).
     """
     kernels = {}
@@ -205,7 +210,17 @@ def integer_state(qstate, params):
                          "in int8")
     kernels = jax.tree.map(jnp.asarray, kernels)
     sums = {name: jnp.sum(k.qvalue.astype(jnp.int32), axis=0) for name, k in kernels.items()}
-    return IntegerState(qstate=qstate, kernels=kernels, sums=sums)
+    if products is None:
+        products = int8_products_pay()
+    return IntegerState(qstate=qstate, kernels=kernels, sums=sums, products=products)
+
+
+def int8_products_pay():
+    """Whether the attention products gain from int8 codes: not on CPUs, where XLA's
+    batched int8 dots over the heads' small matrices lose to float32 (ViT-B/32 on the
+    AVX-512 VNNI Xeon, w8a8: text 2.27x float32 with them on codes, 3.77x without; images
+    3.34x, 3.86x); elsewhere on (not measured)."""
+    return jax.devices()[0].platform != "cpu"
 
 
 @functools.cache
