@@ -81,8 +81,9 @@ def test_demo_writes_its_table_and_chart(demo_run):
     assert (workdir / "results.png").read_bytes().startswith(b"\x89PNG")
     # Bytes on disk: the quantized towers are smaller than the FP checkpoint; P4Q adds to them.
     assert ptq["bytes"] < fp["bytes"] and p4q["bytes"] > ptq["bytes"]
-    # The FP towers and the learned prompts (a few KB, within the run-to-run variation of
-    # the compressed sizes: one suite run gave CoOp 1.6 KB less than FP).
+    # The FP towers and the learned prompts: a few KB, within the variation of Orbax's
+    # on-disk size for the same arrays (OCDBT data files; one suite run wrote CoOp's export
+    # 1.6 KB below the shipped FP checkpoint, a `python main.py` run 19 KB above it).
     assert coop["bytes"] > 0.99 * fp["bytes"]
     assert (workdir / "w4a4attn8" / "results.json").exists()
     assert (workdir / "fp32_coop" / "results.json").exists()

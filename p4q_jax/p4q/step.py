@@ -330,8 +330,9 @@ def xla_schedule(choice, *, num_classes, remat="off"):
 
 
 def compiler_options(mesh, schedule):
-    """XLA options of the train step for `schedule` ("memory" or "concurrency") on `mesh`:
-    the scheduler switch is XLA:CPU's, so other platforms compile as they would."""
+    """`jax.jit`'s compiler_options for `schedule` ("memory" or "concurrency") on `mesh`
+    (the train step's and the feature-cache encoder's): the scheduler switch is XLA:CPU's,
+    so other platforms compile as they would."""
     if schedule not in XLA_SCHEDULES[1:]:
         raise ValueError(f"schedule={schedule!r}; expected 'memory' or 'concurrency'")
     if schedule == "concurrency" or mesh.devices.flat[0].platform != "cpu":
