@@ -22,6 +22,7 @@ from p4q_jax.configs import baselines
 from p4q_jax.p4q import trained as trained_lib
 from p4q_jax.quant import calibration
 from p4q_jax.quant import integer
+from p4q_jax.quant import sites
 
 
 def initialize_distributed(config):
@@ -261,7 +262,8 @@ def p4q(config, workdir):
     Lean: every FP measurement comes first; once the quantized model's training input is
     the feature cache (FP teacher features included), the FP kernels of the quantized
     layers are dropped (the job's params become `qstate.quantized_params`), so training,
-    evaluation and export hold each kernel once. `results.json` lists each phase's wall
+    evaluation and export hold each kernel once, and the image tower waits in host memory
+    while the text tower trains (`parallel.to_host`). `results.json` lists each phase's wall
     time and peak resident memory ("phases")."""
     workdir = pathlib.Path(workdir)
     export_dir = trained_lib.export_dir(config, workdir)
@@ -281,10 +283,17 @@ def p4q(config, workdir):
         source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
                                      mesh=job.mesh, workdir=workdir)
         job.params = job.place(qstate.quantized_params(job.params))  # the FP kernels go
+        # The params hold the quantized kernels now; the image tower's wait in host memory.
+        qstate = qstate.replace(kernels={})
+        image_tower = parallel.to_host(job.params.pop("visual"))
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,
                       teacher_text=teacher, class_names=job.info.class_names, mesh=job.mesh,
                       workdir=workdir, source=source, phases=job.phases)
     job.phases.start("evaluation")
+    if source is not None:
+        job.params = {**job.params, "visual": job.place(image_tower)}
+        kernels = sites.kernels(job.params)
+        qstate = qstate.replace(kernels={name: kernels[name] for name in qstate.weights})
     qconfig = None if qstate is None else qstate.config.name
     variables = out.trained.variables(job.params, job.inference(qstate))
     rows.append({"method": config.p4q.method, "qconfig": qconfig,

@@ -55,6 +55,14 @@ def place_weights(tree, mesh, *, min_size=2**16):
     return jax.device_put(tree, weight_shardings(tree, mesh, min_size=min_size))
 
 
+def to_host(tree):
+    """Placed arrays -> the same layout in host memory (`pinned_host`), for a later phase:
+    they take no accelerator memory meanwhile, and `place_weights` brings them back. (On
+    CPUs the two memories are the same RAM: this frees nothing there.)"""
+    return jax.device_put(
+        tree, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), tree))
+
+
 def bytes_per_device(tree):
     """(bytes of `tree` on its most loaded device, bytes of the whole tree)."""
     per_device, total = {}, 0

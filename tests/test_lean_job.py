@@ -2,14 +2,18 @@
 (a (4, 2) mesh of the 8 test devices) give the data-parallel (8, 1) job's results, and
 results.json lists every phase with its wall time and peak resident memory."""
 
+import gc
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 
+from p4q_jax import clip
 from p4q_jax import jobs
 from p4q_jax import quant
+from p4q_jax import train
 from p4q_jax.configs import p4q as p4q_config
 
 import main_runner
@@ -83,3 +87,36 @@ def test_balanced_calibration_reads_the_same_images_in_smaller_passes():
     np.testing.assert_array_equal(np.concatenate(passes), np.concatenate(last))
     config.eval.batch_size = 24  # does not divide 16: the calibration batches as they are
     assert [len(b) for b in read("balanced")] == [16] * 2
+
+
+def test_the_image_tower_waits_in_host_memory_while_the_text_tower_trains(
+        tmp_path, tiny_checkpoint, monkeypatch):
+    """Training on cached features reads no image tower: the job hands train.train params
+    and a state without it, and keeps its quantized weights in host memory meanwhile
+    (`pinned_host`: on an accelerator they take no device memory); evaluation and export
+    get it back."""
+    config = p4q_config.get_config()
+    config.model.checkpoint = str(tiny_checkpoint)
+    for flag in _FLAGS[1:]:
+        key, value = flag.removeprefix("--config.").split("=")
+        section, name = key.split(".")
+        config[section][name] = type(config[section][name])(value)
+    visual_bytes = sum(x.nbytes for x in jax.tree.leaves(clip.init("tiny")[1]["visual"]))
+    seen = {}
+    real_train = train.train
+
+    def spy(config, *, params, qstate, **kwargs):
+        gc.collect()
+        seen["params"], seen["kernels"] = sorted(params), sorted(qstate.kernels)
+        seen["host_bytes"] = sum(x.nbytes for x in jax.live_arrays()
+                                 if x.sharding.memory_kind == "pinned_host")
+        return real_train(config, params=params, qstate=qstate, **kwargs)
+
+    monkeypatch.setattr(train, "train", spy)
+    out = jobs.p4q(config, tmp_path)
+    assert "visual" not in seen["params"] and "text" in seen["params"]
+    assert not [name for name in seen["kernels"] if name.startswith("visual/")]
+    assert seen["host_bytes"] == visual_bytes
+    assert [r["method"] for r in out["rows"]] == ["fp_zeroshot", "ptq", "p4q"]
+    assert out["rows"][-1]["count"] == 80
+    assert (tmp_path / "export" / "towers").is_dir()
