@@ -142,7 +142,7 @@ def _measure(setting, batch_size, steps):
                                 context_length=model.config.text.context_length)
     frozen = parallel.replicate(step_lib.make_frozen(
         model, params, qstate, prompts, teacher_text,
-        image_towers="feature_cache" not in rules), mesh)
+        image_towers="feature_cache" not in rules, train=True), mesh)
     del params, qstate  # what the step does not read is freed, as in p4q_jax.train
     adapter = adapter_lib.QAdapter()
     embed_dim = model.config.embed_dim

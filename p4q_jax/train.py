@@ -200,7 +200,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
-                                  image_towers=not uses_feature_cache(config))
+                                  image_towers=not uses_feature_cache(config), train=True)
     frozen_shardings = parallel.weight_shardings(frozen, mesh,
                                                  min_size=config.mesh.shard_min_size)
     frozen = jax.device_put(frozen, frozen_shardings)

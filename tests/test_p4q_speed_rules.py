@@ -47,13 +47,13 @@ def _frozen(model, params, qstate, prompts, teacher_text):
 
 
 def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, shared_prefix=True,
-                    cached=True, context=None, remat="off", length_buckets=1):
+                    cached=True, context=None, remat="off", length_buckets=1, train=True):
     model, params, qstates, teacher_text, adapter, trainable, images, labels = setup
     model = model.clone(text_remat=remat)
     qstate = qstates.get(qstate_name)
     prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX, position=position, crop=crop)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
-                                  image_towers=not cached)
+                                  image_towers=not cached, train=train)
     if cached:
         batch = jax.jit(step_lib.image_features, static_argnums=0)(model, params, qstate, images)
         batch["label"] = labels
@@ -113,6 +113,32 @@ def test_shared_prefix_same_loss_and_gradients_quantized(setup):
     on = _loss_and_grads(setup, qstate_name="w8a8", shared_prefix=True)
     off = _loss_and_grads(setup, qstate_name="w8a8", shared_prefix=False)
     _assert_same(on, off, rtol=2e-2, atol=1e-3)
+
+
+def test_a_train_step_multiplies_the_calibrated_kernels_not_their_codes(setup):
+    """DESIGN.md: never re-quantize frozen weights per step. A train step's quantized
+    matmuls (`make_frozen(train=True)`) multiply the fake-quantized kernels as calibrated;
+    evaluation's run on their integer codes (the int8 path's arithmetic), which rounds every
+    kernel once per call. The two differ by float rounding: the same loss and gradients to
+    one quantization step."""
+    model, params, qstates, teacher_text, *_ = setup
+    prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX)
+    context = prompts_lib.init_context(jax.random.key(2), n_ctx=N_CTX, width=64)
+    in_proj = params["text"]["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"]
+    kernel_type = f"tensor<{in_proj.shape[0]}x{in_proj.shape[1]}xf32>"
+
+    def kernel_roundings(train):
+        frozen = step_lib.make_frozen(model, params, qstates["w8a8"], prompts, teacher_text,
+                                      train=train)
+        text = jax.jit(lambda f: step_lib.class_text_features(
+            model, f, prompts, context, shared_prefix=True)).lower(frozen).as_text()
+        return sum(1 for line in text.splitlines()
+                   if "round_nearest_even" in line and line.endswith(kernel_type))
+
+    assert kernel_roundings(train=False) > 0
+    assert kernel_roundings(train=True) == 0
+    _assert_same(_loss_and_grads(setup, qstate_name="w8a8", train=True),
+                 _loss_and_grads(setup, qstate_name="w8a8", train=False), rtol=2e-2, atol=1e-3)
 
 
 def test_cropping_after_last_eot_same_loss_and_gradients(setup):
@@ -223,7 +249,7 @@ def test_memory_schedule_same_step_in_less_scratch(setup):
     prompts = prompts_lib.build(classes, n_ctx=N_CTX)
     teacher = evaluate.normalize(np.random.default_rng(1).normal(size=(len(classes), 64)))
     frozen = step_lib.make_frozen(model, params, qstates["w4a4attn8"], prompts,
-                                  teacher.astype(np.float32))
+                                  teacher.astype(np.float32), train=True)
     batch = jax.jit(step_lib.image_features, static_argnums=0)(
         model, params, qstates["w4a4attn8"], images)
     batch["label"] = np.arange(len(images), dtype=np.int32) * 37

@@ -130,8 +130,9 @@ def _int32_products(model, params, state, method, x):
 @pytest.mark.parametrize("name", ["w8a8", "w6a6", "w4a4attn8"])
 def test_integer_path_equals_fake_quant(tiny, name):
     """Every Dense layer, the patch conv and both attention products run on int8 codes
-    (4- and 6-bit codes in int8 containers) and give fake-quant's features; with the
-    products left to fake-quant (CPUs' default) too."""
+    (4- and 6-bit codes in int8 containers) and give fake-quant's features bit for bit
+    (fake-quant sums the same codes, exactly, in float32); with the products left to
+    fake-quant (CPUs' default) too."""
     model, params = tiny
     qstate = quant.calibrate(model, params, name, images=_images(32), texts=TEXTS)
     int_state = integer.integer_state(qstate, params, products=True)
@@ -148,7 +149,7 @@ def test_integer_path_equals_fake_quant(tiny, name):
         fake = np.asarray(encode(model, params, x, qstate=qstate))
         for state in (int_state, dense_only):
             real = np.asarray(encode(model, params, x, qstate=state))
-            np.testing.assert_allclose(real, fake, atol=1e-5 * np.abs(fake).max())
+            np.testing.assert_array_equal(real, fake)
     vision, text = model.config.vision, model.config.text
     # 4 Dense + q k^T + p v per block, the projection, and (images) the patch conv.
     assert _int32_products(model, params, int_state, model.encode_image, images) == (

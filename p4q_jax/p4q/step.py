@@ -53,11 +53,16 @@ class Frozen:
     logit_scale: jax.Array  # exp(CLIP's logit_scale)
 
 
-def make_frozen(model, params, qstate, prompts, teacher_text=None, *, image_towers=False):
+def make_frozen(model, params, qstate, prompts, teacher_text=None, *, image_towers=False,
+                train=False):
     """The step's frozen inputs. Without `image_towers` (batches of cached features) only the
     text tower is kept, with its quantized kernels swapped in once: the image tower's
     weights and the text tower's FP kernels are not held in device memory. `teacher_text`
-    may be None where no loss is computed (class features for evaluation)."""
+    may be None where no loss is computed (class features for evaluation). With `train`,
+    the quantized matmuls multiply dequantized values (`QState.codes=False`: no per-step
+    codes of the frozen kernels); for evaluation they run on codes, as the int8 path."""
+    if train and qstate is not None:
+        qstate = qstate.replace(codes=False)
     if not image_towers:
         params = {name: p for name, p in params.items() if name != "visual"}
         if qstate is not None:

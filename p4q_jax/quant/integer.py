@@ -3,8 +3,9 @@
 Codes of every format up to 8 bits fit an int8 container (4-bit codes included; unsigned
 codes are shifted by -128 with their zero point, which leaves every product unchanged and
 lets XLA use its int8 x int8 dot, several times faster than float32 on CPUs with AVX-512
-VNNI). Three kinds of product run on the codes, each equal to the fake-quant result up to
-float re-association:
+VNNI). The products are those fake-quant computes on codes (`quant.matmul`), so both give
+the same features bit for bit (while fake-quant's float32 sums of codes stay exact,
+below 2^24):
 
 * every Dense whose kernel is quantized symmetric (per output channel) and whose input is
   quantized per tensor: the int8 dot of the input's codes and the kernel's (a
@@ -19,8 +20,8 @@ float re-association:
   from the fake-quantized float32 values (exact: |code - zero point| <= 255), multiplied in
   int32 with the zero-point terms expanded (Qwix allows a zero point on one operand only).
   Off by default on CPUs (`int8_products_pay`): XLA:CPU's batched int8 dots over the heads'
-  small matrices are slower than its float32 ones on the same (fake-quantized, hence
-  exactly representable) values, so the products stay on the fake-quant path there.
+  small matrices are slower than its float32 ones on the same codes, so the products stay
+  on fake-quant's float32 code path there.
 
 Per-channel activations (the `official` preset) do not factor out of a contraction over
 channels, so their layers keep the fake-quant path of the QState; an IntegerState can be
@@ -39,24 +40,13 @@ import qwix
 from absl import logging
 
 from p4q_jax.clip import model as model_lib
+from p4q_jax.quant import matmul
 from p4q_jax.quant import primitives
 from p4q_jax.quant import sites
 from p4q_jax.quant import state as state_lib
 
-MAX_BITS = 8
+MAX_BITS = matmul.MAX_BITS
 _SHIFT = 2 ** (MAX_BITS - 1)  # unsigned codes minus this fit int8
-
-
-def _per_tensor_act(qstate, kind, name):
-    spec = qstate.config.spec(kind, name)
-    return (spec is not None and spec.bits <= MAX_BITS and not spec.per_channel
-            and spec.observer != "log2" and name in qstate.acts)
-
-
-def _fits(qstate, name):
-    w = qstate.config.spec("weight", name)
-    return (w is not None and w.bits <= MAX_BITS and w.symmetric
-            and _per_tensor_act(qstate, "input", name))
 
 
 def _int8_codes(x, params, fmt):
@@ -122,8 +112,8 @@ class IntegerState:
         acc = jax.lax.dot_general(codes, kernel.qvalue, (((codes.ndim - 1,), (0,)), ((), ())),
                                   preferred_element_type=jnp.int32)
         acc = acc - jnp.reshape(zero_point, ()).astype(jnp.int32) * self.sums[name]
-        scale = jnp.reshape(self.qstate.acts[name].scale, ()) * kernel.scale.reshape(-1)
-        return acc.astype(jnp.float32) * scale
+        return acc.astype(jnp.float32) * matmul.output_scale(self.qstate.acts[name].scale,
+                                                             kernel.scale)
 
     def _dense(self, module, x):
         name = sites.site_name(module)
@@ -137,16 +127,8 @@ class IntegerState:
         integer convolution is far slower than its int8 dot)."""
         name = sites.site_name(module)
         codes, zero_point = self._codes(name, x)
-        p, q = module.kernel_size
-        b, h, w, c = codes.shape
-        codes = codes[:, : h // p * p, : w // q * q].reshape(b, h // p, p, w // q, q, c)
-        patches = codes.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // q, p * q * c)
+        patches = matmul.patches(codes, module.kernel_size)
         return self._matmul(name, patches, zero_point).astype(module.dtype or x.dtype)
-
-    def _product_sites(self, module):
-        parent = sites.site_name(module).rsplit("/", 1)[0]
-        names = [f"{parent}/{operand}" for operand in module.operands]
-        return names if all(_per_tensor_act(self.qstate, "attn", n) for n in names) else None
 
     def _product(self, module, a, b, names):
         (ca, za), (cb, zb) = (
@@ -164,24 +146,19 @@ class IntegerState:
                 name = sites.site_name(module)
                 if isinstance(module, nn.Dense) and name in self.kernels:
                     return self._dense(module, args[0])
-                if isinstance(module, nn.Conv) and name in self.kernels and _patchify(module):
+                if (isinstance(module, nn.Conv) and name in self.kernels
+                        and matmul.patchify(module)):
                     return self._conv(module, args[0])
                 if (self.products and isinstance(module, model_lib.Product)
                         and all(x.dtype == jnp.float32 for x in args[:2])
-                        and (names := self._product_sites(module))):
+                        and (names := matmul.product_sites(self.config, self.qstate.acts,
+                                                            module))):
                     return self._product(module, *args[:2], names)
             return next_fun(*args, **kwargs)
 
         # Outer interceptors run first: integer layers never reach the fake-quant one.
         with nn.intercept_methods(interceptor), self.qstate.intercept():
             yield
-
-
-def _patchify(conv):
-    """A ViT's patch embedding: no padding, no bias, stride equal to the window (other convs
-    keep the fake-quant path: padding would make the zero-point term position-dependent)."""
-    return (conv.padding == "VALID" and not conv.use_bias
-            and tuple(conv.strides or ()) == tuple(conv.kernel_size))
 
 
 def integer_state(qstate, params, *, products=None):
@@ -195,7 +172,7 @@ def integer_state(qstate, params, *, products=None):
         # Of the convs only the stem can be a patch embedding (checked again when it runs).
         if not (kernel.ndim == 2 or (kernel.ndim == 4 and name == "visual/conv1")):
             continue
-        if not _fits(qstate, name):
+        if not matmul.fits(qstate.config, qstate.acts, name):
             continue
         p = qstate.weights[name]
         fmt = qstate.config.spec("weight", name).fmt

@@ -2,9 +2,12 @@
 
 import contextlib
 
+import flax.linen as nn
 import flax.struct
 import jax
 
+from p4q_jax.clip import model as model_lib
+from p4q_jax.quant import matmul
 from p4q_jax.quant import primitives
 from p4q_jax.quant import qconfig as qconfig_lib
 from p4q_jax.quant import sites
@@ -28,12 +31,17 @@ class QState:
       weights: kernel site name -> QParams.
       kernels: kernel site name -> fake-quantized kernel, computed once at calibration
         (never re-quantized per step).
+      codes: the matmuls that fit (`quant.matmul`) run on integer codes, the arithmetic of
+        the int8 path (inference: the same features bit for bit). False in a train step,
+        which multiplies the dequantized values instead: the same straight-through
+        gradients, without deriving the frozen kernels' codes every step.
     """
 
     config: qconfig_lib.QConfig = flax.struct.field(pytree_node=False)
     acts: dict
     weights: dict
     kernels: dict
+    codes: bool = flax.struct.field(pytree_node=False, default=True)
 
     def quantized_params(self, params):
         """`params` with every quantized kernel swapped for its fake-quantized copy."""
@@ -59,8 +67,45 @@ class QState:
         p = self.acts[name]
         return primitives.fake_quant(x, p.scale, p.zero_point, spec.fmt)
 
+    def code_domain(self, module):
+        """Whether a Dense / Conv module's matmul runs on codes (`quant.matmul.fits`)."""
+        name = sites.site_name(module)
+        if name not in self.weights or not matmul.fits(self.config, self.acts, name):
+            return False
+        return isinstance(module, nn.Dense) or (isinstance(module, nn.Conv)
+                                                 and matmul.patchify(module))
+
+    def _code_matmul(self, module, x):
+        name = sites.site_name(module)
+        kernel = module.get_variable("params", "kernel")
+        if isinstance(module, nn.Conv):
+            x = matmul.patches(x, module.kernel_size)
+        y = matmul.matmul(x, self.acts[name], self.config.spec("input", name).fmt, kernel,
+                          self.weights[name], self.config.spec("weight", name).fmt)
+        if module.use_bias:
+            y = y + module.get_variable("params", "bias")
+        return y.astype(module.dtype or x.dtype)
+
     @contextlib.contextmanager
     def intercept(self):
-        """Fake-quantizes every configured activation site of models applied inside."""
-        with sites.intercept(self.handler):
+        """Fake-quantizes every configured activation site of models applied inside; with
+        `codes`, the layers and attention products that fit compute on the integer codes
+        (`quant.matmul`)."""
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__":
+                if isinstance(module, (nn.Dense, nn.Conv)) and self.code_domain(module):
+                    return self._code_matmul(module, args[0])
+                if (isinstance(module, model_lib.Product)
+                        and (names := matmul.product_sites(self.config, self.acts, module))):
+                    a, b = args[:2]
+                    y = matmul.product(module.equation, a, self.acts[names[0]], b,
+                                       self.acts[names[1]])
+                    return y.astype(a.dtype)
+            return next_fun(*args, **kwargs)
+
+        # Outer interceptors run first: code-domain layers bypass their input's site.
+        with (nn.intercept_methods(interceptor) if self.codes else contextlib.nullcontext(),
+              sites.intercept(self.handler)):
             yield
