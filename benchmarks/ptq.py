@@ -17,8 +17,9 @@ compilation. The cosines are to the FP model on held-out images and the first
 `--text_batch` prompts.
 
 The int8 path (`quant.integer`: int8 x int8 -> int32 products for every layer whose input
-is quantized per tensor, the attention products included) is checked against fake-quant:
-the smallest cosine between their features over the batch.
+is quantized per tensor; on accelerators the attention products too) is checked against
+fake-quant: the smallest cosine between their features over the batch, and the largest
+difference (0: the same features bit for bit, as both sum the same integer codes).
 
 Throughput: every encoder (float32, then each preset's fake-quant and int8 states) is
 warmed up, then timed one call at a time in interleaved rounds, the order reversed
@@ -148,12 +149,15 @@ def main(argv):
             print(f"  no int8 path: {e}")
         else:
             states[f"{name} int8"] = int_state
-            cos = [_cosine(clip.encode_image(model, params, images, qstate=s) for s in
-                           (qstate, int_state)),
-                   _cosine(clip.encode_text(model, params, tokens, qstate=s) for s in
-                           (qstate, int_state))]
+            pairs = [[np.asarray(clip.encode_image(model, params, images, qstate=s))
+                      for s in (qstate, int_state)],
+                     [np.asarray(clip.encode_text(model, params, tokens, qstate=s))
+                      for s in (qstate, int_state)]]
+            cos = [_cosine(pair) for pair in pairs]
+            diff = [float(np.abs(a - b).max()) for a, b in pairs]
             print(f"  int8 path ({len(int_state.kernels)} integer layers): cosine to "
-                  f"fake-quant, min over images {cos[0]:.6f}, over prompts {cos[1]:.6f}")
+                  f"fake-quant, min over images {cos[0]:.6f}, over prompts {cos[1]:.6f}; "
+                  f"largest feature difference {diff[0]:.1e} / {diff[1]:.1e}")
         with tempfile.TemporaryDirectory() as tmp:
             sizes = export.save(f"{tmp}/q", model, params, qstate)
         print(f"  export: quantized kernels {sizes['integer_bytes'] / 2**20:.1f} MiB on disk vs "
