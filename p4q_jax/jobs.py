@@ -262,8 +262,8 @@ def p4q(config, workdir):
     Lean: every FP measurement comes first; once the quantized model's training input is
     the feature cache (FP teacher features included), the FP kernels of the quantized
     layers are dropped (the job's params become `qstate.quantized_params`), so training,
-    evaluation and export hold each kernel once, and the image tower waits in host memory
-    while the text tower trains (`parallel.to_host`). `results.json` lists each phase's wall
+    evaluation and export hold each kernel once, and on accelerators the image tower waits
+    in host memory while the text tower trains (`parallel.to_host`). `results.json` lists each phase's wall
     time and peak resident memory ("phases")."""
     workdir = pathlib.Path(workdir)
     export_dir = trained_lib.export_dir(config, workdir)
@@ -277,21 +277,26 @@ def p4q(config, workdir):
     if base_to_new:
         job.phases.start("base-to-new: FP and PTQ")
         measured_new = _baselines_on_new(config, job, qstate)
-    source = None
+    source = image_tower = None
     if qstate is not None and train.uses_feature_cache(config):
         job.phases.start("feature cache")
+        # The cache reads the image towers only: the text tower's FP kernels go first.
+        job.params = job.place(sites.replace_kernels(job.params, {
+            name: k for name, k in qstate.kernels.items() if name.startswith("text/")}))
         source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
                                      mesh=job.mesh, workdir=workdir)
         job.params = job.place(qstate.quantized_params(job.params))  # the FP kernels go
-        # The params hold the quantized kernels now; the image tower's wait in host memory.
-        qstate = qstate.replace(kernels={})
-        image_tower = parallel.to_host(job.params.pop("visual"))
+        if parallel.host_memory_is_separate():
+            # The params hold the quantized kernels now; the image tower's wait on the host.
+            qstate = qstate.replace(kernels={})
+            image_tower = parallel.to_host(job.params.pop("visual"))
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,
                       teacher_text=teacher, class_names=job.info.class_names, mesh=job.mesh,
                       workdir=workdir, source=source, phases=job.phases)
     job.phases.start("evaluation")
-    if source is not None:
+    if image_tower is not None:
         job.params = {**job.params, "visual": job.place(image_tower)}
+        del image_tower  # the host copy
         kernels = sites.kernels(job.params)
         qstate = qstate.replace(kernels={name: kernels[name] for name in qstate.weights})
     qconfig = None if qstate is None else qstate.config.name

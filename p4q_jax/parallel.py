@@ -55,10 +55,16 @@ def place_weights(tree, mesh, *, min_size=2**16):
     return jax.device_put(tree, weight_shardings(tree, mesh, min_size=min_size))
 
 
+def host_memory_is_separate():
+    """Whether the devices' memory is not the host's (GPUs, TPUs): only then does moving
+    arrays to host memory free any (on CPUs it is one RAM, and a copy out and back only
+    costs time and, while both copies live, memory)."""
+    return jax.devices()[0].platform != "cpu"
+
+
 def to_host(tree):
     """Placed arrays -> the same layout in host memory (`pinned_host`), for a later phase:
-    they take no accelerator memory meanwhile, and `place_weights` brings them back. (On
-    CPUs the two memories are the same RAM: this frees nothing there.)"""
+    they take no device memory meanwhile, and `place_weights` brings them back."""
     return jax.device_put(
         tree, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), tree))
 

@@ -12,6 +12,7 @@ import pytest
 
 from p4q_jax import clip
 from p4q_jax import jobs
+from p4q_jax import parallel
 from p4q_jax import quant
 from p4q_jax import train
 from p4q_jax.configs import p4q as p4q_config
@@ -91,10 +92,10 @@ def test_balanced_calibration_reads_the_same_images_in_smaller_passes():
 
 def test_the_image_tower_waits_in_host_memory_while_the_text_tower_trains(
         tmp_path, tiny_checkpoint, monkeypatch):
-    """Training on cached features reads no image tower: the job hands train.train params
-    and a state without it, and keeps its quantized weights in host memory meanwhile
-    (`pinned_host`: on an accelerator they take no device memory); evaluation and export
-    get it back."""
+    """Training on cached features reads no image tower: where device memory is not the
+    host's (accelerators; here forced, as CPU devices have both memory kinds), the job
+    hands train.train params and a state without it and keeps its quantized weights in host
+    memory (`pinned_host`) meanwhile; evaluation and export get it back."""
     config = p4q_config.get_config()
     config.model.checkpoint = str(tiny_checkpoint)
     for flag in _FLAGS[1:]:
@@ -113,6 +114,7 @@ def test_the_image_tower_waits_in_host_memory_while_the_text_tower_trains(
         return real_train(config, params=params, qstate=qstate, **kwargs)
 
     monkeypatch.setattr(train, "train", spy)
+    monkeypatch.setattr(parallel, "host_memory_is_separate", lambda: True)
     out = jobs.p4q(config, tmp_path)
     assert "visual" not in seen["params"] and "text" in seen["params"]
     assert not [name for name in seen["kernels"] if name.startswith("visual/")]
