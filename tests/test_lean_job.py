@@ -1,6 +1,7 @@
-"""The p4q job's layout and phases, through main.py: frozen params split over a `model` axis
-(a (4, 2) mesh of the 8 test devices) give the data-parallel (8, 1) job's results, and
-results.json lists every phase with its wall time and peak resident memory."""
+"""The p4q job's layout and phases: frozen params split over a `model` axis (a (4, 2) mesh of
+the 8 test devices, through main.py) give the data-parallel (8, 1) job's results, results.json
+lists every phase with its wall time and peak resident memory, and the image tower waits in
+host memory while the text tower trains."""
 
 import gc
 import json
@@ -31,22 +32,42 @@ PHASES = ["set-up", "calibration", "zero-shot and PTQ evaluation", "feature cach
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
+    """The job on an (8, 1) mesh in this process, with the image tower's move to host memory
+    forced (CPU devices have both memory kinds) and what train.train receives recorded; and
+    through main.py on a (4, 2) mesh."""
     root = tmp_path_factory.mktemp("lean")
-    flags = [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}"]
-    out = {}
-    for name, extra in (("data", []),
-                        ("model", ["--config.mesh.model=2", "--config.mesh.shard_min_size=0"])):
-        log = main_runner.run_main([*flags, *extra, f"--workdir={root / name}"],
-                                   mock_examples=None)
-        on_device, total = map(float, re.search(
-            r"frozen params: ([\d.]+) of ([\d.]+) MB on each device", log).groups())
-        out[name] = (on_device, total, json.loads((root / name / "results.json").read_text()))
+    config = p4q_config.get_config()
+    config.model.checkpoint = str(tiny_checkpoint)
+    for flag in _FLAGS[1:]:
+        key, value = flag.removeprefix("--config.").split("=")
+        section, name = key.split(".")
+        config[section][name] = type(config[section][name])(value)
+    seen = {}
+    real_train = train.train
+
+    def spy(config, *, params, qstate, **kwargs):
+        gc.collect()
+        seen["params"], seen["kernels"] = sorted(params), sorted(qstate.kernels)
+        seen["host_bytes"] = sum(x.nbytes for x in jax.live_arrays()
+                                 if x.sharding.memory_kind == "pinned_host")
+        return real_train(config, params=params, qstate=qstate, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train", spy)
+        patch.setattr(parallel, "host_memory_is_separate", lambda: True)
+        out = {"data": jobs.p4q(config, root / "data"), "seen": seen}
+    log = main_runner.run_main(
+        [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}", "--config.mesh.model=2",
+         "--config.mesh.shard_min_size=0", f"--workdir={root / 'model'}"], mock_examples=None)
+    on_device, total = map(float, re.search(
+        r"frozen params: ([\d.]+) of ([\d.]+) MB on each device", log).groups())
+    out["model"] = (on_device, total, json.loads((root / "model" / "results.json").read_text()))
+    out["export"] = root / "data" / "export"
     return out
 
 
 def test_a_model_axis_splits_the_frozen_params_and_keeps_the_results(runs):
-    on_device, total, data = runs["data"]
-    assert on_device == total  # (8, 1): replicated
+    data = runs["data"]
     on_device, total, model = runs["model"]
     assert on_device < 0.6 * total  # (4, 2): each device holds about half
     rows_data = {r["method"]: r for r in data["rows"]}
@@ -61,7 +82,7 @@ def test_a_model_axis_splits_the_frozen_params_and_keeps_the_results(runs):
 
 
 def test_results_list_every_phase_with_its_time_and_peak_memory(runs):
-    phases = runs["data"][2]["phases"]
+    phases = runs["data"]["phases"]
     assert [p["phase"] for p in phases] == PHASES
     for p in phases:
         assert p["seconds"] >= 0 and 0.1 < p["peak_rss_gb"] < 20, p
@@ -90,35 +111,16 @@ def test_balanced_calibration_reads_the_same_images_in_smaller_passes():
     assert [len(b) for b in read("balanced")] == [16] * 2
 
 
-def test_the_image_tower_waits_in_host_memory_while_the_text_tower_trains(
-        tmp_path, tiny_checkpoint, monkeypatch):
+def test_the_image_tower_waits_in_host_memory_while_the_text_tower_trains(runs):
     """Training on cached features reads no image tower: where device memory is not the
-    host's (accelerators; here forced, as CPU devices have both memory kinds), the job
-    hands train.train params and a state without it and keeps its quantized weights in host
-    memory (`pinned_host`) meanwhile; evaluation and export get it back."""
-    config = p4q_config.get_config()
-    config.model.checkpoint = str(tiny_checkpoint)
-    for flag in _FLAGS[1:]:
-        key, value = flag.removeprefix("--config.").split("=")
-        section, name = key.split(".")
-        config[section][name] = type(config[section][name])(value)
-    visual_bytes = sum(x.nbytes for x in jax.tree.leaves(clip.init("tiny")[1]["visual"]))
-    seen = {}
-    real_train = train.train
-
-    def spy(config, *, params, qstate, **kwargs):
-        gc.collect()
-        seen["params"], seen["kernels"] = sorted(params), sorted(qstate.kernels)
-        seen["host_bytes"] = sum(x.nbytes for x in jax.live_arrays()
-                                 if x.sharding.memory_kind == "pinned_host")
-        return real_train(config, params=params, qstate=qstate, **kwargs)
-
-    monkeypatch.setattr(train, "train", spy)
-    monkeypatch.setattr(parallel, "host_memory_is_separate", lambda: True)
-    out = jobs.p4q(config, tmp_path)
+    host's (accelerators; forced in `runs`), the job hands train.train params and a state
+    without it and keeps its quantized weights in host memory (`pinned_host`) meanwhile;
+    evaluation and export get it back."""
+    seen = runs["seen"]
     assert "visual" not in seen["params"] and "text" in seen["params"]
     assert not [name for name in seen["kernels"] if name.startswith("visual/")]
+    visual_bytes = sum(x.nbytes for x in jax.tree.leaves(clip.init("tiny")[1]["visual"]))
     assert seen["host_bytes"] == visual_bytes
-    assert [r["method"] for r in out["rows"]] == ["fp_zeroshot", "ptq", "p4q"]
-    assert out["rows"][-1]["count"] == 80
-    assert (tmp_path / "export" / "towers").is_dir()
+    assert [r["method"] for r in runs["data"]["rows"]] == ["fp_zeroshot", "ptq", "p4q"]
+    assert runs["data"]["rows"][-1]["count"] == 80
+    assert (runs["export"] / "towers").is_dir()
