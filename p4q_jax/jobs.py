@@ -259,12 +259,13 @@ def p4q(config, workdir):
     of a CoOp dataset's classes (`data.subsample="base"`), each row also holds its accuracy on
     the new half ("new") and the harmonic mean ("hm").
 
-    Lean: every FP measurement comes first; once the quantized model's training input is
-    the feature cache (FP teacher features included), the FP kernels of the quantized
-    layers are dropped (the job's params become `qstate.quantized_params`), so training,
-    evaluation and export hold each kernel once, and on accelerators the image tower waits
-    in host memory while the text tower trains (`parallel.to_host`). `results.json` lists each phase's wall
-    time and peak resident memory ("phases")."""
+    Lean: every FP measurement comes first; the text tower's FP kernels of quantized layers
+    go before the feature cache is built (it reads the image towers only), the image
+    tower's once the cache holds the FP teacher's features (the job's params become
+    `qstate.quantized_params`), so training, evaluation and export hold each kernel once;
+    on accelerators the image tower waits in host memory while the text tower trains
+    (`parallel.to_host`). `results.json` lists each phase's wall time and peak resident
+    memory ("phases")."""
     workdir = pathlib.Path(workdir)
     export_dir = trained_lib.export_dir(config, workdir)
     if jax.process_index() == 0:

@@ -5,6 +5,7 @@ import contextlib
 import flax.linen as nn
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from p4q_jax.clip import model as model_lib
 from p4q_jax.quant import matmul
@@ -98,6 +99,7 @@ class QState:
                 if isinstance(module, (nn.Dense, nn.Conv)) and self.code_domain(module):
                     return self._code_matmul(module, args[0])
                 if (isinstance(module, model_lib.Product)
+                        and all(x.dtype == jnp.float32 for x in args[:2])  # exact codes
                         and (names := matmul.product_sites(self.config, self.acts, module))):
                     a, b = args[:2]
                     y = matmul.product(module.equation, a, self.acts[names[0]], b,
