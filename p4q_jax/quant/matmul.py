@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from p4q_jax.quant import primitives
+from p4q_jax.quant import sites
 
 MAX_BITS = primitives.MAX_BITS
 
@@ -134,7 +135,7 @@ def matmul(x, x_params, x_fmt, w, w_params, w_fmt):
 def product_sites(qconfig, acts, module):
     """The two operand sites of a `clip.model.Product` where both are quantized per tensor
     (then it runs on codes), else None."""
-    parent = "/".join(module.path).rsplit("/", 1)[0]
+    parent = sites.site_name(module).rsplit("/", 1)[0]
     names = [f"{parent}/{operand}" for operand in module.operands]
     return names if all(per_tensor_act(qconfig, acts, "attn", n) for n in names) else None
 
