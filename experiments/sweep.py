@@ -17,10 +17,12 @@ top-1 bar chart per dataset (OUT/top1_<dataset>.png).
 
 Methods are config files: a name in `METHODS`, or a path (`configs/x.py` or `configs/x.py:arg`).
 
-`--preset=demo` is the offline demo (`configs/default.py`: FP zero-shot, CoOp-FP, PTQ and P4Q at
-w8a8 and w4a4attn8) and its 4-bit ablations (`configs/default.py:VARIANT`) over seeds 0, 1, 2,
-reported as the paper lays them out: the main table, the ablation table (prompts, adapter,
-distillation) and the paper's claims checked on the means.
+`--preset=demo` is the offline demo's grid (`configs/default.py:grid`: FP zero-shot, CoOp-FP,
+FP P4Q, PTQ and P4Q at w8a8 and w4a4attn8, and the 4-bit ablations: which parts train x the
+distillation, and KL from the zero-shot and from the trained FP teacher) and its control on
+the unshifted task (`configs/default.py:shapes_control`), over seeds 0, 1, 2, reported as the
+paper lays them out: the main table, the ablation grid and the paper's claims checked on the
+means, each with its margin in standard deviations.
 
 `--preset=coop_fewshot` is CoOp's few-shot table: {zero-shot, CoOp-FP, PTQ, P4Q} (the
 `configs/coop_fewshot.py` variants; zero-shot and PTQ are rows of those runs) x CoOp's 11
@@ -42,6 +44,7 @@ transfer targets), e.g. a shortened base-to-new table on two datasets and one se
 import collections
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -53,6 +56,8 @@ from absl import flags
 from absl import logging
 
 from p4q_jax import results
+from p4q_jax.configs import ablations
+from p4q_jax.configs import baselines
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {
@@ -60,22 +65,19 @@ METHODS = {
     "zeroshot": "configs/zeroshot.py",
     "ptq": "configs/ptq.py",
     "p4q": "configs/p4q.py",
-    "coop_fp": "configs/baselines.py:coop_fp",
-    "coop_ptq": "configs/baselines.py:coop_ptq",
-    "prompts_only": "configs/ablations.py:prompts_only",
-    "adapter_only": "configs/ablations.py:adapter_only",
-    "no_distillation": "configs/ablations.py:no_distillation",
+    **{name: f"configs/baselines.py:{name}" for name in baselines.VARIANTS},
+    # kl_trained_teacher needs --set=loss.teacher=PATH (a trained FP export)
+    **{name: f"configs/ablations.py:{name}" for name in ablations.VARIANTS},
 }
 _FEWSHOT_METHODS = ["configs/coop_fewshot.py:coop_fp", "configs/coop_fewshot.py:p4q_w8a8",
                     "configs/coop_fewshot.py:p4q_w4a4attn8"]
 COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
                  "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-_DEMO_ABLATIONS = ("prompts_only", "adapter_only", "no_distillation", "official_distillation")
 PRESETS = {
-    # The demo (FP zero-shot, CoOp-FP, PTQ and P4Q at w8a8 and w4a4attn8) and its 4-bit
-    # ablations, over three seeds: the paper's tables in miniature.
+    # The demo's grid (main rows and 4-bit ablations, one process per seed) and its control on
+    # the unshifted task, over three seeds: the paper's tables in miniature.
     "demo": {
-        "methods": ["default"] + [f"configs/default.py:{name}" for name in _DEMO_ABLATIONS],
+        "methods": ["configs/default.py:grid", "configs/default.py:shapes_control"],
         "datasets": [],
         "shots": [],
         "seeds": ["0", "1", "2"],
@@ -187,6 +189,14 @@ def grid(methods, datasets, qconfigs, seeds, shots=(), seed_fields=("seed",), su
             for k in shots or [None] for s in seeds or [None]]
 
 
+def _environment(out):
+    """The runs' environment: JAX's persistent compilation cache in OUT/xla_cache (unless one
+    is set), so the points' identical programs (another seed, say) compile once."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(out).absolute() / "xla_cache"))
+    return env
+
+
 def run_points(points, out, extra=()):
     """Runs each point's main.py whose results file is missing -> the points that failed."""
     failed = []
@@ -200,7 +210,7 @@ def run_points(points, out, extra=()):
         start = time.time()
         with open(workdir / "main.log", "w") as log:
             code = subprocess.call(point.command(out, extra), cwd=REPO, stdout=log,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, env=_environment(out))
         logging.info("[%d/%d] %s in %.0f s", i + 1, len(points),
                      "done" if code == 0 else f"FAILED (exit {code}, see main.log)",
                      time.time() - start)
@@ -226,7 +236,7 @@ def collect(points, out):
                 "top1": row["top1"], "top5": row["top5"],
                 # base-to-new runs: the accuracy on the new half and the harmonic mean
                 "new_top1": row["new"]["top1"] if "new" in row else None, "hm": row.get("hm"),
-                "workdir": str(point.workdir(out))})
+                "recipe": row.get("recipe"), "workdir": str(point.workdir(out))})
     return records
 
 
@@ -247,7 +257,8 @@ def summarize(records):
         summary.append({"dataset": dataset, "shots": shots, "qconfig": qconfig, "row": row,
                         "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
                         "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
-                        "n": len(by_seed)})
+                        "n": len(by_seed), "recipe": members[0].get("recipe"),
+                        "top1_runs": [float(t) for t in top1]})
         if all(m.get("new_top1") is not None for m in by_seed.values()):
             for key in ("new_top1", "hm"):
                 values = np.array([m[key] for m in by_seed.values()])
@@ -257,85 +268,116 @@ def summarize(records):
 
 
 def method_label(entry):
-    """A table row's name: the results row, with its bits where the row name lacks them."""
-    if entry["row"] == "fp_zeroshot":
-        return "zero-shot CLIP"
+    """A table row's name (`results.row_label`), with its bits where the row has them."""
+    label = results.row_label(entry["row"])
     if entry["qconfig"] == "fp32" or entry["row"].endswith(entry["qconfig"]):
-        return entry["row"]
-    return f"{entry['row']} {entry['qconfig']}"
+        return label
+    return f"{label} {entry['qconfig']}"
 
 
-# The ablation table's rows: results row -> (prompts, adapter, distillation), in table order.
-_ABLATION_ROWS = {
-    "ptq": ("-", "-", "-"),
-    "p4q_prompts_only": ("learned", "-", "KL"),
-    "p4q_adapter_only": ("fixed", "8-bit", "KL"),
-    "p4q_no_distillation": ("learned", "8-bit", "-"),
-    "p4q_official_distillation": ("learned", "8-bit", "official"),
-    "p4q": ("learned", "8-bit", "KL"),
-}
+_MAIN_ROWS = ("fp_zeroshot", "coop_fp", "fp_p4q", "ptq", "p4q")
 
 
 def _mean_std(entry):
     return f"{entry['top1_mean']:.2f} +- {entry['top1_std']:.2f}"
 
 
-def demo_tables(summary):
-    """The demo's tables, where the summary has the ablation rows: {title: (header, rows)}.
+def _per_seed(entry):
+    return " / ".join(f"{t:.2f}" for t in entry["top1_runs"])
 
-    The main table (a row per method and bits) and, per dataset and bits the ablations ran at,
-    the ablation table: which parts train (prompts, adapter) and the distillation, top-1."""
-    tables = {}
+
+def _recipe_cells(entry):
+    """(prompts, adapter, distillation, teacher) of a row, from the recipe it records."""
+    recipe = entry.get("recipe")
+    if not recipe:
+        return ["-", "-", "-", "-"]
+    teacher = recipe.get("teacher")
+    if teacher is None:
+        teacher_name = "-"
+    elif teacher["kind"] == "zeroshot":
+        teacher_name = f"FP zero-shot ({teacher['train_top1']:.1f} / {teacher['test_top1']:.1f})"
+    else:
+        teacher_name = (f"{results.row_label(teacher['method'])} "
+                        f"({teacher['train_top1']:.1f} / {teacher['test_top1']:.1f})")
+    return [recipe["prompts"].split(" ")[0], "8-bit" if recipe["adapter"] else "-",
+            recipe["distillation"], teacher_name]
+
+
+def _demo_entries(summary):
+    """{dataset: its entries} of the datasets whose runs hold ablation rows (the demo's)."""
+    out = {}
     for dataset in dict.fromkeys(s["dataset"] for s in summary):
         entries = [s for s in summary if s["dataset"] == dataset and s["shots"] is None]
-        ablated = {s["qconfig"] for s in entries if s["row"] in _ABLATION_ROWS
-                   and s["row"] not in ("ptq", "p4q")}
-        if not ablated:
-            continue
-        main = [s for s in entries if s["row"] in ("fp_zeroshot", "coop_fp", "ptq", "p4q")]
+        if any(s["row"].startswith("p4q_") for s in entries):
+            out[dataset] = entries
+    return out
+
+
+def demo_tables(summary):
+    """The demo's tables, where the summary has ablation rows: {title: (header, rows)}.
+
+    The main table (a row per method and bits) and, per bit setting the ablations ran at, the
+    ablation grid: which parts train (prompts, adapter), the distillation and its teacher
+    (with the teacher's top-1 on the train / test split), top-1 mean +- std and per seed."""
+    tables = {}
+    for dataset, entries in _demo_entries(summary).items():
+        main = [s for s in entries if s["row"] in _MAIN_ROWS]
         tables[f"{dataset}: top-1 (%), mean +- std over seeds"] = (
-            ["bits", "method", "top-1 (%)", "seeds"],
-            [[s["qconfig"], method_label(s), _mean_std(s), s["n"]] for s in main])
-        for bits in sorted(ablated):
-            value = {s["row"]: s for s in entries if s["qconfig"] == bits}
-            tables[f"{dataset}, {bits}: ablations, top-1 (%), mean +- std over seeds"] = (
-                ["prompts", "adapter", "distillation", "method", "top-1 (%)", "seeds"],
-                [[*parts, row, _mean_std(value[row]), value[row]["n"]]
-                 for row, parts in _ABLATION_ROWS.items() if row in value])
+            ["bits", "method", "top-1 (%)", "per seed"],
+            [[s["qconfig"], results.row_label(s["row"]), _mean_std(s), _per_seed(s)]
+             for s in main])
+        for bits in sorted({s["qconfig"] for s in entries if s["row"].startswith("p4q_")}):
+            rows = sorted((s for s in entries if s["qconfig"] == bits
+                           and (s["row"] in ("ptq", "p4q") or s["row"].startswith("p4q_"))),
+                          key=lambda s: _recipe_cells(s))
+            tables[f"{dataset}, {bits}: what each part adds, top-1 (%) over seeds"] = (
+                ["prompts", "adapter", "distillation", "teacher (top-1 train / test)",
+                 "method", "top-1 (%)", "per seed"],
+                [[*_recipe_cells(s), results.row_label(s["row"]), _mean_std(s), _per_seed(s)]
+                 for s in rows])
     return tables
 
 
+def margin(a, b):
+    """(a - b) in standard deviations: over sqrt(std_a^2 + std_b^2), the spread of the
+    difference of two independent seeds' runs (inf when both are exact)."""
+    spread = float(np.hypot(a["top1_std"], b["top1_std"]))
+    diff = a["top1_mean"] - b["top1_mean"]
+    return diff / spread if spread else float("inf") * np.sign(diff) if diff else 0.0
+
+
+# The paper's claims: (claim, row a, row b, bits of a, bits of b); "holds" when a's mean is
+# above b's. Rows missing from a sweep are left out.
+_CLAIMS = (
+    ("learned prompts add to the adapter", "p4q", "p4q_adapter_only", None, None),
+    ("the adapter adds to learned prompts", "p4q", "p4q_prompts_only", None, None),
+    ("distillation (official) helps", "p4q", "p4q_no_distillation", None, None),
+    ("distillation (KL, zero-shot teacher) helps", "p4q_kl_distillation",
+     "p4q_no_distillation", None, None),
+    ("distillation (KL, trained FP teacher) helps", "p4q_kl_trained_teacher",
+     "p4q_no_distillation", None, None),
+    ("4-bit P4Q beats FP zero-shot", "p4q", "fp_zeroshot", "w4a4attn8", "fp32"),
+    ("8-bit P4Q beats CoOp-FP", "p4q", "coop_fp", "w8a8", "fp32"),
+)
+
+
 def demo_claims(summary):
-    """The paper's claims checked on the demo's means (datasets with ablation rows) ->
-    markdown lines (claim, measured, holds); a claim whose rows are missing is left out."""
-    lines = []
-    for dataset in dict.fromkeys(s["dataset"] for s in summary):
-        if not any(s["dataset"] == dataset and s["row"] in _ABLATION_ROWS
-                   and s["row"] not in ("ptq", "p4q") for s in summary):
-            continue  # not the demo's grid
-        mean = {(s["qconfig"], s["row"]): s["top1_mean"] for s in summary
-                if s["dataset"] == dataset and s["shots"] is None}
-        fp, coop = mean.get(("fp32", "fp_zeroshot")), mean.get(("fp32", "coop_fp"))
-        claims = []
-        if fp is not None and ("w4a4attn8", "p4q") in mean:
-            p4q4, ptq4 = mean[("w4a4attn8", "p4q")], mean.get(("w4a4attn8", "ptq"))
-            claims.append(("4-bit P4Q >= FP zero-shot + 2", f"{p4q4:.2f} vs {fp:.2f}",
-                           p4q4 >= fp + 2))
-            if ptq4 is not None:
-                claims.append(("4-bit PTQ <= FP zero-shot - 5", f"{ptq4:.2f} vs {fp:.2f}",
-                               ptq4 <= fp - 5))
-        if coop is not None and ("w8a8", "p4q") in mean:
-            p4q8 = mean[("w8a8", "p4q")]
-            claims.append(("8-bit P4Q >= CoOp-FP - 0.5", f"{p4q8:.2f} vs {coop:.2f}",
-                           p4q8 >= coop - 0.5))
-        for (bits, row), value in mean.items():
-            if row in _ABLATION_ROWS and row not in ("ptq", "p4q") and (bits, "p4q") in mean:
-                full = mean[(bits, "p4q")]
-                claims.append((f"{bits} P4Q > {row}", f"{full:.2f} vs {value:.2f}",
-                               full > value))
-        lines += [f"- {dataset}: {claim}: {measured}: {'holds' if holds else 'MISSED'}"
-                  for claim, measured, holds in claims]
-    return lines
+    """The paper's claims on the demo's means -> (header, rows): claim, dataset, the two
+    means, the margin in points and in standard deviations, holds or not."""
+    rows = []
+    for dataset, entries in _demo_entries(summary).items():
+        ablated = {s["qconfig"] for s in entries if s["row"].startswith("p4q_")}
+        value = {(s["qconfig"], s["row"]): s for s in entries}
+        for claim, a, b, bits_a, bits_b in _CLAIMS:
+            for bits in sorted(ablated) if bits_a is None else [bits_a]:
+                first, second = value.get((bits, a)), value.get((bits_b or bits, b))
+                if first is None or second is None:
+                    continue
+                diff = first["top1_mean"] - second["top1_mean"]
+                rows.append([claim, f"{dataset} {bits}", _mean_std(first), _mean_std(second),
+                             f"{diff:+.2f}", f"{margin(first, second):+.1f}",
+                             "holds" if diff > 0 else "does not hold"])
+    return ["claim", "task", "a", "b", "a - b (points)", "margin (std)", "on the means"], rows
 
 
 def shots_tables(summary):
@@ -463,9 +505,10 @@ def report(records, summary, out, targets=()):
                  + results.markdown_table(header, rows) + "\n")
     for title, (header, rows) in demo_tables(summary).items():
         text += f"## {title}\n\n" + results.markdown_table(header, rows) + "\n"
-    claims = demo_claims(summary)
+    header, claims = demo_claims(summary)
     if claims:
-        text += "## The paper's claims on these means\n\n" + "\n".join(claims) + "\n\n"
+        text += ("## The paper's claims on these means\n\n"
+                 + results.markdown_table(header, claims) + "\n")
     for shots, (header, rows) in ({} if b2n or targets else shots_tables(summary)).items():
         text += (f"## {shots} shots: top-1 (%), mean +- std over seeds\n\n"
                  + results.markdown_table(header, rows) + "\n")

@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from p4q_jax import atomic
@@ -18,8 +19,10 @@ from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import train
 from p4q_jax.clip import checkpoints
-from p4q_jax.configs import baselines
+from p4q_jax.p4q import losses
+from p4q_jax.p4q import teacher as teacher_lib
 from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import variants
 from p4q_jax.quant import calibration
 from p4q_jax.quant import integer
 from p4q_jax.quant import sites
@@ -74,6 +77,7 @@ class _Job:
             self.model, params, self.smoke = build_model(config)
         else:
             (self.model, params), self.smoke = model_and_params, False
+        self.weights = trained_lib.weights_fingerprint(params)  # the base model's identity
         self.params = self.place(params)  # on the devices once, large kernels split over `model`
         on_device, total = parallel.bytes_per_device(self.params)
         logging.info("frozen params: %.1f of %.1f MB on each device (mesh %s)", on_device / 2**20,
@@ -100,15 +104,23 @@ class _Job:
         return evaluate.zeroshot_classifier(self.model, variables, self.prompts, mesh=self.mesh,
                                             batch_size=self.config.eval.text_batch_size)
 
-    def accuracy(self, variables, classifier, *, desc, step=None):
+    def accuracy(self, variables, classifier, *, desc, step=None, split="test"):
+        """Top-1/top-5 on `split` (eval transforms: center crop, no flip)."""
         cfg = self.config
-        dataset = data.create_dataset(cfg.data, split="test", batch_size=cfg.eval.batch_size,
+        dataset = data.create_dataset(cfg.data, split=split, batch_size=cfg.eval.batch_size,
                                       image_size=self.image_size, train=False)
         return evaluate.accuracy(
             step or self._step, variables, classifier, data.as_numpy_batches(dataset),
             mesh=self.mesh,
-            total=data.num_eval_batches(cfg.data, split="test", batch_size=cfg.eval.batch_size),
+            total=data.num_eval_batches(cfg.data, split=split, batch_size=cfg.eval.batch_size),
             desc=desc)
+
+    def data_origin(self):
+        """The training data of this job's runs, as exports record it (`p4q.teacher`)."""
+        cfg = self.config.data
+        return {"dataset": cfg.name, "split": self.info.split_name("train"),
+                "test_split": self.info.split_name("test"), "num_shots": cfg.num_shots,
+                "shot_seed": cfg.shot_seed, "subsample": cfg.subsample}
 
     def results(self, mode, rows, **extra):
         return {
@@ -252,12 +264,65 @@ def _with_new_classes(config, job, rows, qstate, trained, measured):
              "hm": harmonic_mean(row["top1"], measured[row["method"]]["top1"])} for row in rows]
 
 
-def p4q(config, workdir):
+def _calibration_key(config):
+    """What `_fp_and_ptq` depends on: runs that agree on it share its results (the demo)."""
+    return repr({"seed": config.seed, "quantize": config.p4q.quantize,
+                 **{section: config[section].to_dict()
+                    for section in ("model", "data", "quant", "eval")}})
+
+
+def _teacher(config, job, zeroshot_text, rows):
+    """The run's distillation teacher (`loss.teacher`) and its top-1 on the test split."""
+    if config.loss.teacher == teacher_lib.ZEROSHOT:
+        return teacher_lib.zeroshot(zeroshot_text), rows[0]["top1"]
+    job.phases.start("teacher")
+    teacher = teacher_lib.from_export(
+        config.loss.teacher, model=job.model, params=job.params,
+        class_names=job.info.class_names, data_origin=job.data_origin(), weights=job.weights)
+    test = _trained_accuracy(job, teacher.trained,
+                             teacher.trained.variables(job.params, None), desc="teacher")
+    return teacher, test["top1"]
+
+
+def _teacher_train_top1(config, job, teacher, source):
+    """The teacher's top-1 on the training split: from the feature cache's FP features
+    (view 0, the image as given) where there is one, else a pass with eval transforms."""
+    if source is not None:
+        cache = source.cache
+        features = jnp.asarray(np.asarray(cache["teacher"][:, 0]))
+        logits = losses.cosine_logits(teacher.image_features(features), teacher.text, 1.0)
+        return float(100 * np.mean(np.asarray(jnp.argmax(logits, -1)) == cache["label"]))
+    step = evaluate.make_eval_step(
+        lambda v, x: teacher.image_features(clip.encode.apply(
+            job.model, v["params"], x, method=job.model.encode_image)),
+        mesh=job.mesh, num_classes=len(job.info.class_names))
+    return job.accuracy({"params": job.params}, teacher.text, desc="teacher, train split",
+                        step=step, split="train")["top1"]
+
+
+def recipe(config, teacher=None):
+    """How a training row was trained: which parts learn, the distillation and its teacher."""
+    cfg, loss = config.p4q, config.loss
+    distills = loss.distillation_kind != "none" and loss.distillation > 0
+    return {"prompts": "learned" if cfg.train_prompts else f"fixed ({cfg.ctx_init!r})",
+            "adapter": bool(cfg.adapter), "quantized": bool(cfg.quantize),
+            "distillation": loss.distillation_kind if distills else "none",
+            "distillation_weight": loss.distillation if distills else 0.0,
+            "temperature": loss.temperature if loss.distillation_kind == "kl" else None,
+            "teacher": teacher if distills else None}
+
+
+def p4q(config, workdir, *, shared=None):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
     training curves, and the exact training images in train_split.json. With
-    `p4q.quantize=False` the FP model is trained (CoOp baseline). Trained on the base half
-    of a CoOp dataset's classes (`data.subsample="base"`), each row also holds its accuracy on
-    the new half ("new") and the harmonic mean ("hm").
+    `p4q.quantize=False` the FP model is trained (CoOp-FP, or FP P4Q with the adapter).
+    Trained on the base half of a CoOp dataset's classes (`data.subsample="base"`), each row
+    also holds its accuracy on the new half ("new") and the harmonic mean ("hm"). The
+    trained row says how it was trained (`recipe`: parts, distillation, and the teacher with
+    its own top-1 on the train and test splits).
+
+    `shared`: a dict that runs of one process pass along (the demo) to reuse the calibration,
+    FP zero-shot and PTQ results of a run with the same model, data and quantization.
 
     Lean: every FP measurement comes first; the text tower's FP kernels of quantized layers
     go before the feature cache is built (it reads the image towers only), the image
@@ -272,27 +337,40 @@ def p4q(config, workdir):
         atomic.clean_leftovers(export_dir)  # temporaries of an export killed in a past run
     job = _Job(config)
     results.write_json(workdir / "train_split.json", data.training_examples(config.data))
-    qstate, teacher, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
+    key = _calibration_key(config)
+    if shared is not None and key in shared:
+        logging.info("calibration, FP zero-shot and PTQ: reused from an earlier run")
+        qstate, zeroshot_text, rows = shared[key]
+        rows = [dict(row) for row in rows]
+    else:
+        qstate, zeroshot_text, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
+        if shared is not None:
+            shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
     qstate = job.place(qstate)
+    teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
     base_to_new = config.data.get("subsample", "all") == "base"
     if base_to_new:
         job.phases.start("base-to-new: FP and PTQ")
         measured_new = _baselines_on_new(config, job, qstate)
     source = image_tower = None
-    if qstate is not None and train.uses_feature_cache(config):
+    if train.uses_feature_cache(config):
         job.phases.start("feature cache")
-        # The cache reads the image towers only: the text tower's FP kernels go first.
-        job.params = job.place(sites.replace_kernels(job.params, {
-            name: k for name, k in qstate.kernels.items() if name.startswith("text/")}))
+        if qstate is not None:
+            # The cache reads the image towers only: the text tower's FP kernels go first.
+            job.params = job.place(sites.replace_kernels(job.params, {
+                name: k for name, k in qstate.kernels.items() if name.startswith("text/")}))
         source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
                                      mesh=job.mesh, workdir=workdir)
+    distills = recipe(config)["distillation"] != "none"
+    teacher_train = _teacher_train_top1(config, job, teacher, source) if distills else None
+    if source is not None and qstate is not None:
         job.params = job.place(qstate.quantized_params(job.params))  # the FP kernels go
         if parallel.host_memory_is_separate():
             # The params hold the quantized kernels now; the image tower's wait on the host.
             qstate = qstate.replace(kernels={})
             image_tower = parallel.to_host(job.params.pop("visual"))
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,
-                      teacher_text=teacher, class_names=job.info.class_names, mesh=job.mesh,
+                      teacher=teacher, class_names=job.info.class_names, mesh=job.mesh,
                       workdir=workdir, source=source, phases=job.phases)
     job.phases.start("evaluation")
     if image_tower is not None:
@@ -301,8 +379,10 @@ def p4q(config, workdir):
         kernels = sites.kernels(job.params)
         qstate = qstate.replace(kernels={name: kernels[name] for name in qstate.weights})
     qconfig = None if qstate is None else qstate.config.name
+    trained_recipe = recipe(config, {**teacher.origin, "train_top1": teacher_train,
+                                     "test_top1": teacher_test})
     variables = out.trained.variables(job.params, job.inference(qstate))
-    rows.append({"method": config.p4q.method, "qconfig": qconfig,
+    rows.append({"method": config.p4q.method, "qconfig": qconfig, "recipe": trained_recipe,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
     if base_to_new:
         job.phases.start("base-to-new evaluation")
@@ -314,7 +394,11 @@ def p4q(config, workdir):
     writer.close()
     if jax.process_index() == 0:
         trained_lib.save(export_dir, job.model, jax.device_get(job.params),
-                         jax.device_get(qstate), out.trained)
+                         jax.device_get(qstate), out.trained, origin={
+                             "model": {"config": job.model.config.to_dict(),
+                                       "weights": job.weights},
+                             "data": job.data_origin(), "method": config.p4q.method,
+                             "recipe": trained_recipe})
     results.plot_curves(workdir / "training_curves.png", out.history,
                         title=f"{config.p4q.method} on {config.data.name}")
     return job.finish(workdir, job.results("p4q", rows, qconfig=qconfig, history=out.history,
@@ -342,55 +426,73 @@ def evaluate_export(config, workdir):
                                            transfer=transfer))
 
 
-_DEMO_NAMES = {"fp_zeroshot": "FP zero-shot", "coop_fp": "CoOp-FP", "ptq": "PTQ", "p4q": "P4Q"}
-_COOP_FP_RUN = "fp32_coop"  # the demo's CoOp-FP run, beside one directory per bit setting
-
-
 def demo_report(rows):
     """The demo's table (markdown) from its rows."""
     return results.markdown_table(
         ["bits", "method", "top-1 (%)", "top-5 (%)", "size on disk (bytes)"],
-        [[row["qconfig"] or "fp32", _DEMO_NAMES[row["method"]], f"{row['top1']:.2f}",
+        [[row["qconfig"] or "fp32", results.row_label(row["method"]), f"{row['top1']:.2f}",
           f"{row['top5']:.2f}", "-" if row["bytes"] is None else f"{row['bytes']:,}"]
          for row in rows])
 
 
-def demo(config, workdir):
-    """FP zero-shot, CoOp-FP (`demo.coop_fp`), then PTQ and P4Q at each bit setting of
-    `config.demo.qconfigs`.
+def teacher_lines(rows):
+    """One line per distinct teacher of the demo's trained rows: its top-1 on both splits."""
+    seen = {}
+    for row in rows:
+        teacher = (row.get("recipe") or {}).get("teacher")
+        if teacher:
+            name = ("FP zero-shot" if teacher["kind"] == teacher_lib.ZEROSHOT
+                    else f"{results.row_label(teacher['method'])} export")
+            seen.setdefault(name, (teacher["train_top1"], teacher["test_top1"]))
+    return [f"teacher ({name}): top-1 {train:.2f} on the train split, {test:.2f} on the test "
+            "split" for name, (train, test) in seen.items()]
 
-    Each training is a `p4q` run in its own WORKDIR/<setting>/ (`fp32_coop` for CoOp-FP; its
-    own results.json, curves, checkpoints and export). Prints the table and writes
-    results.json, results.md (the table) and results.png (top-1 bars) to the workdir. Sizes are
-    bytes on disk: the FP checkpoint, the exported quantized towers (PTQ), and the towers plus
-    prompts and adapter (P4Q; for CoOp-FP, its export: the FP towers plus prompts)."""
+
+def demo(config, workdir):
+    """FP zero-shot, CoOp-FP (`demo.coop_fp`), FP P4Q (`demo.fp_p4q`), then PTQ and P4Q at
+    each bit setting of `config.demo.qconfigs`, then the ablations of `demo.ablations` at
+    `demo.ablation_qconfig` (`configs/ablations.py`; the trained-teacher one distils from the
+    FP P4Q run's export).
+
+    Each training is a `p4q` run in its own WORKDIR/<name>/ (its own results.json, curves,
+    checkpoints and export); runs of one bit setting share its calibration and feature
+    cache. Prints the table and the teachers' accuracies, and writes results.json,
+    results.md and results.png (top-1 bars) to the workdir. Sizes are bytes on disk: the FP
+    checkpoint, the exported quantized towers (PTQ), and the towers plus prompts and adapter
+    (trained rows; FP ones: the FP towers plus prompts and adapter)."""
     workdir = pathlib.Path(workdir)
     todo = _demo_runs(config, workdir)
-    runs, rows = {}, []
+    runs, rows, shared = {}, [], {}
     for i, (name, (sub, subdir)) in enumerate(todo.items()):
-        logging.info("demo %d/%d: %s", i + 1, len(todo),
-                     "CoOp on the FP model" if name == _COOP_FP_RUN else f"PTQ and P4Q at {name}")
-        runs[name] = run = p4q(sub, subdir)
+        logging.info("demo %d/%d: %s (%s)", i + 1, len(todo), sub.p4q.method, name)
+        runs[name] = run = p4q(sub, subdir, shared=shared)
         fp, *quantized, trained = run["rows"]
         export = pathlib.Path(run["export"])
         if not rows:
             checkpoint = config.model.checkpoint
             rows.append({**fp, "qconfig": None,
                          "bytes": checkpoints.bytes_on_disk(checkpoint) if checkpoint else None})
-        rows += [{**row, "bytes": checkpoints.bytes_on_disk(export / "towers")}
-                 for row in quantized]
+        if not any(r["method"] == "ptq" and r["qconfig"] == q["qconfig"]
+                   for r in rows for q in quantized):
+            rows += [{**row, "bytes": checkpoints.bytes_on_disk(export / "towers")}
+                     for row in quantized]
         rows.append({**trained, "bytes": checkpoints.bytes_on_disk(export)})
     table = demo_report(rows)
     first = next(iter(runs.values()))
+    teachers = "\n".join(teacher_lines(rows))
     if jax.process_index() == 0:
-        print(f"\n{config.data.name}, {first['num_classes']} classes:\n{table}")
-    results.write_text(workdir / "results.md", table)
+        print(f"\n{config.data.name}, {first['num_classes']} classes:\n{table}\n{teachers}")
+    results.write_text(workdir / "results.md", f"{table}\n{teachers}\n")
     settings = list(config.demo.qconfigs)
     bars = {"FP zero-shot": [rows[0]["top1"]] * len(settings)}
-    if _COOP_FP_RUN in runs:
-        bars["CoOp-FP"] = [runs[_COOP_FP_RUN]["rows"][-1]["top1"]] * len(settings)
-    bars |= {"PTQ": [r["top1"] for r in rows if r["method"] == "ptq"],
-             "P4Q": [r["top1"] for r in rows if r["method"] == "p4q"]}
+    for method in ("coop_fp", "fp_p4q"):
+        fp_rows = [r["top1"] for r in rows if r["method"] == method]
+        if fp_rows:
+            bars[results.row_label(method)] = fp_rows * len(settings)
+    for method in ("ptq", "p4q"):
+        bars[results.row_label(method)] = [
+            next((r["top1"] for r in rows if r["method"] == method and r["qconfig"] == q), None)
+            for q in settings]
     results.plot_bars(workdir / "results.png", settings, bars,
                       title=f"{config.data.name}: top-1 on the test split")
     out = {"mode": "demo", "smoke_run": first["smoke_run"], "checkpoint": first["checkpoint"],
@@ -403,20 +505,39 @@ def demo(config, workdir):
     return out
 
 
+_FP_RUNS = {"coop_fp": "fp32_coop", "fp_p4q": "fp32_p4q"}  # the demo's FP runs' directories
+
+
+def _demo_run(config, workdir, variant=None, *, qconfig=None):
+    """One of the demo's p4q runs, as `variant` (`p4q.variants`; None: P4Q) at `qconfig`:
+    (its config, WORKDIR/<name>)."""
+    sub = config.copy_and_resolve_references()
+    sub.p4q.export_dir = None
+    if qconfig is not None:
+        sub.quant.config = qconfig
+    if variant is not None:
+        variants.apply(sub, variant)
+    name = _FP_RUNS[variant] if not sub.p4q.quantize else "_".join(
+        filter(None, (sub.quant.config, variant)))
+    # Runs of one bit setting (and the FP ones) share the features of their image towers.
+    sub.speed.cache_dir = str(pathlib.Path(workdir) / "feature_cache" /
+                              (sub.quant.config if sub.p4q.quantize else "fp32"))
+    return sub, pathlib.Path(workdir) / name
+
+
 def _demo_runs(config, workdir):
-    """The demo's p4q runs: {name: (config, WORKDIR/<name>)}, CoOp-FP first (`fp32_coop`, with
-    `demo.coop_fp`), then one per bit setting."""
-    runs = {}
-    if config.demo.get("coop_fp", False):
-        sub = baselines.apply(config.copy_and_resolve_references(), "coop_fp")
-        sub.p4q.export_dir = None
-        runs[_COOP_FP_RUN] = (sub, pathlib.Path(workdir) / _COOP_FP_RUN)
-    for name in config.demo.qconfigs:
-        sub = config.copy_and_resolve_references()
-        sub.quant.config = name
-        sub.p4q.export_dir = None
-        runs[name] = (sub, pathlib.Path(workdir) / name)
-    return runs
+    """The demo's p4q runs: {name: (config, WORKDIR/<name>)}: CoOp-FP (`fp32_coop`, with
+    `demo.coop_fp`), FP P4Q (`fp32_p4q`, with `demo.fp_p4q`), one per bit setting, then
+    one per ablation (`<bits>_<variant>`)."""
+    demo_cfg = config.demo
+    todo = [_demo_run(config, workdir, variant) for variant in _FP_RUNS if demo_cfg[variant]]
+    todo += [_demo_run(config, workdir, qconfig=name) for name in demo_cfg.qconfigs]
+    todo += [_demo_run(config, workdir, variant, qconfig=demo_cfg.ablation_qconfig)
+             for variant in demo_cfg.ablations]
+    for sub, _ in todo:
+        if sub.loss.teacher is None:  # the trained-teacher variant: the FP P4Q run's export
+            sub.loss.teacher = str(pathlib.Path(workdir) / _FP_RUNS["fp_p4q"] / "export")
+    return {subdir.name: (sub, subdir) for sub, subdir in todo}
 
 
 MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export, "demo": demo}

@@ -26,6 +26,7 @@ from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import variants
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields that hold paths, made absolute by `resolve_paths` (those a config has).
@@ -58,6 +59,8 @@ def resolve_paths(config, workdir):
         if value:
             section, name = dotted.split(".")
             config[section][name] = absolute(value)
+    if "loss" in config and config.loss.get("teacher") not in (None, "zeroshot"):
+        config.loss.teacher = absolute(config.loss.teacher)
     return config, pathlib.Path(absolute(workdir))
 
 
@@ -225,6 +228,7 @@ def _p4q(config, problems, shards):
             problems.positive(f"train.{field}", tcfg[field])
     problems.one_of("loss.distillation_kind", lcfg.distillation_kind, losses.DISTILLATIONS)
     problems.positive("loss.temperature", lcfg.temperature)
+    _teacher(config, problems)
     for field in ("cross_entropy", "distillation", "contrastive"):
         if not isinstance(lcfg[field], (int, float)) or lcfg[field] < 0:
             problems.add(f"loss.{field}", lcfg[field], "expected a number >= 0")
@@ -242,6 +246,36 @@ def _p4q(config, problems, shards):
                     ("off", *model_lib.REMAT_POLICIES))
     problems.one_of("speed.xla_schedule", config.speed.get("xla_schedule", "auto"),
                     step_lib.XLA_SCHEDULES)
+
+
+def _teacher(config, problems):
+    teacher = config.loss.teacher
+    if teacher == "zeroshot":
+        return
+    if not teacher:
+        problems.add("loss.teacher", teacher, "expected 'zeroshot' or the path of a trained FP "
+                     "export (e.g. an FP P4Q run's export/)")
+    elif not (pathlib.Path(teacher) / trained_lib.MARKER).is_file():
+        problems.add("loss.teacher", teacher, f"not a P4Q export (no {trained_lib.MARKER}); "
+                     "expected 'zeroshot' or a trained FP run's export/")
+
+
+def _demo(config, problems):
+    demo = config.demo
+    qconfigs = list(demo.qconfigs)
+    if not qconfigs:
+        problems.add("demo.qconfigs", qconfigs, "name at least one bit setting")
+    for i, name in enumerate(qconfigs):
+        problems.parses(f"demo.qconfigs[{i}]", name, quant.QConfig.parse)
+    for i, name in enumerate(demo.ablations):
+        problems.one_of(f"demo.ablations[{i}]", name, list(variants.ABLATIONS))
+    if demo.ablations:
+        problems.parses("demo.ablation_qconfig", demo.ablation_qconfig, quant.QConfig.parse)
+    if "kl_trained_teacher" in demo.ablations and not demo.fp_p4q:
+        problems.add("demo.fp_p4q", False, "the kl_trained_teacher ablation distils from the "
+                     "FP P4Q run: expected True")
+    if not config.p4q.quantize:
+        problems.add("p4q.quantize", False, "the demo compares PTQ and P4Q: expected True")
 
 
 def _results_of_another_mode(workdir, mode, problems):
@@ -286,13 +320,10 @@ def check(config, workdir, *, mode):
         else:
             _p4q(config, problems, shards)
     if mode == "demo":
-        qconfigs = list(config.demo.qconfigs) if "demo" in config else []
-        if not qconfigs:
-            problems.add("demo.qconfigs", qconfigs, "name at least one bit setting")
-        for i, name in enumerate(qconfigs):
-            problems.parses(f"demo.qconfigs[{i}]", name, quant.QConfig.parse)
-        if "p4q" in config and not config.p4q.quantize:
-            problems.add("p4q.quantize", False, "the demo compares PTQ and P4Q: expected True")
+        if "demo" not in config or "p4q" not in config:
+            problems.add("mode", mode, "needs the demo's config: --config=configs/default.py")
+        else:
+            _demo(config, problems)
     if mode == "eval":
         export = trained_lib.export_dir(config, workdir)
         if not (export / trained_lib.MARKER).is_file():

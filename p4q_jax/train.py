@@ -172,7 +172,7 @@ class Result:
     history: list  # [{"step": n, metric: mean since the previous entry, ...}]
 
 
-def train(config, *, model, params, qstate, teacher_text, class_names, mesh, workdir,
+def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
           source=None, phases=None):
     """Trains P4Q (or a baseline/ablation, as configured) -> Result.
 
@@ -180,7 +180,8 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
       config: the experiment ConfigDict (sections p4q, train, loss, speed, checkpoint, data).
       model, params: the CLIP and its FP params (on `mesh`: `parallel.place_weights`).
       qstate: the calibrated QState of both towers, or None to train on the FP model.
-      teacher_text: the FP zero-shot ensemble text features [C, E], normalized.
+      teacher: the distillation teacher (`p4q.teacher`: the FP zero-shot classifier or a
+        trained FP export).
       class_names: the C class names, in label order.
       mesh: the device mesh; the global batch is split over its `data` axis.
       workdir: checkpoints, the feature cache and the metric logs go here.
@@ -199,8 +200,9 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
-    frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
-                                  image_towers=not uses_feature_cache(config), train=True)
+    frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher.text,
+                                  image_towers=not uses_feature_cache(config), train=True,
+                                  teacher_adapter=teacher.adapter_state)
     frozen_shardings = parallel.weight_shardings(frozen, mesh,
                                                  min_size=config.mesh.shard_min_size)
     frozen = jax.device_put(frozen, frozen_shardings)
@@ -255,7 +257,7 @@ def train(config, *, model, params, qstate, teacher_text, class_names, mesh, wor
         {"context": context, "adapter": adapter_params}, tx), mesh)
     train_step = step_lib.make_train_step(
         model=model, prompts=prompts, adapter=adapter, tx=tx, mesh=mesh,
-        weights=step_lib.LossWeights(**config.loss.to_dict()),
+        weights=step_lib.loss_weights(config.loss), teacher_adapter=teacher.adapter,
         shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
         frozen_shardings=frozen_shardings,
         length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1,

@@ -43,7 +43,7 @@ def test_config_values_are_accepted(name):
                 quant.QConfig.parse(name)
             assert pathlib.Path(config.model.checkpoint).is_dir()
         if config.mode in ("p4q", "demo"):
-            step.LossWeights(**config.loss.to_dict())
+            step.loss_weights(config.loss)
             assert config.loss.distillation_kind in losses.DISTILLATIONS
             assert config.p4q.position in prompts.POSITIONS
 
@@ -55,10 +55,22 @@ def test_variants_differ_where_they_say():
     assert not ablations.get_config("prompts_only").p4q.adapter
     assert not ablations.get_config("adapter_only").p4q.train_prompts
     assert ablations.get_config("no_distillation").loss.distillation_kind == "none"
-    assert ablations.get_config("official_distillation").loss.distillation_kind == "official"
+    assert ablations.get_config("no_distillation").loss.distillation == 0
+    assert ablations.get_config("kl_distillation").loss.distillation_kind == "kl"
+    assert ablations.get_config("kl_trained_teacher").loss.teacher is None  # to be given
+    assert ablations.get_config("prompts_only_no_distillation").loss.distillation == 0
+    assert not ablations.get_config("adapter_only_no_distillation").p4q.train_prompts
+    fp_p4q = baselines.get_config("fp_p4q")
+    assert not fp_p4q.p4q.quantize and fp_p4q.p4q.adapter and fp_p4q.p4q.method == "fp_p4q"
     from p4q_jax.configs import default  # pylint: disable=g-import-not-at-top
     demo, ablated = default.get_config(), default.get_config("adapter_only")
     assert (demo.mode, demo.data.name, demo.demo.coop_fp) == ("demo", "shapes_warm", True)
+    assert not demo.demo.fp_p4q and not demo.demo.ablations  # `python main.py` stays short
+    grid = default.get_config("grid")
+    assert grid.demo.fp_p4q and set(grid.demo.ablations) == set(ablations.VARIANTS)
+    control = default.get_config("shapes_control")
+    assert control.data.name == "shapes" and control.demo.ablations == (
+        "no_distillation", "kl_distillation")
     assert (ablated.mode, ablated.quant.config, ablated.p4q.method) == (
         "p4q", "w4a4attn8", "p4q_adapter_only")
     assert not ablated.p4q.train_prompts
@@ -92,3 +104,17 @@ def test_repository_configs_link_is_the_package():
     """`--config=configs/NAME.py` (README) and the package are one set of files."""
     link = pathlib.Path(__file__).parents[1] / "configs"
     assert link.resolve() == pathlib.Path(configs.__file__).parent.resolve()
+
+
+def test_the_method_defaults_to_the_public_codes_distillation_from_the_zero_shot_teacher():
+    """The public code's loss (`cross_entropy(teacher_probs, student_probs)`) is the default
+    of the base P4Q config and of every config meant as the paper's recipe."""
+    from p4q_jax.configs import (cifar100_vitb32_official448, cifar100_vitb32_w4a4attn8,  # pylint: disable=g-import-not-at-top
+                                 coop_fewshot, default, imagenet_vitb32_w8a8, p4q)
+    configs = [p4q.get_config(), default.get_config(), cifar100_vitb32_w4a4attn8.get_config(),
+               cifar100_vitb32_official448.get_config(), imagenet_vitb32_w8a8.get_config(),
+               coop_fewshot.get_config("p4q_w4a4attn8"), coop_fewshot.get_config("p4q_w8a8")]
+    for config in configs:
+        assert (config.loss.distillation_kind, config.loss.distillation,
+                config.loss.teacher) == ("official", 1.0, "zeroshot")
+    assert step.LossWeights().distillation_kind == "official"

@@ -143,7 +143,7 @@ def test_generalization_presets_end_to_end(pets_root, tmp_path, tiny_checkpoint)
         header, _, *rows = _table(text, heading)
         assert header == "| method | base | new | H |"
         assert [row.split(" | ")[0] for row in rows] == [
-            "| zero-shot CLIP", "| ptq w8a8", "| p4q_w8a8"]
+            "| FP zero-shot", "| PTQ w8a8", "| p4q_w8a8"]
     assert (out / "base_to_new.png").read_bytes().startswith(b"\x89PNG")
 
     # Cross-dataset, then domain generalization on the same ImageNet run (trained once).
@@ -162,8 +162,8 @@ def test_generalization_presets_end_to_end(pets_root, tmp_path, tiny_checkpoint)
     header, _, *rows = _table((out / "results.md").read_text(), "## Transfer from coop/imagenet")
     assert header == "| method | coop/imagenet | coop/dtd | target average |"
     cells = {row.split(" | ")[0][2:]: row.split(" | ")[1:] for row in rows}
-    assert list(cells) == ["zero-shot CLIP", "ptq w8a8", "p4q_w8a8"]
-    assert cells["ptq w8a8"][1:] == ["-", "- |"]  # PTQ has no export to transfer
+    assert list(cells) == ["FP zero-shot", "PTQ w8a8", "p4q_w8a8"]
+    assert cells["PTQ w8a8"][1:] == ["-", "- |"]  # PTQ has no export to transfer
     assert cells["p4q_w8a8"][1] == f"{evaluated['rows'][0]['top1']:.2f} +- 0.00"
     assert (out / "transfer.png").read_bytes().startswith(b"\x89PNG")
     done = _sweep(out, "domain_generalization", "--seeds=1", "--targets=coop/imagenetv2",
@@ -172,7 +172,7 @@ def test_generalization_presets_end_to_end(pets_root, tmp_path, tiny_checkpoint)
     header, _, *rows = _table((out / "results.md").read_text(), "## Transfer from coop/imagenet")
     assert header == "| method | coop/imagenet | coop/imagenetv2 | target average |"
     assert [row.split(" | ")[0] for row in rows] == [
-        "| zero-shot CLIP", "| ptq w8a8", "| p4q_w8a8"]
+        "| FP zero-shot", "| PTQ w8a8", "| p4q_w8a8"]
     assert all(" - " not in row for row in (rows[0], rows[2]))  # every column has a value
 
 

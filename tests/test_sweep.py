@@ -120,11 +120,11 @@ def test_coop_tables_and_figure_from_results(tmp_path):
     assert "## 2 shots: top-1 (%), mean +- std over seeds" in text
     table = text[text.index("## 2 shots"):].split("\n\n")[1]
     assert "| method | coop/dtd | coop/eurosat | average |" in table
-    assert "| zero-shot CLIP | 40.00 +- 0.00 | 60.00 +- 0.00 | 50.00 |" in table
-    assert "| coop_fp | 61.50 +- 0.50 | 81.50 +- 0.50 | 71.50 |" in table
+    assert "| FP zero-shot | 40.00 +- 0.00 | 60.00 +- 0.00 | 50.00 |" in table
+    assert "| CoOp-FP | 61.50 +- 0.50 | 81.50 +- 0.50 | 71.50 |" in table
     # P4Q: coop - 2 * seed -> seeds give 59, 58 (dtd): mean 58.5, std 0.5.
     assert "| p4q_w8a8 | 58.50 +- 0.50 | 78.50 +- 0.50 | 68.50 |" in table
-    assert "| ptq w8a8 | 35.00 +- 0.00 | 55.00 +- 0.00 | 45.00 |" in table
+    assert "| PTQ w8a8 | 35.00 +- 0.00 | 55.00 +- 0.00 | 45.00 |" in table
     assert (tmp_path / "top1_vs_shots.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -148,12 +148,12 @@ def test_base_to_new_tables_from_results(tmp_path):
     text = (tmp_path / "results.md").read_text()
     dtd = text[text.index("## Base-to-new, coop/dtd"):].split("\n\n")[1]
     assert "| method | base | new | H |" in dtd
-    assert "| zero-shot CLIP | 60.00 +- 0.00 | 50.00 +- 0.00 | 54.55 +- 0.00 |" in dtd
+    assert "| FP zero-shot | 60.00 +- 0.00 | 50.00 +- 0.00 | 54.55 +- 0.00 |" in dtd
     # CoOp: base 62 and 64 (mean 63, std 1), new 40; H per seed 48.63 and 49.23.
-    assert "| coop_fp | 63.00 +- 1.00 | 40.00 +- 0.00 | 48.93 +- 0.30 |" in dtd
+    assert "| CoOp-FP | 63.00 +- 1.00 | 40.00 +- 0.00 | 48.93 +- 0.30 |" in dtd
     average = text[text.index("## Base-to-new, average"):].split("\n\n")[1]
     # Averages over the two datasets: base (63 + 83) / 2, new (40 + 60) / 2, H of the two.
-    assert "| coop_fp | 73.00 | 50.00 | 59.35 |" in average
+    assert "| CoOp-FP | 73.00 | 50.00 | 59.35 |" in average
     assert (tmp_path / "base_to_new.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -208,43 +208,72 @@ def test_transfer_table_from_results(tmp_path):
     table = text[text.index("## Transfer from coop/imagenet"):].split("\n\n")[1]
     assert ("| method | coop/imagenet | coop/imagenetv2 | coop/imagenet_sketch | "
             "coop/imagenet_a | coop/imagenet_r | target average |") in table
-    assert ("| zero-shot CLIP | 60.00 +- 0.00 | 30.00 +- 0.00 | 40.00 +- 0.00 | 50.00 +- 0.00 | "
+    assert ("| FP zero-shot | 60.00 +- 0.00 | 30.00 +- 0.00 | 40.00 +- 0.00 | 50.00 +- 0.00 | "
             "60.00 +- 0.00 | 45.00 |") in table
     assert ("| p4q_w8a8 | 63.50 +- 0.50 | 41.50 +- 0.50 | 51.50 +- 0.50 | 61.50 +- 0.50 | "
             "71.50 +- 0.50 | 56.50 |") in table
-    assert "| ptq w8a8 | 58.00 +- 0.00 | - | - | - | - | - |" in table
+    assert "| PTQ w8a8 | 58.00 +- 0.00 | - | - | - | - | - |" in table
     assert (tmp_path / "transfer.png").read_bytes().startswith(b"\x89PNG")
 
 
+def _recipe(prompts, adapter, distillation, teacher=None):
+    return {"prompts": prompts, "adapter": adapter, "distillation": distillation,
+            "teacher": teacher and {"kind": teacher, "method": "fp_p4q", "train_top1": 70.0,
+                                    "test_top1": 60.0}}
+
+
 def test_demo_preset_tables_and_claims():
-    """The demo preset's grid, its paper-layout tables and the claims, from known means."""
-    methods = sweep.PRESETS["demo"]["methods"]
-    assert methods[0] == "default" and "configs/default.py:official_distillation" in methods
-    rows = {("fp32", "fp_zeroshot"): (50.0, 50.0), ("fp32", "coop_fp"): (60.0, 62.0),
-            ("w8a8", "ptq"): (49.0, 49.0), ("w8a8", "p4q"): (61.0, 61.2),
-            ("w4a4attn8", "ptq"): (44.0, 46.0), ("w4a4attn8", "p4q"): (53.0, 55.0),
-            ("w4a4attn8", "p4q_prompts_only"): (40.0, 40.0),
-            ("w4a4attn8", "p4q_no_distillation"): (56.0, 58.0)}
+    """The demo preset's grid, its paper-layout tables and the claims with their margins,
+    from fabricated results whose means and spreads are known."""
+    assert sweep.PRESETS["demo"]["methods"] == ["configs/default.py:grid",
+                                                "configs/default.py:shapes_control"]
+    zeroshot = "zeroshot"
+    rows = [(("fp32", "fp_zeroshot", None), (50.0, 50.0)),
+            (("fp32", "coop_fp", _recipe("learned", False, "none")), (60.0, 62.0)),
+            (("w8a8", "ptq", None), (49.0, 49.0)),
+            (("w8a8", "p4q", _recipe("learned", True, "official", zeroshot)), (61.0, 61.2)),
+            (("w4a4attn8", "ptq", None), (44.0, 46.0)),
+            (("w4a4attn8", "p4q", _recipe("learned", True, "official", zeroshot)), (63.0, 65.0)),
+            (("w4a4attn8", "p4q_prompts_only",
+              _recipe("learned", False, "official", zeroshot)), (40.0, 40.0)),
+            (("w4a4attn8", "p4q_adapter_only",
+              _recipe("fixed ('a photo of a')", True, "official", zeroshot)), (64.0, 66.0)),
+            (("w4a4attn8", "p4q_no_distillation", _recipe("learned", True, "none")),
+             (61.0, 61.0))]
     records = [{"dataset": "shapes_warm", "shots": None, "qconfig": q, "row": r, "seed": seed,
-                "top1": t, "top5": 99.0}
-               for (q, r), values in rows.items() for seed, t in enumerate(values)]
+                "top1": t, "top5": 99.0, "recipe": recipe}
+               for (q, r, recipe), values in rows for seed, t in enumerate(values)]
     tables = sweep.demo_tables(sweep.summarize(records))
-    (header, main), (_, ablations) = tables.values()
-    assert [row[1] for row in main] == ["zero-shot CLIP", "coop_fp", "ptq w8a8", "p4q w8a8",
-                                        "ptq w4a4attn8", "p4q w4a4attn8"]
-    assert main[1][2] == "61.00 +- 1.00" and header[2] == "top-1 (%)"
-    assert ablations == [["-", "-", "-", "ptq", "45.00 +- 1.00", 2],
-                         ["learned", "-", "KL", "p4q_prompts_only", "40.00 +- 0.00", 2],
-                         ["learned", "8-bit", "-", "p4q_no_distillation", "57.00 +- 1.00", 2],
-                         ["learned", "8-bit", "KL", "p4q", "54.00 +- 1.00", 2]]
-    claims = sweep.demo_claims(sweep.summarize(records))
-    assert claims == [
-        "- shapes_warm: 4-bit P4Q >= FP zero-shot + 2: 54.00 vs 50.00: holds",
-        "- shapes_warm: 4-bit PTQ <= FP zero-shot - 5: 45.00 vs 50.00: holds",
-        "- shapes_warm: 8-bit P4Q >= CoOp-FP - 0.5: 61.10 vs 61.00: holds",
-        "- shapes_warm: w4a4attn8 P4Q > p4q_prompts_only: 54.00 vs 40.00: holds",
-        "- shapes_warm: w4a4attn8 P4Q > p4q_no_distillation: 54.00 vs 57.00: MISSED"]
+    (header, main), (grid_header, grid) = tables.values()
+    assert [row[1] for row in main] == ["FP zero-shot", "CoOp-FP", "PTQ", "P4Q", "PTQ", "P4Q"]
+    assert main[1][2:] == ["61.00 +- 1.00", "60.00 / 62.00"] and header[2] == "top-1 (%)"
+    assert grid_header[:4] == ["prompts", "adapter", "distillation",
+                               "teacher (top-1 train / test)"]
+    assert grid == [
+        ["-", "-", "-", "-", "PTQ", "45.00 +- 1.00", "44.00 / 46.00"],
+        ["fixed", "8-bit", "official", "FP zero-shot (70.0 / 60.0)", "P4Q: adapter only",
+         "65.00 +- 1.00", "64.00 / 66.00"],
+        ["learned", "-", "official", "FP zero-shot (70.0 / 60.0)", "P4Q: prompts only",
+         "40.00 +- 0.00", "40.00 / 40.00"],
+        ["learned", "8-bit", "none", "-", "P4Q: no distillation", "61.00 +- 0.00",
+         "61.00 / 61.00"],
+        ["learned", "8-bit", "official", "FP zero-shot (70.0 / 60.0)", "P4Q", "64.00 +- 1.00",
+         "63.00 / 65.00"]]
+    claims_header, claims = sweep.demo_claims(sweep.summarize(records))
+    assert claims_header[-2:] == ["margin (std)", "on the means"]
+    by_claim = {row[0]: row for row in claims}
+    # P4Q 64 +- 1 vs adapter only 65 +- 1: -1 point over sqrt(1 + 1) = -0.7 std.
+    assert by_claim["learned prompts add to the adapter"][2:] == [
+        "64.00 +- 1.00", "65.00 +- 1.00", "-1.00", "-0.7", "does not hold"]
+    # vs prompts only 40 +- 0: +24 over 1.
+    assert by_claim["the adapter adds to learned prompts"][4:] == ["+24.00", "+24.0", "holds"]
+    assert by_claim["distillation (official) helps"][4:] == ["+3.00", "+3.0", "holds"]
+    assert by_claim["4-bit P4Q beats FP zero-shot"][1:] == [
+        "shapes_warm w4a4attn8", "64.00 +- 1.00", "50.00 +- 0.00", "+14.00", "+14.0", "holds"]
+    # 8-bit P4Q 61.1 +- 0.1 vs CoOp-FP 61 +- 1: +0.1 over sqrt(0.01 + 1).
+    assert by_claim["8-bit P4Q beats CoOp-FP"][4:] == ["+0.10", "+0.1", "holds"]
+    assert "distillation (KL, trained FP teacher) helps" not in by_claim  # no such rows
     # Without ablation rows (e.g. a plain p4q sweep) neither table nor claims appear.
     plain = [r for r in records if not r["row"].startswith("p4q_")]
     assert not sweep.demo_tables(sweep.summarize(plain))
-    assert not sweep.demo_claims(sweep.summarize(plain))
+    assert not sweep.demo_claims(sweep.summarize(plain))[1]

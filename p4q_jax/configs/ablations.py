@@ -1,36 +1,18 @@
-"""P4Q ablations: `configs/ablations.py:VARIANT`, VARIANT one of
-prompts_only | adapter_only | no_distillation | official_distillation.
-
-* prompts_only: learned prompts with distillation, no adapter.
-* adapter_only: the adapter with distillation; the context fixed at "a photo of a".
-* no_distillation: prompts + adapter, cross-entropy only.
-* official_distillation: prompts + adapter with the public code's distillation
-  (`cross_entropy(teacher_probs, student_probs)`) instead of KL.
-
-`apply` turns any P4Q config into a variant (the demo's ablations: `configs/default.py:VARIANT`).
-"""
+"""P4Q ablations: `configs/ablations.py:VARIANT`, VARIANT one of `VARIANTS` (what each
+changes: `p4q_jax/p4q/variants.py`). `kl_trained_teacher` needs
+`--config.loss.teacher=PATH` (a trained FP export, e.g. an FP P4Q run's `export/`)."""
 
 from p4q_jax.configs import p4q
+from p4q_jax.p4q import variants
 
-VARIANTS = ("prompts_only", "adapter_only", "no_distillation", "official_distillation")
+VARIANTS = tuple(variants.ABLATIONS)
 
 
 def apply(config, variant):
     """`config` (a P4Q config, changed in place and returned) as the ablation `variant`."""
     if variant not in VARIANTS:
         raise ValueError(f"ablation {variant!r} unknown; expected one of {VARIANTS}")
-    config.p4q.method = f"p4q_{variant}"
-    if variant == "prompts_only":
-        config.p4q.adapter = False
-    elif variant == "adapter_only":
-        config.p4q.ctx_init = "a photo of a"
-        config.p4q.train_prompts = False
-    elif variant == "no_distillation":
-        config.loss.distillation_kind = "none"
-        config.loss.distillation = 0.0
-    else:
-        config.loss.distillation_kind = "official"
-    return config
+    return variants.apply(config, variant)
 
 
 def get_config(variant="prompts_only"):

@@ -9,9 +9,13 @@ FP model) on the train split. Prints the table and writes `results.json`, `resul
 `results.png` to the workdir (one sub-directory per run holds that run's own results, curves,
 checkpoints and export). Nothing is downloaded.
 
-`configs/default.py:VARIANT` is one ablation of the demo's 4-bit P4Q (`configs/ablations.py`:
-prompts_only, adapter_only, no_distillation, official_distillation) as a single `p4q` run with
-the demo's data and recipe; `experiments/sweep.py --preset=demo` runs them all over three seeds.
+`configs/default.py:grid` is the demo with FP P4Q and every ablation of its 4-bit P4Q
+(`p4q_jax/p4q/variants.py`: which parts train x the distillation, and KL from the FP P4Q
+run as a teacher that knows the task), run in one process that calibrates each bit setting
+once; `configs/default.py:shapes_control` compares the distillations on the unshifted
+`shapes` task, where the FP zero-shot teacher is good. `configs/default.py:VARIANT` is one
+ablation of the demo's 4-bit P4Q as a single `p4q` run. `experiments/sweep.py
+--preset=demo` runs the grid and the control over three seeds.
 """
 
 from p4q_jax import assets
@@ -19,12 +23,23 @@ from p4q_jax.configs import ablations
 from p4q_jax.configs import p4q
 
 ABLATION_QCONFIG = "w4a4attn8"  # the bits the ablations run at (the paper's are at 4 bits)
+# The demo's grid: which parts train x {none, the default (official)}, and for both parts KL
+# from the zero-shot and from the trained FP teacher (`p4q_jax/p4q/variants.py`).
+GRID = ("prompts_only", "prompts_only_no_distillation", "adapter_only",
+        "adapter_only_no_distillation", "no_distillation", "kl_distillation",
+        "kl_trained_teacher")
 
 
 def get_config(variant=None):
     config = p4q.get_config()
     config.mode = "demo"
-    config.demo = {"qconfigs": ("w8a8", "w4a4attn8"), "coop_fp": True}
+    config.demo = {
+        "qconfigs": ("w8a8", "w4a4attn8"),
+        "coop_fp": True,  # CoOp on the FP model
+        "fp_p4q": False,  # prompts + adapter on the FP model (the trained teacher)
+        "ablations": (),  # variants run at ablation_qconfig after the main rows
+        "ablation_qconfig": ABLATION_QCONFIG,
+    }
 
     config.model.checkpoint = str(assets.TINY_CLIP)
     config.data.name = "shapes_warm"
@@ -44,7 +59,15 @@ def get_config(variant=None):
     config.p4q.adapter_ratio = 0.5
     config.p4q.adapter_calib_batches = 8
     config.checkpoint.every_steps = 500
-    if variant is not None:
+    if variant == "grid":
+        config.demo.fp_p4q = True
+        config.demo.ablations = GRID
+    elif variant == "shapes_control":
+        config.data.name = "shapes"
+        config.demo.qconfigs = (ABLATION_QCONFIG,)
+        config.demo.coop_fp = False
+        config.demo.ablations = ("no_distillation", "kl_distillation")
+    elif variant is not None:
         config.mode = "p4q"
         config.quant.config = ABLATION_QCONFIG
         ablations.apply(config, variant)

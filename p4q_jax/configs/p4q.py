@@ -1,4 +1,5 @@
-"""P4Q: calibrate (PTQ), then train learned prompts + an 8-bit QAdapter with distillation.
+"""P4Q: calibrate (PTQ), then train learned prompts + an 8-bit QAdapter with distillation
+from the FP teacher (the public code's loss by default).
 
     python main.py --config=configs/p4q.py --config.model.checkpoint=ViT-B-32.pt \
         --config.data.name=cifar100 --config.quant.config=w4a4attn8 --workdir=runs/p4q
@@ -62,8 +63,14 @@ def get_config():
     config.loss = ml_collections.ConfigDict()
     config.loss.cross_entropy = 1.0
     config.loss.distillation = 1.0
-    config.loss.distillation_kind = "kl"  # kl | official | none
-    config.loss.temperature = 1.0
+    # "official" (the public code's cross_entropy(teacher_probs, student_probs); the paper's
+    # released results), "kl" (KL(teacher || student) at `temperature`) or "none".
+    config.loss.distillation_kind = "official"
+    config.loss.temperature = 1.0  # kl only
+    # The teacher's logits: "zeroshot" (the FP CLIP's zero-shot classifier, the paper's) or
+    # the path of a trained full-precision export of the same model, classes and training
+    # data (a CoOp-FP or FP P4Q run's export/), whose prompts and adapter give the logits.
+    config.loss.teacher = "zeroshot"
     config.loss.contrastive = 0.0  # symmetric image/class-prompt term
 
     # The rules of DESIGN.md "where the time goes"; each off gives the same training, slower.

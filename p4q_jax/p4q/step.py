@@ -35,9 +35,16 @@ from p4q_jax.p4q import prompts as prompts_lib
 class LossWeights:
     cross_entropy: float = 1.0
     distillation: float = 1.0
-    distillation_kind: str = "kl"  # kl | official | none
+    distillation_kind: str = "official"  # official | kl | none
     temperature: float = 1.0
     contrastive: float = 0.0  # optional symmetric image/class-prompt term
+
+
+def loss_weights(loss_config):
+    """The step's LossWeights from the config's `loss` section (its other fields, such as
+    `teacher`, say where the teacher comes from, not how the terms are weighted)."""
+    names = {f.name for f in dataclasses.fields(LossWeights)}
+    return LossWeights(**{k: v for k, v in loss_config.items() if k in names})
 
 
 @flax.struct.dataclass
@@ -49,18 +56,21 @@ class Frozen:
                     # when the batch carries images instead of cached features
     token_embeddings: jax.Array  # [C, L, D] of the prompt layouts
     eot: jax.Array  # [C]
-    teacher_text: jax.Array  # [C, E] FP zero-shot ensemble, normalized
+    teacher_text: jax.Array  # [C, E] the teacher's class features, normalized
     logit_scale: jax.Array  # exp(CLIP's logit_scale)
+    # A trained teacher's frozen adapter {"params", "qstate"} (None: the zero-shot teacher)
+    teacher_adapter: dict | None = None
 
 
 def make_frozen(model, params, qstate, prompts, teacher_text=None, *, image_towers=False,
-                train=False):
+                train=False, teacher_adapter=None):
     """The step's frozen inputs. Without `image_towers` (batches of cached features) only the
     text tower is kept, with its quantized kernels swapped in once: the image tower's
     weights and the text tower's FP kernels are not held in device memory. `teacher_text`
     may be None where no loss is computed (class features for evaluation). With `train`,
     the quantized matmuls multiply dequantized values (`QState.codes=False`: no per-step
-    codes of the frozen kernels); for evaluation they run on codes, as the int8 path."""
+    codes of the frozen kernels); for evaluation they run on codes, as the int8 path.
+    `teacher_adapter`: a trained teacher's adapter state (`teacher.Teacher.adapter_state`)."""
     if train and qstate is not None:
         qstate = qstate.replace(codes=False)
     if not image_towers:
@@ -72,7 +82,7 @@ def make_frozen(model, params, qstate, prompts, teacher_text=None, *, image_towe
         token_embeddings=encode.apply(model, params, prompts.tokens, method=model.embed_tokens),
         eot=jnp.asarray(prompts.eot),
         teacher_text=None if teacher_text is None else jnp.asarray(teacher_text),
-        logit_scale=jnp.exp(params["logit_scale"]))
+        logit_scale=jnp.exp(params["logit_scale"]), teacher_adapter=teacher_adapter)
 
 
 @flax.struct.dataclass
@@ -279,8 +289,11 @@ def image_features(model, params, qstate, images):
 
 
 def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, shared_prefix=True,
-            train_prompts=True, length_buckets=1):
-    """(total loss, {term: value}) for one batch of cached image features (or images)."""
+            train_prompts=True, length_buckets=1, teacher_adapter=None):
+    """(total loss, {term: value}) for one batch of cached image features (or images).
+
+    The teacher's logits are its image features (FP; through `teacher_adapter`, a trained
+    teacher's frozen QAdapter, if given) against `frozen.teacher_text`."""
     context = trainable["context"]
     if not train_prompts:
         context = jax.lax.stop_gradient(context)  # no backward pass through the text tower
@@ -293,8 +306,11 @@ def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, share
     if trainable.get("adapter") is not None:
         student = adapter_lib.train_apply(adapter, trainable["adapter"], student)
     logits = losses.cosine_logits(student, text, frozen.logit_scale)
-    teacher_logits = losses.cosine_logits(batch["teacher"], frozen.teacher_text,
-                                          frozen.logit_scale)
+    teacher = batch["teacher"]
+    if teacher_adapter is not None:
+        teacher = adapter_lib.apply(teacher_adapter, frozen.teacher_adapter["params"], teacher,
+                                    frozen.teacher_adapter["qstate"])
+    teacher_logits = losses.cosine_logits(teacher, frozen.teacher_text, frozen.logit_scale)
     terms = {
         "cross_entropy": losses.cross_entropy(logits, batch["label"]),
         "distillation": losses.distillation(weights.distillation_kind, logits, teacher_logits,
@@ -347,19 +363,21 @@ def compiler_options(mesh, schedule):
 
 def make_train_step(*, model, prompts, adapter, tx, weights, mesh, shared_prefix=True,
                     train_prompts=True, frozen_shardings=None, length_buckets=1,
-                    schedule="concurrency"):
+                    schedule="concurrency", teacher_adapter=None):
     """A jitted (state, frozen, batch) -> (state, metrics), batch sharded over `data`.
 
     `frozen` is replicated unless `frozen_shardings` (`parallel.weight_shardings`) splits
     its large kernels over the mesh's `model` axis. `schedule`: "concurrency" (XLA's
-    default) or "memory" (see `xla_schedule`)."""
+    default) or "memory" (see `xla_schedule`). `teacher_adapter`: a trained teacher's
+    QAdapter module (its state is `frozen.teacher_adapter`)."""
 
     def step(state, frozen, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.trainable, frozen, batch, model=model,
                                       prompts=prompts, adapter=adapter, weights=weights,
                                       shared_prefix=shared_prefix, train_prompts=train_prompts,
-                                      length_buckets=length_buckets)
+                                      length_buckets=length_buckets,
+                                      teacher_adapter=teacher_adapter)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics

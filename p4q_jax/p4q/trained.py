@@ -9,10 +9,13 @@ An export directory holds
   towers/    the frozen CLIP: integer kernels + scales (`quant.export`) when quantized,
              the FP params (`clip.save`) otherwise; self-contained, no base checkpoint needed;
   trained/   the learned context and the adapter's params and frozen 8-bit state (Orbax);
-  p4q.json   class names, prompt layout, adapter shape.
+  p4q.json   class names, prompt layout, adapter shape, and the run's origin: the base
+             model (its architecture and `weights_fingerprint`), the data it trained on
+             and its recipe (what a trained teacher is checked against, `p4q.teacher`).
 """
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 
@@ -100,15 +103,28 @@ def _qstate_from_tree(tree, config):
                             kernels=jax.tree.map(jnp.asarray, tree["kernels"]))
 
 
+def weights_fingerprint(params):
+    """A short hash of a CLIP's weights: every array's path, shape and dtype and its first
+    1,024 values. It tells checkpoints apart (any two trained or random CLIPs differ in
+    those values) without reading every byte of a large model."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda item: jax.tree_util.keystr(item[0])):
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf.reshape(-1)[:1024])).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def export_dir(config, workdir):
     """Where a run's export lives: `config.p4q.export_dir`, or WORKDIR/export by default."""
     explicit = config.p4q.export_dir if "p4q" in config else None
     return pathlib.Path(explicit or pathlib.Path(workdir) / "export")
 
 
-def save(path, model, params, qstate, trained):
+def save(path, model, params, qstate, trained, *, origin=None):
     """Writes the export directory -> its absolute path. Atomic: an existing export is replaced
-    only once the new one is complete; a killed save's temporaries go on the next save."""
+    only once the new one is complete; a killed save's temporaries go on the next save.
+    `origin` (JSON): where the model came from and how it was trained (`p4q.json`)."""
     path = pathlib.Path(path).absolute()
     with atomic.directory(path, replace=True) as tmp:
         if qstate is None:
@@ -127,28 +143,41 @@ def save(path, model, params, qstate, trained):
             "quantized": qstate is not None,
             "adapter": None if adapter is None else {"reduction": adapter.reduction,
                                                      "ratio": adapter.ratio},
+            "origin": origin,
         }, indent=2))
     return path
+
+
+def read_meta(path):
+    """The export's `p4q.json` (class names, layout, adapter, origin) -> dict."""
+    path = pathlib.Path(path).absolute()
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
+                                "`main.py --config=configs/p4q.py` first")
+    return checkpoints.read_json(path / MARKER)
 
 
 def load(path):
     """Reads an export directory -> (model, params, qstate or None, Trained)."""
     path = pathlib.Path(path).absolute()
-    if not (path / MARKER).exists():
-        raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
-                                "`main.py --config=configs/p4q.py` first")
-    meta = checkpoints.read_json(path / MARKER)
+    meta = read_meta(path)
     if meta["quantized"]:
         model, params, qstate = quant_export.load(path / "towers")
     else:
         (model, params), qstate = clip.load(path / "towers"), None
+    return model, params, qstate, load_trained(path, meta)
+
+
+def load_trained(path, meta=None):
+    """What an export learned (context, adapter), without its towers -> Trained."""
+    path = pathlib.Path(path).absolute()
+    meta = meta or read_meta(path)
     tree = checkpoints.restore_tree(path / "trained")
     adapter = adapter_params = adapter_qstate = None
     if meta["adapter"] is not None:
         adapter = adapter_lib.QAdapter(**meta["adapter"])
         adapter_params = jax.tree.map(jnp.asarray, tree["adapter"]["params"])
         adapter_qstate = _qstate_from_tree(tree["adapter"]["state"], adapter_lib.QCONFIG)
-    trained = Trained(class_names=tuple(meta["class_names"]), position=meta["position"],
-                      context=jnp.asarray(np.asarray(tree["context"])), adapter=adapter,
-                      adapter_params=adapter_params, adapter_qstate=adapter_qstate)
-    return model, params, qstate, trained
+    return Trained(class_names=tuple(meta["class_names"]), position=meta["position"],
+                   context=jnp.asarray(np.asarray(tree["context"])), adapter=adapter,
+                   adapter_params=adapter_params, adapter_qstate=adapter_qstate)
