@@ -129,6 +129,7 @@ class _Job:
             "checkpoint": self.config.model.checkpoint,
             "model": self.model.config.to_dict(),
             "dataset": self.config.data.name,
+            "eval_split": self.info.split_name("test"),  # the rows' images
             "num_classes": len(self.info.class_names),
             "num_templates": len(self.info.templates),
             "rows": rows,

@@ -152,6 +152,9 @@ def _data(config, problems):
     cfg, before = config.data, len(problems.lines)
     problems.one_of("data.name", cfg.name, data.NAMES)
     problems.at_least("data.num_shots", cfg.num_shots, 0)
+    if not isinstance(cfg.validation, int) or not 0 <= cfg.validation < 100:
+        problems.add("data.validation", cfg.validation, "expected an integer percentage in "
+                     "[0, 100)")
     problems.one_of("data.augment", cfg.augment, data.AUGMENTATIONS)
     problems.one_of("data.templates", cfg.templates, data.coop.TEMPLATE_CHOICES)
     problems.one_of("data.subsample", cfg.subsample, data.coop.SUBSAMPLES)

@@ -130,7 +130,7 @@ def feature_cache(config, *, model, params, qstate, mesh, workdir):
         checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
         data={k: config.data.get(k) for k in ("name", "num_shots", "shot_seed", "folder",
                                               "root", "subsample", "synthetic_classes",
-                                              "synthetic_examples")},
+                                              "synthetic_examples", "validation")},
         image_size=image_size, augment=config.data.get("augment", "flip"),
         flip=config.data.flip, views=_cached_views(config),
         quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))

@@ -20,6 +20,7 @@ from p4q_jax import data
 from p4q_jax.clip import transforms
 from p4q_jax.data import classnames
 from p4q_jax.data import registry
+from p4q_jax.configs import base as base_config
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _LOW = (0.0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
@@ -523,3 +524,17 @@ def test_benchmarks_and_class_names_need_no_tensorflow():
                              text=True, timeout=300)
         assert out.returncode == 0, (benchmark, out.stderr[-2000:])
         assert out.stdout.split() == ["100", "40"]
+
+
+def test_a_validation_carve_holds_out_part_of_the_training_split():
+    """`data.validation=P`: "train" is the training split less its first P%, "test" that P%
+    (TFDS slicing), so hyper-parameters are chosen without the test split."""
+    config = base_config.get_config().data
+    config.name, config.validation = "cifar10", 10
+    info = registry.info_from_config(config)
+    assert (info.split_name("train"), info.split_name("test")) == ("train[10%:]", "train[:10%]")
+    for name in ("synthetic", "oxford_flowers102"):  # no TFDS split; two splits joined
+        config = base_config.get_config().data
+        config.name, config.validation = name, 10
+        with pytest.raises(ValueError, match="data.validation=10: .* no single TFDS training"):
+            registry.info_from_config(config)

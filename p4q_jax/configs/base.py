@@ -35,6 +35,10 @@ def get_config():
     config.data.flip = True  # random horizontal flips in training
     config.data.augment = "flip"  # training views: "flip" (center crop) | "coop" (random crop)
     config.data.shuffle_buffer = 10_000
+    # > 0: hold out this percentage of the training split and evaluate every row on it
+    # instead of the test split (to choose hyper-parameters; TFDS datasets with one
+    # training split). The held-out images are never trained or calibrated on.
+    config.data.validation = 0
     config.data.synthetic_classes = 10
     config.data.synthetic_examples = 64
 

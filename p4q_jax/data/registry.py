@@ -188,12 +188,26 @@ def get_info(name, *, data_dir=None, folder=None, synthetic_classes=10, root=Non
 
 
 def info_from_config(cfg):
-    """`get_info` for the `config.data` section."""
-    return get_info(
+    """`get_info` for the `config.data` section (with `data.validation`, its validation
+    carve: `with_validation`)."""
+    info = get_info(
         cfg.name, data_dir=cfg.data_dir, folder=cfg.folder,
         synthetic_classes=cfg.synthetic_classes, root=cfg.get("root"),
         num_shots=cfg.num_shots, shot_seed=cfg.shot_seed, templates=cfg.get("templates", "coop"),
         subsample=cfg.get("subsample", "all"))
+    return with_validation(info, cfg.validation) if cfg.validation else info
+
+
+def with_validation(info, percent):
+    """`info` whose "train" is its training split less its first `percent`% and whose
+    "test" is that held-out part (TFDS split slicing), for choosing hyper-parameters
+    without the test split."""
+    own = info.train_split
+    if info.tfds_name is None or not own or any(c in own for c in "[+"):
+        raise ValueError(f"data.validation={percent}: {info.name!r} has no single TFDS training "
+                         f"split to carve a validation part from (its training split: {own!r})")
+    return dataclasses.replace(info, train_split=f"{own}[{percent}%:]",
+                               test_split=f"{own}[:{percent}%]")
 
 
 def prompts(class_names, templates):
