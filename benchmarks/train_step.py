@@ -10,8 +10,8 @@
 The step is the one `p4q_jax.train` runs: n_ctx=16 shared context, class token at the
 end, the QAdapter on, default loss weights, the class names of `--dataset` (default CIFAR-100's
 100; `imagenet2012`: ImageNet's 1,000, from the registry, no data needed), a 1-device mesh
-(all local devices), the `w4a4attn8` quantized CLIP. The speed rules (DESIGN.md, "Where
-the time goes") are switched on and off:
+(all local devices), the `w4a4attn8` quantized CLIP. The speed rules (docs/design.md,
+"Speed rules (where the time goes)") are switched on and off:
 
 * feature_cache: the batch carries cached student/teacher image features (random values);
   off, it carries images and both image towers (quantized student, FP teacher) run in it;
@@ -36,8 +36,8 @@ is the first call (trace + compile + one step); "s/step" the median of the timed
 after it. The batch is on the device before timing starts.
 
 Target on the 2-core CPU dev machine: at most 1.7 s/step and 3 GB peak RSS at batch 32
-with all rules on. The public PyTorch code takes a median 34.5 s/step and 9.7 GB RSS
-at the same shapes on that machine.
+with all rules on. Measured tables, and the public PyTorch code at the same shapes:
+docs/results.md, "P4Q train step and the speed rules".
 """
 
 import json

@@ -61,7 +61,8 @@ def test_class_specific_context(tiny):
 
 
 def test_context_learns_through_the_quantized_text_tower(tiny):
-    """DESIGN.md: the prompts must train through the 4-bit tower (the public code's do not)."""
+    """docs/design.md, "Straight-through quantizers and frozen weights": the prompts must
+    train through the 4-bit tower (the public code's do not)."""
     model, params = tiny
     texts = [f"a photo of a {c}." for c in CLASSES]
     qstate = quant.calibrate(model, params, "w4a4attn8", texts=texts,

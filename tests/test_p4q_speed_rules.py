@@ -1,5 +1,6 @@
-"""The speed rules of DESIGN.md change the cost, not the math: each switched off gives the
-same loss and gradients (shared text prefix, cropping after the last EOT, cached features)."""
+"""The speed rules (docs/design.md, "Speed rules (where the time goes)") change the cost,
+not the math: each switched off gives the same loss and gradients (shared text prefix,
+cropping after the last EOT, cached features, length buckets, remat)."""
 
 import itertools
 
@@ -116,7 +117,8 @@ def test_shared_prefix_same_loss_and_gradients_quantized(setup):
 
 
 def test_a_train_step_multiplies_the_calibrated_kernels_not_their_codes(setup):
-    """DESIGN.md: never re-quantize frozen weights per step. A train step's quantized
+    """docs/design.md, "Straight-through quantizers and frozen weights": never re-quantize
+    frozen weights per step. A train step's quantized
     matmuls (`make_frozen(train=True)`) multiply the fake-quantized kernels as calibrated;
     evaluation's run on their integer codes (the int8 path's arithmetic), which rounds every
     kernel once per call. The two differ by float rounding: the same loss and gradients to

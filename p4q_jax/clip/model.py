@@ -5,13 +5,13 @@ Parameters live under `visual/...` and `text/...` with OpenAI's module names, so
 reads like the PyTorch state-dict key it came from (`text/transformer/resblocks_3/attn/
 in_proj/kernel` is `transformer.resblocks.3.attn.in_proj_weight`).
 
-Quantization sites (see DESIGN.md): every `nn.Dense` / `nn.Conv` is a weight site (its
-kernel) and an input site (its first argument); the attention tensors pass through
-identity `Site` modules (`q`, `k`, `v`, `logits`, `probs`), in a ResNet's attention pool too.
-BatchNorm stays float (`FrozenBatchNorm`, no site); `quant.fold_batchnorm` folds it into the
-conv kernels before weight quantization. A quantizer attaches to these
-by module path with `flax.linen.intercept_methods`, so one model definition serves FP,
-calibration and quantized use.
+Quantization sites (docs/design.md, "Quantization sites"): every `nn.Dense` / `nn.Conv` is a
+weight site (its kernel) and an input site (its first argument); the attention tensors pass
+through identity `Site` modules (`q`, `k`, `v`, `logits`, `probs`), in a ResNet's attention
+pool too. BatchNorm stays float (`FrozenBatchNorm`, no site); `quant.fold_batchnorm` folds
+it into the conv kernels before weight quantization. A quantizer attaches to these by module
+path with `flax.linen.intercept_methods`, so one model definition serves FP, calibration and
+quantized use.
 """
 
 import jax

@@ -78,15 +78,8 @@ def preprocess_tf(image, *, size=224):
     shrinking). One 2-D float resize instead differs by up to 22/255 on noisy 32 px images, because
     PIL clips the overshoot of its first pass.
 
-    Measured against `preprocess` at sizes 224 and 336, in normalized units (one intensity level,
-    1/255, is 0.014-0.015 there); images: uniform noise, smooth gradients, 8 px checkerboards,
-    blurred-noise textures, and two JPEG photos (720x477):
-        32x32 -> 224 (the CIFAR case, 7x up): max 0.015 (noise; 0 on the others), mean <= 3e-6.
-        32x32 -> 336: max 0.030, mean 5e-5.
-        375x500, 500x375, 480x640, 100x80 -> 224: max 0.030 (2 levels), mean <= 2.3e-4.
-        JPEG photos -> 224 and 336: max 0.015, mean <= 4e-6.
-    The differences are single pixels whose rounding flips within a pass (under 1.6% of values,
-    typically under 0.2%).
+    It agrees with `preprocess` within two intensity levels: the differences are single
+    pixels whose rounding flips within a pass (docs/results.md, "Fidelity").
 
     Args:
         image: uint8 tensor [H, W, 3].

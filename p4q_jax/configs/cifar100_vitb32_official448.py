@@ -44,7 +44,8 @@ the order of the run's first (here the order is fixed by seed and step); an epoc
 391 batches, the last of 80 images (here 390 full ones); the adapter's 8-bit input ranges
 are observed during the last 10% of the last epoch while its weights still change
 (dq:565-568; here after training, see p4q/adapter.py); and its prompt context, not
-registered as a parameter on a GPU, never trains (DESIGN.md; here it does). As published,
+registered as a parameter on a GPU, never trains (docs/design.md, "Where this project
+departs from the public code"; here it does). As published,
 the script's first two stages save nothing (`--save_freq 10`, dq:571), so the second finds no
 epoch_1 files unless the save directory holds p4q_*.pth, which `resolve_checkpoint_paths`
 (dq:38-46) then prefers for every stage; this config follows the intended chain, each stage

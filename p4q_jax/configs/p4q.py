@@ -73,7 +73,8 @@ def get_config():
     config.loss.teacher = "zeroshot"
     config.loss.contrastive = 0.0  # symmetric image/class-prompt term
 
-    # The rules of DESIGN.md "where the time goes"; each off gives the same training, slower.
+    # docs/design.md, "Speed rules (where the time goes)"; each off gives the same training,
+    # slower.
     config.speed = ml_collections.ConfigDict()
     config.speed.feature_cache = True  # cached student/teacher image features (flip-only aug.)
     # > 0 with data.augment="coop": cache this many random crops per image (an approximation).
@@ -89,8 +90,8 @@ def get_config():
     # gradients, less memory: for many classes (ImageNet's 1,000) or a wide text tower.
     config.speed.remat = "off"
     # XLA:CPU's schedule of the train step: "concurrency" (XLA's default: faster for a few
-    # classes), "memory" (ImageNet scale: 0.8 GB less for ViT-B/16, and what makes remat
-    # pay), or "auto": memory from 500 classes on or with remat (`step.xla_schedule`).
+    # classes), "memory" (ImageNet scale: less memory, and what makes remat pay), or
+    # "auto": memory from 500 classes on or with remat (`step.xla_schedule`).
     config.speed.xla_schedule = "auto"
 
     config.checkpoint = ml_collections.ConfigDict()

@@ -212,9 +212,9 @@ def _problem(path):
 def check_images(paths):
     """Raises naming every file of `paths` (a tuple) that would not decode (see `_problem`).
 
-    Cached: a listing is checked once per process. Measured on a local disk and a busy 2-core
-    CPU: 30-110 us a file (2,000 JPEGs: 0.06-0.22 s), against about 1 ms to decode one 500x375
-    JPEG; a thread pool made it slower (the check is Python-bound).
+    Cached: a listing is checked once per process. It reads a few bytes per file, a small
+    fraction of decoding it; it runs in one thread because it is Python-bound (a thread pool
+    made it slower; docs/results.md, "Smaller measurements behind design choices").
     """
     problems = [f"{path}: {problem}" for path in paths if (problem := _problem(path)) is not None]
     if problems:

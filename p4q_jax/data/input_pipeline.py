@@ -391,9 +391,9 @@ def training_examples(cfg):
 def in_the_foreground(ds):
     """`ds` without tf.data's autotuning, which keeps decoding ahead in the background: where
     a consumer reads a batch, then runs a long XLA computation on it (a calibration pass),
-    that decoding competes with XLA's threads on a machine with few cores. ViT-B/32's
-    calibration on 1,280 streamed images took 98 s with it and 80 s without on the 2-core
-    CPU (83 s reading them all first)."""
+    that decoding competes with XLA's threads on a machine with few cores, and slows the
+    computation more than decoding in the foreground costs (docs/results.md, "The p4q job's
+    memory, phase by phase")."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.with_options(options)
@@ -405,7 +405,7 @@ def as_numpy_batches(ds):
     `tfds.as_numpy` hands out views of TensorFlow's buffers, which a CPU `jax.Array` made
     from them keeps alive, and TensorFlow's allocator never returns freed memory to the
     system: the 10 calibration batches of 128 images the p4q job holds would stay in its
-    resident memory (0.7 GB at 224 px) to the end. A copy pins TensorFlow's memory to the
+    resident memory to the end. A copy pins TensorFlow's memory to the
     pipeline's own few batches in flight."""
     for batch in tfds.as_numpy(ds):
         yield jax.tree.map(np.array, batch)

@@ -4,7 +4,8 @@ Both image towers are frozen and the only augmentation is a horizontal flip, so 
 quantized student's and the FP teacher's feature of every training image, in both
 views, are computed once (`build_cache`, with the sharded encoder) and each step
 samples from them (`CachedInput`): exactly the training the per-step encoder would do,
-without the two image towers in the step (DESIGN.md, "where the time goes").
+without the two image towers in the step (docs/design.md, "Speed rules (where the time
+goes)").
 
 Each process computes and saves the features of its own part of the training set (`.npy`
 files under a directory, memory-mapped when read back), each example with its position in

@@ -1,11 +1,11 @@
 """P4Q's train step: learned prompts through the frozen quantized text tower, the QAdapter on
 cached quantized image features, cross-entropy + distillation from the FP teacher.
 
-Both image towers are frozen, so a batch normally carries image *features*: the
-quantized student's and the FP teacher's, cached once per image and flip
-(`p4q.features`, DESIGN.md). Per step only the text tower runs (forward + backward) over
-the class prompts, plus the adapter. A batch of raw images ({"image", "label"}) also
-works: both towers then run inside the step (the cache switched off).
+Both image towers are frozen, so a batch normally carries image *features*: the quantized
+student's and the FP teacher's, cached once per image and flip (`p4q.features`;
+docs/design.md, "Speed rules"). Per step only the text tower runs (forward + backward) over
+the class prompts, plus the adapter. A batch of raw images ({"image", "label"}) also works:
+both towers then run inside the step (the cache switched off).
 
 The text tower runs on the prompts' positions up to the last EOT (`prompts.build`) and,
 with `shared_prefix`, encodes the context prefix common to all classes once.
@@ -338,8 +338,8 @@ def xla_schedule(choice, *, num_classes, remat="off"):
     each as early as it can; in a backward pass that keeps every saved activation alive at
     once and hoists rematerialised blocks (`speed.remat`) back into the forward pass, where
     they save nothing. Its memory-minimising schedule costs time where the concurrency
-    pays: measured on the 2-core Xeon, 0.36 -> 0.44 s/step at 100 classes (ViT-B/32), but
-    3.92 -> 3.97 s/step for 0.8 GB less at ImageNet's 1,000 (ViT-B/16). "auto" takes the
+    pays (a few classes: a short step over few prompts) and saves memory where the saved
+    activations dominate (many classes; docs/results.md, "ImageNet scale"). "auto" takes the
     memory schedule from `MEMORY_SCHEDULE_MIN_CLASSES` classes on, or with `remat` on.
     """
     if choice not in XLA_SCHEDULES:

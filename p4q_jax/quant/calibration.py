@@ -8,8 +8,8 @@ of them. Each tower's statistics are folded over its batches. The search-based o
 from every sample as its batch passes, or (`search_rows="last"`, the public code's way)
 the rows of the final batch, returned by one last pass. Each site's search then runs as
 its own jitted call, compiled once per distinct (spec, shape). A tower has a handful of those, so this
-compiles far less than one program holding every site's search (ViT-B/32's final image
-pass: 4 s instead of 13 s on a 2-core CPU). Weights are calibrated and fake-quantized
+compiles far less than one program holding every site's search (docs/results.md,
+"Smaller measurements behind design choices"). Weights are calibrated and fake-quantized
 once, here.
 """
 

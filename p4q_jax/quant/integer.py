@@ -11,8 +11,8 @@ below 2^24):
   quantized per tensor: the int8 dot of the input's codes and the kernel's (a
   `qwix.QArray`, computed once by `integer_state`), minus the input's zero point times the
   kernel's column sums, also computed once (`qwix.dot_general` derives that term from the
-  kernel on every call, converting all of it to int32 first: 4 bytes of scratch per weight,
-  0.45 GB in a ViT-B/32 forward);
+  kernel on every call, converting all of it to int32 first: 4 bytes of scratch per weight
+  in every forward);
 * the patch embedding of a ViT (a stride-`patch` conv without padding) on the same
   conditions, as the same dot over the image's patches;
 * the attention products q k^T and p v (`clip.model.Product`) where both operands' sites
@@ -194,9 +194,10 @@ def integer_state(qstate, params, *, products=None):
 
 def int8_products_pay():
     """Whether the attention products gain from int8 codes: not on CPUs, where XLA's
-    batched int8 dots over the heads' small matrices lose to float32 (ViT-B/32 on the
-    AVX-512 VNNI Xeon, w8a8: text 2.27x float32 with them on codes, 3.77x without; images
-    3.34x, 3.86x); elsewhere on (not measured)."""
+    batched int8 dots over the heads' small matrices lose to float32 and drag the whole
+    forward's speed-up down (measured on an AVX-512 VNNI CPU: docs/results.md,
+    "Encoding speed, quantized relative to float32"); elsewhere on, where the int8 dot is
+    native (not measured)."""
     return jax.devices()[0].platform != "cpu"
 
 

@@ -4,8 +4,8 @@ Fake quantization as usually written multiplies the dequantized values, (c_x - z
 times c_w s_w, in float32: every product and partial sum is rounded, in an order that
 depends on the compiler and the CPU, and on low-bit grids a rounding error of 1e-7 can move
 a value across the next quantizer's rounding boundary. Those flips compound through the
-layers (on a 12-layer ViT-B/32 with random weights, int8 and dequantized fake-quant features
-reach a smallest cosine of 0.970 with W4A4, 0.9996 with W8A8). Here the dot runs on the
+layers, most on 4-bit grids (docs/results.md, "The int8 path against fake-quant"). Here the
+dot runs on the
 codes themselves, (c_x - z_x) . c_w, and the scales come after, s_x s_w per output channel:
 
 * the codes' products and sums are integers, exact in float32 below 2^24 (|c_x - z_x| <=
