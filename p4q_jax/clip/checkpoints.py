@@ -348,9 +348,35 @@ def _read_safetensors(path):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def _hf_dir_config(path):
+    return _parse_config(read_json(path / "config.json"), parse=hf_config,
+                         source=path / "config.json")
+
+
+def _orbax_config(path):
+    return _parse_config(read_json(path / ORBAX_MARKER), source=path / ORBAX_MARKER,
+                         parse=lambda meta: configs.CLIPConfig.from_dict(meta["config"]))
+
+
+def _is_hf_dir(path):
+    return (path / "config.json").exists() and any(
+        (path / f).exists() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def config_from_metadata(path):
+    """The CLIPConfig of an Orbax or Hugging Face checkpoint directory from its JSON
+    metadata alone (no array is read); None for an OpenAI-layout file, whose architecture
+    only its arrays' shapes tell."""
+    path = pathlib.Path(path).absolute()
+    if (path / ORBAX_MARKER).is_file():
+        return _orbax_config(path)
+    if path.is_dir() and _is_hf_dir(path):
+        return _hf_dir_config(path)
+    return None
+
+
 def _load_hf_dir(path):
-    config = _parse_config(read_json(path / "config.json"), parse=hf_config,
-                           source=path / "config.json")
+    config = _hf_dir_config(path)
     if (path / "model.safetensors").exists():
         source = path / "model.safetensors"
         state = _read_safetensors(source)
@@ -426,8 +452,7 @@ def save(path, config, params, *, provenance=None):
 
 def _load_orbax_dir(path):
     """Reads `save`'s form, checking the stored arrays against the config before restoring."""
-    config = _parse_config(read_json(path / ORBAX_MARKER), source=path / ORBAX_MARKER,
-                           parse=lambda meta: configs.CLIPConfig.from_dict(meta["config"]))
+    config = _orbax_config(path)
     source = path / "params"
     with ocp.StandardCheckpointer() as ckptr:
         try:
@@ -458,8 +483,7 @@ def load_params(path, *, activation=None):
     if path.is_dir():
         if (path / ORBAX_MARKER).exists():
             return _load_orbax_dir(path)
-        if (path / "config.json").exists() and any(
-                (path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        if _is_hf_dir(path):
             return _load_hf_dir(path)
         raise CheckpointError(
             f"{path}: unknown checkpoint layout; expected a Hugging Face directory "
