@@ -36,7 +36,6 @@ from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Fields that hold paths, made absolute by `resolve_paths` (those a config has).
 PATH_FIELDS = ("model.checkpoint", "data.data_dir", "data.manual_dir", "data.folder", "data.root",
                "p4q.export_dir", "speed.cache_dir")
@@ -170,7 +169,7 @@ def _model(config, problems):
             problems.add("model.checkpoint", cfg.checkpoint, "no such file or directory")
     else:
         problems.one_of("model.name", cfg.name, clip_configs.NAMED)
-    problems.one_of("model.dtype", cfg.dtype, DTYPES)
+    problems.one_of("model.dtype", cfg.dtype, model_lib.DTYPES)
     if cfg.activation is not None:
         problems.one_of("model.activation", cfg.activation, model_lib.ACTIVATIONS)
 
