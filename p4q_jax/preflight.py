@@ -190,6 +190,7 @@ def _data(config, problems):
         problems.add("data.manual_dir", cfg.manual_dir, "no such directory")
     if cfg.name == "synthetic":
         problems.at_least("data.synthetic_classes", cfg.synthetic_classes, 2)
+        problems.at_least("data.synthetic_examples", cfg.synthetic_examples, 1)
     problems.at_least("data.shuffle_buffer", cfg.shuffle_buffer, 1)
     problems.at_least("data.shot_seed", cfg.shot_seed, 0)
     if problems.lines[before:]:

@@ -193,6 +193,7 @@ def test_coop_dataset_without_root_or_split_file(tmp_path):
     ({"seed": 2**31}, "seed=2147483648: expected an integer in [0, 2**31)"),
     ({"data__shot_seed": -2}, "data.shot_seed=-2: expected an integer >= 0"),
     ({"data__shuffle_buffer": 0}, "data.shuffle_buffer=0: expected an integer >= 1"),
+    ({"data__synthetic_examples": 0}, "data.synthetic_examples=0: expected an integer >= 1"),
     ({"p4q__n_ctx": 100}, "p4q.n_ctx=100: class name 'airplane': its prompt has 104 tokens, "
                           "more than the context length 77"),
     ({"p4q__ctx_init": " "}, "p4q.ctx_init=' ': has no tokens"),
