@@ -211,7 +211,7 @@ def _training_examples(cfg, info):
     decoding an image (with shots, at most num_shots per class); None where it is not."""
     if info.name.startswith(data.coop.PREFIX):  # the lists already are the few-shot subset
         return len(data.coop.load(info.root, info.name, num_shots=cfg.num_shots,
-                                  seed=cfg.shot_seed, subsample=cfg.subsample).train)
+                                  seed=cfg.shot_seed, subsample=cfg.get("subsample", "all")).train)
     if info.name == "synthetic":
         count = cfg.synthetic_examples
     elif info.name == "folder":

@@ -82,7 +82,8 @@ def test_urls_are_kept_as_they_are():
      "[1, 2, 4, 8, 16], not 3"),
     ({"speed__feature_cache_views": 4}, "speed.feature_cache_views=4: applies to random crops "
                                         "(data.augment='coop')"),
-    ({"train__prompt_momentum": 1.0}, "train.prompt_momentum=1.0: expected a finite number in [0, 1)"),
+    ({"train__prompt_momentum": 1.0}, "train.prompt_momentum=1.0: expected a finite number in "
+                                      "[0, 1)"),
     ({"speed__xla_schedule": "fast"}, "speed.xla_schedule='fast': expected one of ['auto', "
                                       "'memory', 'concurrency']"),
     ({"train__prompt_weight_decay": -1e-4}, "train.prompt_weight_decay=-0.0001: expected a "
