@@ -6,32 +6,41 @@ absolute (Orbax needs absolute paths, and a job's meaning must not depend on the
 it runs from), then collects every problem it finds: enum fields, dtype and bit-spec
 names, batch sizes against the devices and processes, step counts, input paths that must
 exist, a workdir that must be writable, result files of another mode that a run would
-overwrite. It raises one `ConfigError` naming each field, its value and what is allowed.
+overwrite, numbers (every float finite; known fields in their ranges; seeds), the class
+prompts' length against the model's context, and the training batch against the training
+set where its size is known without decoding an image. It raises one `ConfigError` naming
+each field, its value and what is allowed.
 """
 
 import json
+import math
 import os
 import pathlib
 import tempfile
 
 import jax
+import ml_collections
 
 from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import data
 from p4q_jax import quant
 from p4q_jax import results
+from p4q_jax import train as train_lib
+from p4q_jax.clip import checkpoints as clip_checkpoints
 from p4q_jax.clip import configs as clip_configs
 from p4q_jax.clip import model as model_lib
+from p4q_jax.clip import tokenizer as tokenizer_lib
+from p4q_jax.data import folder as folder_lib
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import trained as trained_lib
 from p4q_jax.p4q import variants
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Fields that hold paths, made absolute by `resolve_paths` (those a config has).
 PATH_FIELDS = ("model.checkpoint", "data.data_dir", "data.manual_dir", "data.folder", "data.root",
                "p4q.export_dir", "speed.cache_dir")
+SEED_LIMIT = 2**31  # jax.random.key and tf.data take seeds below it
 
 
 class ConfigError(ValueError):
@@ -64,24 +73,44 @@ def resolve_paths(config, workdir):
     return config, pathlib.Path(absolute(workdir))
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class _Problems:
     def __init__(self):
         self.lines = []
+        self.fields = set()
 
     def add(self, field, value, expected):
         self.lines.append(f"{field}={value!r}: {expected}")
+        self.fields.add(field)
 
     def one_of(self, field, value, allowed):
         if value not in allowed:
             self.add(field, value, f"expected one of {list(allowed)}")
 
     def at_least(self, field, value, low):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        if not _is_int(value) or value < low:
             self.add(field, value, f"expected an integer >= {low}")
 
+    def number(self, field, value, low, high=None, *, low_open=False, high_open=False):
+        """A finite number >= low (> low if `low_open`) and <= high (< high if `high_open`)."""
+        ok = _is_finite_number(value) and (value > low if low_open else value >= low)
+        if high is None:
+            allowed = f"{'>' if low_open else '>='} {low}"
+        else:
+            ok = ok and (value < high if high_open else value <= high)
+            allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        if not ok:
+            self.add(field, value, f"expected a finite number {allowed}")
+
     def positive(self, field, value):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            self.add(field, value, "expected a number > 0")
+        self.number(field, value, 0, low_open=True)
 
     def parses(self, field, value, parse):
         try:
@@ -143,7 +172,7 @@ def _model(config, problems):
             problems.add("model.checkpoint", cfg.checkpoint, "no such file or directory")
     else:
         problems.one_of("model.name", cfg.name, clip_configs.NAMED)
-    problems.one_of("model.dtype", cfg.dtype, DTYPES)
+    problems.one_of("model.dtype", cfg.dtype, model_lib.DTYPES)
     if cfg.activation is not None:
         problems.one_of("model.activation", cfg.activation, model_lib.ACTIVATIONS)
 
@@ -167,14 +196,77 @@ def _data(config, problems):
         problems.add("data.manual_dir", cfg.manual_dir, "no such directory")
     if cfg.name == "synthetic":
         problems.at_least("data.synthetic_classes", cfg.synthetic_classes, 2)
+        problems.at_least("data.synthetic_examples", cfg.synthetic_examples, 1)
+    problems.at_least("data.shuffle_buffer", cfg.shuffle_buffer, 1)
+    problems.at_least("data.shot_seed", cfg.shot_seed, 0)
     if problems.lines[before:]:
-        return
+        return None
     try:  # class names from the folder listing or TFDS's metadata
-        data.info_from_config(cfg)
+        info = data.info_from_config(cfg)
         if cfg.name == "folder":  # every image file's header and every class's images
-            data.num_examples(cfg, split="train")
+            splits = (info.train_split, info.test_split)
+            folder_lib.check(info.root, splits, folder_lib.class_dirs(info.root, splits))
     except (ValueError, FileNotFoundError) as e:
         problems.add("data.name", cfg.name, str(e))
+        return None
+    return info
+
+
+def _training_examples(cfg, info):
+    """How many examples the training split has, where that is known without TensorFlow or
+    decoding an image (with shots, at most num_shots per class); None where it is not."""
+    if info.name.startswith(data.coop.PREFIX):  # the lists already are the few-shot subset
+        return len(data.coop.load(info.root, info.name, num_shots=cfg.num_shots,
+                                  seed=cfg.shot_seed, subsample=cfg.get("subsample", "all")).train)
+    if info.name == "synthetic":
+        count = cfg.synthetic_examples
+    elif info.name == "folder":
+        classes = folder_lib.class_dirs(info.root, (info.train_split, info.test_split))
+        count = len(folder_lib.files(info.root, info.train_split, classes)[0])
+    else:
+        count = None
+    if cfg.num_shots:
+        most = cfg.num_shots * info.num_classes
+        count = most if count is None else min(count, most)
+    return count
+
+
+def _context_length(cfg):
+    """The text tower's context length from the named config or the checkpoint's metadata
+    (CLIP's 77 for an OpenAI-layout file, whose arrays alone would tell)."""
+    if cfg.checkpoint:
+        config = clip_checkpoints.config_from_metadata(cfg.checkpoint)
+    else:
+        config = clip_configs.get_config(cfg.name)
+    return 77 if config is None else config.text.context_length
+
+
+def _prompt_length(config, info, problems):
+    """Every class prompt (`prompts.build`: SOT, the context, the name, ".", EOT) within the
+    model's context length (the class names of `info`, or none where the data is wrong)."""
+    cfg = config.p4q
+    if cfg.ctx_init:
+        field, value = "p4q.ctx_init", cfg.ctx_init
+        n_ctx = len(tokenizer_lib.Tokenizer().encode(cfg.ctx_init))
+        if not n_ctx:
+            problems.add(field, value, "has no tokens; expected a phrase such as 'a photo of "
+                         "a', or '' for a random context of p4q.n_ctx vectors")
+            return
+    else:
+        field, value = "p4q.n_ctx", cfg.n_ctx
+        n_ctx = cfg.n_ctx
+    if problems.fields & {field, "p4q.position", "model.checkpoint", "model.name"}:
+        return
+    try:
+        length = _context_length(config.model)
+    except clip_checkpoints.CheckpointError as e:
+        problems.add("model.checkpoint", config.model.checkpoint, str(e))
+        return
+    try:
+        prompts.build(info.class_names if info is not None else ("",), n_ctx=n_ctx,
+                      position=cfg.position, context_length=length)
+    except ValueError as e:
+        problems.add(field, value, str(e))
 
 
 def _quant(config, problems, shards):
@@ -185,19 +277,26 @@ def _quant(config, problems, shards):
     _batch(problems, "quant.calib_batch_size", cfg.calib_batch_size, shards)
 
 
-def _p4q(config, problems, shards):
+def _p4q(config, problems, shards, info):
     cfg, tcfg, lcfg = config.p4q, config.train, config.loss
     problems.one_of("p4q.position", cfg.position, prompts.POSITIONS)
     if not cfg.ctx_init:
         problems.at_least("p4q.n_ctx", cfg.n_ctx, 1)
     problems.at_least("p4q.adapter_reduction", cfg.adapter_reduction, 1)
-    if not isinstance(cfg.adapter_ratio, (int, float)) or not 0 <= cfg.adapter_ratio <= 1:
-        problems.add("p4q.adapter_ratio", cfg.adapter_ratio, "expected a number in [0, 1]")
+    problems.number("p4q.adapter_ratio", cfg.adapter_ratio, 0, 1)
     if cfg.adapter:
         problems.at_least("p4q.adapter_calib_batches", cfg.adapter_calib_batches, 1)
     if cfg.export_dir:
         _writable_dir(problems, "p4q.export_dir", cfg.export_dir)
     _batch(problems, "train.batch_size", tcfg.batch_size, shards)
+    if info is not None and "train.batch_size" not in problems.fields and \
+            train_lib.uses_feature_cache(config):
+        count = _training_examples(config.data, info)
+        if count is not None and tcfg.batch_size > count:
+            problems.add("train.batch_size", tcfg.batch_size, f"expected at most the {count} "
+                         "training examples (an epoch of the feature cache is whole batches); "
+                         "lower it or set speed.feature_cache=False")
+    _prompt_length(config, info, problems)
     problems.at_least("train.num_steps", tcfg.num_steps, 0)
     if not tcfg.num_steps:
         problems.at_least("train.epochs", tcfg.epochs, 1)
@@ -221,11 +320,10 @@ def _p4q(config, problems, shards):
         problems.add("train.epochs_from_shots", True, "CoOp's epochs are defined for "
                      f"data.num_shots in {sorted(step_lib.COOP_EPOCHS)}, not "
                      f"{config.data.num_shots}")
-    if not isinstance(tcfg.prompt_momentum, (int, float)) or not 0 <= tcfg.prompt_momentum < 1:
-        problems.add("train.prompt_momentum", tcfg.prompt_momentum, "expected a number in [0, 1)")
-    for field in ("warmup_lr", "prompt_weight_decay"):
-        if not isinstance(tcfg[field], (int, float)) or tcfg[field] < 0:
-            problems.add(f"train.{field}", tcfg[field], "expected a number >= 0")
+    problems.number("train.prompt_momentum", tcfg.prompt_momentum, 0, 1, high_open=True)
+    problems.number("train.prompt_final_fraction", tcfg.prompt_final_fraction, 0, 1)
+    for field in ("warmup_lr", "prompt_weight_decay", "adapter_weight_decay"):
+        problems.number(f"train.{field}", tcfg[field], 0)
     for field in ("prompt_lr", "adapter_lr", "adapter_eps", "clip_norm"):
         if tcfg[field] is not None:
             problems.positive(f"train.{field}", tcfg[field])
@@ -233,8 +331,7 @@ def _p4q(config, problems, shards):
     problems.positive("loss.temperature", lcfg.temperature)
     _teacher(config, problems)
     for field in ("cross_entropy", "distillation", "contrastive"):
-        if not isinstance(lcfg[field], (int, float)) or lcfg[field] < 0:
-            problems.add(f"loss.{field}", lcfg[field], "expected a number >= 0")
+        problems.number(f"loss.{field}", lcfg[field], 0)
     problems.at_least("checkpoint.every_steps", config.checkpoint.every_steps, 1)
     problems.at_least("checkpoint.keep", config.checkpoint.keep, 1)
     views = config.speed.feature_cache_views
@@ -281,6 +378,23 @@ def _demo(config, problems):
         problems.add("p4q.quantize", False, "the demo compares PTQ and P4Q: expected True")
 
 
+def _finite(config, problems, prefix=""):
+    """Every float of the config, at any depth and in tuples, is finite: a NaN or an infinity
+    compares False with every bound, so a range check alone would let it through (fields
+    already named by a check are not named twice)."""
+    for name, value in config.items():
+        field = f"{prefix}{name}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            _finite(value, problems, f"{field}.")
+        elif field in problems.fields:
+            continue
+        elif isinstance(value, (tuple, list)):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                problems.add(field, tuple(value), "expected finite numbers")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.add(field, value, "expected a finite number")
+
+
 def _results_of_another_mode(workdir, mode, problems):
     path = results.file_for(workdir, mode)
     if not path.is_file():
@@ -305,8 +419,10 @@ def check(config, workdir, *, mode):
     if workdir.is_dir():
         _results_of_another_mode(workdir, mode, problems)
     shards = _data_shards(config, problems)
+    if not _is_int(config.seed) or not 0 <= config.seed < SEED_LIMIT:
+        problems.add("seed", config.seed, "expected an integer in [0, 2**31)")
     _model(config, problems)
-    _data(config, problems)
+    info = _data(config, problems)
     _batch(problems, "eval.batch_size", config.eval.batch_size, shards)
     _batch(problems, "eval.text_batch_size", config.eval.text_batch_size, shards)
     if mode in ("ptq", "p4q", "demo"):
@@ -321,7 +437,7 @@ def check(config, workdir, *, mode):
             problems.add("mode", mode, "needs a config with p4q/train/loss sections, e.g. "
                          "--config=configs/p4q.py")
         else:
-            _p4q(config, problems, shards)
+            _p4q(config, problems, shards, info)
     if mode == "demo":
         if "demo" not in config or "p4q" not in config:
             problems.add("mode", mode, "needs the demo's config: --config=configs/default.py")
@@ -333,6 +449,7 @@ def check(config, workdir, *, mode):
             problems.add("p4q.export_dir", str(export),
                          f"not a P4Q export (no {trained_lib.MARKER}); train with "
                          "--config=configs/p4q.py first")
+    _finite(config, problems)
     if problems.lines:
         raise ConfigError(f"the {mode} job cannot run with this config "
                           f"({len(problems.lines)} problem(s)):\n  " + "\n  ".join(problems.lines))

@@ -292,3 +292,30 @@ def test_relative_orbax_path_loads(tiny_checkpoint, monkeypatch):
     assert config == checkpoints.load_params(tiny_checkpoint)[0]
     assert jax.tree.structure(params) == jax.tree.structure(
         checkpoints.abstract_params(config))
+
+
+def _with_nan_ln_final(params):
+    params = jax.tree.map(np.array, params)
+    params["text"]["ln_final"]["scale"][:] = np.nan
+    return params
+
+
+def test_orbax_checkpoint_with_non_finite_weights_names_the_tensor(tmp_path):
+    """An all-NaN ln_final loaded and evaluated to chance with no warning."""
+    model, params = clip.init("tiny", seed=0)
+    clip.save(tmp_path / "nan", model.config, _with_nan_ln_final(params))
+    with pytest.raises(clip.CheckpointError,
+                       match=r"params: text/ln_final/scale holds 64 non-finite values \(NaN or "
+                             r"inf\) of 64"):
+        clip.load(tmp_path / "nan")
+    clip.save(tmp_path / "good", model.config, params)
+    clip.load(tmp_path / "good")  # finite weights load
+
+
+def test_openai_file_with_an_infinite_weight_names_its_key(tmp_path):
+    sd = _tiny_openai_state_dict()
+    sd["transformer.resblocks.0.mlp.c_fc.bias"][3] = float("inf")
+    path = _save(sd, tmp_path / "inf.pt")
+    with pytest.raises(clip.CheckpointError, match=rf"{path}: transformer.resblocks.0.mlp.c_fc"
+                                                   r".bias holds 1 non-finite values"):
+        clip.load(path)

@@ -162,3 +162,78 @@ def test_registry_info_with_both_template_choices(pets_root):
     assert coop.templates("dtd") == ("{} texture.",)
     with pytest.raises(ValueError, match="needs CoOp's data folder"):
         data.get_info("coop/oxford_pets")
+
+
+def _rewrite_split(root, change):
+    path = root / "oxford_pets/split_zhou_OxfordPets.json"
+    split = json.loads(path.read_text())
+    change(split)
+    path.write_text(json.dumps(split))
+    return path
+
+
+@pytest.mark.parametrize("label", [10**12, 16])
+def test_a_label_beyond_the_lists_is_refused_naming_the_file(pets_root, label):
+    """A label of 10**12 was a bare MemoryError (a range of 10**12 labels was built)."""
+    path = _rewrite_split(pets_root, lambda split: split["train"][2].__setitem__(1, label))
+    with pytest.raises(coop.DataError, match=rf"{path}: train\[2\] has label {label}; "
+                                             r"expected labels 0..n-1, n <= the 16 "
+                                             r"training entries"):
+        coop.load(str(pets_root), "oxford_pets")
+
+
+def test_one_class_name_per_label_across_the_lists(pets_root):
+    def rename_in_test(split):
+        split["test"][1][2] = "beagle"
+    path = _rewrite_split(pets_root, rename_in_test)
+    label = json.loads(path.read_text())["test"][1][1]
+    with pytest.raises(coop.DataError, match=rf"{path}: label {label} is named '.*' in train\["
+                                             rf"\d+\] and 'beagle' in test\[1\]; expected one "
+                                             r"class name per label"):
+        coop.load(str(pets_root), "oxford_pets")
+
+
+def test_two_names_for_one_label_in_train_are_refused(pets_root):
+    def rename_in_train(split):
+        split["train"][4][2] = "sphynx"
+    path = _rewrite_split(pets_root, rename_in_train)
+    with pytest.raises(coop.DataError, match=rf"{path}: label \d is named '.*' in train\[\d\] "
+                                             r"and 'sphynx' in train\[4\]"):
+        coop.load(str(pets_root), "oxford_pets")
+
+
+@pytest.mark.parametrize("seed", ["1", 1.0, True, None])
+def test_seeds_that_are_not_ints_are_refused(pets_root, seed):
+    """seed="1" drew another subset than seed=1 (random.Random hashes the str)."""
+    with pytest.raises(coop.DataError, match=rf"seed={seed!r}: expected an int"):
+        coop.load(str(pets_root), "oxford_pets", num_shots=2, seed=seed)
+
+
+def test_a_changed_split_file_is_read_again(pets_root):
+    """load was memoized by its arguments: a rewritten split file was not seen."""
+    before = coop.load(str(pets_root), "oxford_pets")
+    _rewrite_split(pets_root, lambda split: split["test"].pop())
+    after = coop.load(str(pets_root), "oxford_pets")
+    assert len(after.test) == len(before.test) - 1
+    assert coop.load(str(pets_root), "oxford_pets") is after  # unchanged: the cached lists
+
+
+def test_a_split_file_that_appears_is_read(tmp_path):
+    with pytest.raises(coop.DataError, match="does not exist"):
+        coop.load(str(tmp_path), "oxford_pets")
+    coop_layout.split_dataset(tmp_path, "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                              PETS, {"train": 2, "val": 1, "test": 1})
+    assert len(coop.load(str(tmp_path), "oxford_pets").train) == 6
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "an empty file"),
+    (b"<html>404 not found</html>", "not a JPEG, PNG, GIF, BMP or WebP file"),
+])
+def test_an_image_that_would_not_decode_is_named_with_its_list(pets_root, content, reason):
+    split = json.loads((pets_root / "oxford_pets/split_zhou_OxfordPets.json").read_text())
+    bad = pets_root / "oxford_pets/images" / split["test"][3][0]
+    bad.write_bytes(content)
+    with pytest.raises(coop.DataError, match=rf"CoOp dataset 'oxford_pets', test list: 1 image "
+                                             rf"files cannot be decoded; .*{bad}: {reason}"):
+        coop.load(str(pets_root), "oxford_pets")

@@ -538,3 +538,50 @@ def test_a_validation_carve_holds_out_part_of_the_training_split():
         config.name, config.validation = name, 10
         with pytest.raises(ValueError, match="data.validation=10: .* no single TFDS training"):
             registry.info_from_config(config)
+
+
+def _png_with_damaged_data():
+    """A PNG whose compressed pixel data is overwritten in the middle: its header and IEND
+    are intact, and tf.io.decode_image fails on it ("Invalid PNG data") naming no file."""
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        png, "PNG")
+    content = bytearray(png.getvalue())
+    content[len(content) // 3: len(content) // 3 + 200] = b"\x55" * 200
+    return bytes(content)
+
+
+def test_folder_names_a_png_with_damaged_data(tmp_path):
+    _two_class_folder(tmp_path)
+    damaged = tmp_path / "test" / "dog" / "damaged.png"
+    damaged.write_bytes(_png_with_damaged_data())
+    with pytest.raises(tf.errors.InvalidArgumentError):  # what the pipeline alone would say
+        tf.io.decode_image(damaged.read_bytes())
+    cfg = _config(name="folder", folder=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"1 image files cannot be decoded; .*{damaged}: its "
+                                         r"PNG chunk 'IDAT' at byte \d+ is damaged"):
+        data.num_examples(cfg, split="train")
+
+
+def test_folder_dangling_symlinks_are_named_and_not_counted(tmp_path):
+    """A link to a file or class folder that is gone is neither an image nor a class."""
+    _two_class_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "1.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "train" / "fox").symlink_to(tmp_path / "gone")
+    cfg = _config(name="folder", folder=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"2 dangling symbolic links .* skipped") as caught:
+        assert data.get_info("folder", folder=str(tmp_path)).class_names == ("cat", "dog")
+        assert data.num_examples(cfg, split="train") == 2
+    message = " ".join(str(w.message) for w in caught)
+    assert str(tmp_path / "train" / "cat" / "1.jpg") in message
+    assert str(tmp_path / "train" / "fox") in message
+
+
+def test_one_class_and_a_dangling_symlink_is_refused_naming_the_link(tmp_path):
+    _write_image(tmp_path / "cat" / "0.jpg", 50)
+    (tmp_path / "dog").symlink_to(tmp_path / "gone")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-split layout's warning
+        with pytest.raises(ValueError, match=r"single class sub-folder \('cat'\) \(dangling "
+                                             rf"symbolic links: {tmp_path / 'dog'}\)"):
+            data.get_info("folder", folder=str(tmp_path))

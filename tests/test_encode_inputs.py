@@ -54,3 +54,55 @@ def test_float_images_still_encode(tiny):
     model, params = tiny
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     assert clip.encode_image(model, params, images).shape == (2, model.config.embed_dim)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("as_jax", [False, True], ids=["numpy", "jax"])
+def test_non_finite_pixels_are_refused(tiny, bad, as_jax):
+    """Today NaN pixels give NaN features with no error."""
+    model, params = tiny
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    images[1, 4, 5, 0] = images[2, 0, 0, 2] = bad
+    images = jnp.asarray(images) if as_jax else images
+    with pytest.raises(ValueError, match=r"images: 2 pixel values are NaN or infinite \(in "
+                                         r"images \[1, 2\]\)"):
+        clip.encode_image(model, params, images)
+
+
+def test_pixels_are_not_checked_inside_a_jit(tiny):
+    model, params = tiny
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    traced = jax.jit(lambda x: clip.encode_image(model, params, x))(images)
+    np.testing.assert_allclose(traced, clip.encode_image(model, params, images), atol=1e-5)
+
+
+@pytest.mark.parametrize("as_jax", [False, True], ids=["numpy", "jax"])
+def test_token_rows_without_an_end_of_text_token_are_refused(tiny, as_jax):
+    """Today rows without EOT are read at their largest id: different texts, same features."""
+    model, params = tiny
+    tokens = _tokens()
+    tokens[1] = np.where(tokens[1] == 49407, 0, tokens[1])
+    tokens = jnp.asarray(tokens) if as_jax else tokens
+    with pytest.raises(ValueError, match=r"tokens: rows \[1\] have no end-of-text token "
+                                         r"\(id 49407\)"):
+        clip.encode_text(model, params, tokens)
+
+
+@pytest.mark.parametrize("dtype", ["int8", jnp.int32, "float64", "complex64"])
+def test_unsupported_model_dtypes_are_refused(tiny_checkpoint, dtype):
+    with pytest.raises(ValueError, match=r"dtype=.*expected one of \['float32', 'bfloat16', "
+                                         r"'float16'\]"):
+        clip.load(tiny_checkpoint, dtype=dtype)
+    with pytest.raises(ValueError, match="expected one of"):
+        clip.init("tiny", dtype=dtype)
+
+
+def test_supported_dtypes_by_name_or_object(tiny_checkpoint):
+    assert clip.load(tiny_checkpoint, dtype="bfloat16")[0].dtype == jnp.bfloat16
+    assert clip.init("tiny", dtype=jnp.float16)[0].dtype == jnp.float16
+
+
+@pytest.mark.parametrize("seed", [True, "1", 1.0, None])
+def test_init_seeds_that_are_not_ints_are_refused(seed):
+    with pytest.raises(TypeError, match=rf"seed={seed!r}: expected an int"):
+        clip.init("tiny", seed=seed)

@@ -9,6 +9,7 @@ from p4q_jax import clip
 from p4q_jax import quant
 from p4q_jax.clip import tokenizer
 from p4q_jax.p4q import prompts as prompts_lib
+from p4q_jax.p4q import trained as trained_lib
 
 CLASSES = ["cat", "pickup truck", "aquarium fish"]
 
@@ -86,3 +87,24 @@ def test_bad_arguments_are_named():
         prompts_lib.build(CLASSES, n_ctx=0)
     with pytest.raises(ValueError, match="class name 'word word"):
         prompts_lib.build(["word " * 80], n_ctx=4)
+
+
+def test_class_names_must_be_a_non_empty_list():
+    """A str was iterated over its characters; an empty list failed inside max()."""
+    with pytest.raises(TypeError, match=r"class_names: expected a list of class names, got "
+                                        r"the str 'cat'"):
+        prompts_lib.build("cat", n_ctx=4)
+    with pytest.raises(ValueError, match=r"class_names: expected at least one class name"):
+        prompts_lib.build([], n_ctx=4)
+    with pytest.raises(TypeError, match=r"class_names\[1\]: expected a str, got 3"):
+        prompts_lib.build(["cat", 3], n_ctx=4)
+
+
+def test_trained_for_classes_refuses_a_str():
+    trained = trained_lib.Trained(class_names=("cat", "dog"), position="end",
+                                  context=jnp.zeros((4, 64)), adapter=None, adapter_params=None,
+                                  adapter_qstate=None)
+    with pytest.raises(TypeError, match=r"class_names: expected a list of class names, got "
+                                        r"the str 'truck'"):
+        trained.for_classes("truck")
+    assert trained.for_classes(["truck", "ship"]).class_names == ("truck", "ship")

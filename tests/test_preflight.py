@@ -1,13 +1,16 @@
 """Everything the config alone decides is refused before any work, naming the field."""
 
+import dataclasses
 import os
 import subprocess
 
 import PIL.Image
 import pytest
 
+from p4q_jax import clip
 from p4q_jax import preflight
 from p4q_jax import results
+from p4q_jax.clip import configs as clip_configs
 from p4q_jax.configs import base as base_config
 from p4q_jax.configs import default as default_config
 from p4q_jax.configs import p4q as p4q_config
@@ -18,6 +21,7 @@ import main_runner
 def _p4q(**fields):
     config = p4q_config.get_config()
     config.data.name = "synthetic"
+    config.train.batch_size = 64  # the synthetic training set's size
     for dotted, value in fields.items():
         section, name = dotted.split("__")
         config[section][name] = value
@@ -62,8 +66,8 @@ def test_urls_are_kept_as_they_are():
     ({"train__num_steps": 0, "train__epochs": 0}, "train.epochs=0: expected an integer >= 1"),
     ({"train__num_steps": 10, "train__warmup_steps": 10}, "train.warmup_steps=10: expected "
                                                           "fewer than train.num_steps=10"),
-    ({"loss__temperature": 0.0}, "loss.temperature=0.0: expected a number > 0"),
-    ({"p4q__adapter_ratio": 1.5}, "p4q.adapter_ratio=1.5: expected a number in [0, 1]"),
+    ({"loss__temperature": 0.0}, "loss.temperature=0.0: expected a finite number > 0"),
+    ({"p4q__adapter_ratio": 1.5}, "p4q.adapter_ratio=1.5: expected a finite number in [0, 1]"),
     ({"checkpoint__every_steps": 0}, "checkpoint.every_steps=0: expected an integer >= 1"),
     ({"mesh__model": 3}, "mesh.model=3: expected an integer >= 1 dividing the 8 devices"),
     ({"model__checkpoint": "/no/such/ViT-B-32.pt"}, "model.checkpoint='/no/such/ViT-B-32.pt': "
@@ -78,11 +82,12 @@ def test_urls_are_kept_as_they_are():
      "[1, 2, 4, 8, 16], not 3"),
     ({"speed__feature_cache_views": 4}, "speed.feature_cache_views=4: applies to random crops "
                                         "(data.augment='coop')"),
-    ({"train__prompt_momentum": 1.0}, "train.prompt_momentum=1.0: expected a number in [0, 1)"),
+    ({"train__prompt_momentum": 1.0}, "train.prompt_momentum=1.0: expected a finite number in "
+                                      "[0, 1)"),
     ({"speed__xla_schedule": "fast"}, "speed.xla_schedule='fast': expected one of ['auto', "
                                       "'memory', 'concurrency']"),
     ({"train__prompt_weight_decay": -1e-4}, "train.prompt_weight_decay=-0.0001: expected a "
-                                            "number >= 0"),
+                                            "finite number >= 0"),
 ])
 def test_each_bad_field_is_named_with_what_is_allowed(tmp_path, fields, expected):
     assert expected in _problems(_p4q(**fields), tmp_path)
@@ -172,3 +177,70 @@ def test_coop_dataset_without_root_or_split_file(tmp_path):
     message = _problems(_p4q(data__name="coop/dtd", data__root=str(tmp_path / "data")), tmp_path)
     assert f"{tmp_path}/data/dtd/split_zhou_DescribableTextures.json does not exist" in message
     assert "coop/dtd" in _problems(_p4q(data__name="coop/dtdd"), tmp_path)  # listed as known
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"p4q__adapter": False, "loss__distillation": float("nan")},
+     "loss.distillation=nan: expected a finite number >= 0"),
+    ({"train__prompt_lr": float("inf")}, "train.prompt_lr=inf: expected a finite number > 0"),
+    ({"train__adapter_lr": float("inf")}, "train.adapter_lr=inf: expected a finite number > 0"),
+    ({"loss__cross_entropy": float("inf")},
+     "loss.cross_entropy=inf: expected a finite number >= 0"),
+    ({"train__prompt_final_fraction": float("nan")},
+     "train.prompt_final_fraction=nan: expected a finite number in [0, 1]"),
+    ({"train__adapter_weight_decay": -0.5},
+     "train.adapter_weight_decay=-0.5: expected a finite number >= 0"),
+    ({"seed": -1}, "seed=-1: expected an integer in [0, 2**31)"),
+    ({"seed": 2**31}, "seed=2147483648: expected an integer in [0, 2**31)"),
+    ({"data__shot_seed": -2}, "data.shot_seed=-2: expected an integer >= 0"),
+    ({"data__shuffle_buffer": 0}, "data.shuffle_buffer=0: expected an integer >= 1"),
+    ({"data__synthetic_examples": 0}, "data.synthetic_examples=0: expected an integer >= 1"),
+    ({"p4q__n_ctx": 100}, "p4q.n_ctx=100: class name 'airplane': its prompt has 104 tokens, "
+                          "more than the context length 77"),
+    ({"p4q__ctx_init": " "}, "p4q.ctx_init=' ': has no tokens"),
+    ({"train__batch_size": 128, "data__synthetic_examples": 64},
+     "train.batch_size=128: expected at most the 64 training examples"),
+])
+def test_non_finite_out_of_range_and_oversized_fields_are_named(tmp_path, fields, expected):
+    fields = dict(fields)
+    config = _p4q(**{k: v for k, v in fields.items() if "__" in k})
+    if "seed" in fields:
+        config.seed = fields["seed"]
+    assert expected in _problems(config, tmp_path)
+
+
+def test_every_float_field_must_be_finite_at_any_depth(tmp_path):
+    config = _p4q()
+    config.speed.new_knob = float("-inf")  # a field no check knows by name
+    config.train.stage_epochs = (1.0, float("nan"))
+    message = _problems(config, tmp_path)
+    assert "speed.new_knob=-inf: expected a finite number" in message
+    assert "train.stage_epochs=(1.0, nan): expected finite numbers" in message
+
+
+def test_the_prompt_length_uses_the_checkpoints_context_length(tmp_path):
+    """A checkpoint whose text tower reads 40 positions: 37 context tokens leave no room for
+    a class name there (SOT + 37 + name + "." + EOT = 41), whereas a named 77-position model
+    takes them."""
+    config = clip_configs.get_config("tiny")
+    short = dataclasses.replace(config, text=dataclasses.replace(config.text, context_length=40))
+    clip.save(tmp_path / "short", short, clip.init(short, seed=0)[1])
+    assert "p4q.n_ctx=37: class name 'airplane': its prompt has 41 tokens, more than the " \
+           "context length 40" in _problems(
+               _p4q(model__checkpoint=str(tmp_path / "short"), p4q__n_ctx=37), tmp_path)
+    preflight.check(_p4q(p4q__n_ctx=37), tmp_path, mode="p4q")
+    phrase = "a photo of a " * 18
+    assert f"p4q.ctx_init={phrase!r}: class name 'airplane': its prompt has 76 tokens" in _problems(
+        _p4q(p4q__ctx_init=phrase, model__checkpoint=str(tmp_path / "short")), tmp_path)
+
+
+def test_a_batch_that_fits_the_few_shot_set_passes(tmp_path):
+    """8 shots x 10 classes = 80 examples: 80 passes with the feature cache; 88 does not;
+    without the cache a smaller set is trained in full batches (no refusal)."""
+    config = _p4q(data__num_shots=8, data__synthetic_examples=200, train__batch_size=80)
+    preflight.check(config, tmp_path, mode="p4q")
+    config.train.batch_size = 88
+    assert "train.batch_size=88: expected at most the 80 training examples" in _problems(
+        config, tmp_path)
+    config.speed.feature_cache = False
+    preflight.check(config, tmp_path, mode="p4q")

@@ -246,3 +246,15 @@ def test_attention_products_stay_fake_quant_on_cpus(tiny):
     assert jax.devices()[0].platform == "cpu"
     assert integer.integer_state(qstate, params).products is False
     assert integer.inference_state(qstate, params, True).products is False
+
+
+def test_export_with_non_finite_weights_names_the_tensor(tmp_path, tiny):
+    model, params = tiny
+    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    broken = jax.tree.map(np.array, params)
+    broken["text"]["ln_final"]["scale"][:2] = np.nan
+    export.save(tmp_path / "q", model, broken, qstate)
+    with pytest.raises(clip.CheckpointError, match=rf"{tmp_path / 'q' / 'float'}: "
+                                                   r"params/text/ln_final/scale holds 2 "
+                                                   "non-finite values"):
+        export.load(tmp_path / "q")

@@ -7,6 +7,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from p4q_jax.clip import checkpoints
 from p4q_jax.clip import configs
@@ -23,21 +24,37 @@ from p4q_jax.clip.tokenizer import tokenize
 from p4q_jax.clip.transforms import preprocess
 
 
+def _computation_dtype(dtype):
+    """`dtype` (a name or a dtype) as a jnp dtype, one of `model.DTYPES`."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in model_lib.DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(model_lib.DTYPES)}")
+    return jnp.dtype(name)
+
+
 def load(path, *, dtype=jnp.float32, activation=None):
     """Loads a checkpoint from disk (no network) -> (model, params).
 
     Args:
       path: OpenAI `.pt` (TorchScript or state dict), a Hugging Face directory, or an
         Orbax directory written by `clip.save` / `python -m p4q_jax.clip.convert`.
-      dtype: computation dtype (parameters stay float32), e.g. `jnp.bfloat16`.
+      dtype: computation dtype (parameters stay float32): float32, bfloat16 or float16, as a
+        name or a dtype.
       activation: override for OpenAI-layout files ("quick_gelu" by default).
     """
+    dtype = _computation_dtype(dtype)
     config, params = checkpoints.load_params(path, activation=activation)
     return CLIP(config, dtype=dtype), params
 
 
 def init(config, *, seed=0, dtype=jnp.float32):
     """A randomly initialised model of `config` (a CLIPConfig or a name) -> (model, params)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed={seed!r}: expected an int")
+    dtype = _computation_dtype(dtype)
     if isinstance(config, str):
         config = get_config(config)
     model = CLIP(config, dtype=dtype)

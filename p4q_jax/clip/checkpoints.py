@@ -5,7 +5,8 @@ state-dict names (q/k/v fused into `in_proj`), and an OpenAI state dict is conve
 this project's Flax tree (torch's `[out, in]` linear weights transposed, the patch conv
 to HWIO). Checks name the file and what is wrong: missing path, unknown layout,
 unreadable, truncated or hostile files, missing/unexpected keys, shape mismatches (an
-Orbax directory's config is checked against its stored array shapes before restoring).
+Orbax directory's config is checked against its stored array shapes before restoring),
+weights that are NaN or infinite (naming the first such tensor).
 """
 
 import json
@@ -176,6 +177,7 @@ def openai_to_flax(state, config, *, source="state dict"):
     """OpenAI-layout state dict -> Flax params tree (float32), checked against `config`."""
     state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()
              if not _IGNORED_KEYS.search(k)}
+    check_finite(state, source=source)
     remaining = dict(state)
     try:
         params = {
@@ -196,6 +198,25 @@ def openai_to_flax(state, config, *, source="state dict"):
         raise CheckpointError(f"{source}: unexpected keys {sorted(remaining)}")
     check_shapes(params, config, source=source)
     return params
+
+
+def _key_name(key):
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+
+def check_finite(tree, *, source):
+    """Raises CheckpointError naming the first float array of `tree` (a dict of arrays at any
+    depth) that holds a NaN or an infinity: such weights load and run to chance-level
+    results with no other sign. Checked on the host, one pass over the weights."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        array = np.asarray(leaf)
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            name = "/".join(_key_name(k) for k in path)
+            raise CheckpointError(f"{source}: {name} holds {bad} non-finite values (NaN or "
+                                  f"inf) of {array.size}; the checkpoint is corrupt")
 
 
 def _expected_openai_keys(config):
@@ -348,9 +369,35 @@ def _read_safetensors(path):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def _hf_dir_config(path):
+    return _parse_config(read_json(path / "config.json"), parse=hf_config,
+                         source=path / "config.json")
+
+
+def _orbax_config(path):
+    return _parse_config(read_json(path / ORBAX_MARKER), source=path / ORBAX_MARKER,
+                         parse=lambda meta: configs.CLIPConfig.from_dict(meta["config"]))
+
+
+def _is_hf_dir(path):
+    return (path / "config.json").exists() and any(
+        (path / f).exists() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def config_from_metadata(path):
+    """The CLIPConfig of an Orbax or Hugging Face checkpoint directory from its JSON
+    metadata alone (no array is read); None for an OpenAI-layout file, whose architecture
+    only its arrays' shapes tell."""
+    path = pathlib.Path(path).absolute()
+    if (path / ORBAX_MARKER).is_file():
+        return _orbax_config(path)
+    if path.is_dir() and _is_hf_dir(path):
+        return _hf_dir_config(path)
+    return None
+
+
 def _load_hf_dir(path):
-    config = _parse_config(read_json(path / "config.json"), parse=hf_config,
-                           source=path / "config.json")
+    config = _hf_dir_config(path)
     if (path / "model.safetensors").exists():
         source = path / "model.safetensors"
         state = _read_safetensors(source)
@@ -399,16 +446,19 @@ def save_tree(path, tree):
 
 def restore_tree(path, abstract=None):
     """Reads what `save_tree` wrote (as `abstract`'s shapes and dtypes if given); a missing,
-    truncated or corrupted tree is a CheckpointError naming `path`."""
+    truncated or corrupted tree, or one holding a NaN or an infinity (`check_finite`), is a
+    CheckpointError naming `path`."""
     path = pathlib.Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such Orbax directory")
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(path, abstract)
+            tree = ckptr.restore(path, abstract)
         except Exception as e:  # noqa: BLE001  (orbax/tensorstore: any failure on bad files)
             raise CheckpointError(f"{path}: cannot restore the arrays "
                                   f"({type(e).__name__}: {e})") from e
+    check_finite(tree, source=path)
+    return tree
 
 
 def save(path, config, params, *, provenance=None):
@@ -426,8 +476,7 @@ def save(path, config, params, *, provenance=None):
 
 def _load_orbax_dir(path):
     """Reads `save`'s form, checking the stored arrays against the config before restoring."""
-    config = _parse_config(read_json(path / ORBAX_MARKER), source=path / ORBAX_MARKER,
-                           parse=lambda meta: configs.CLIPConfig.from_dict(meta["config"]))
+    config = _orbax_config(path)
     source = path / "params"
     with ocp.StandardCheckpointer() as ckptr:
         try:
@@ -458,8 +507,7 @@ def load_params(path, *, activation=None):
     if path.is_dir():
         if (path / ORBAX_MARKER).exists():
             return _load_orbax_dir(path)
-        if (path / "config.json").exists() and any(
-                (path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        if _is_hf_dir(path):
             return _load_hf_dir(path)
         raise CheckpointError(
             f"{path}: unknown checkpoint layout; expected a Hugging Face directory "

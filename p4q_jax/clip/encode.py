@@ -41,33 +41,65 @@ def _encode_text(model, params, tokens, qstate):
     return apply(model, params, tokens, method=model.encode_text, qstate=qstate)
 
 
-@jax.jit
-def _token_range(tokens):
-    return jnp.min(tokens), jnp.max(tokens)
+@functools.partial(jax.jit, static_argnames="eot")
+def _token_summary(tokens, eot):
+    return jnp.min(tokens), jnp.max(tokens), jnp.all(jnp.any(tokens == eot, axis=1))
+
+
+def _some(values):
+    values = np.asarray(values)
+    return f"{values[:10].tolist()}{' ...' if len(values) > 10 else ''}"
 
 
 def _check_token_ids(tokens, vocab_size):
-    """Refuses ids outside [0, vocab_size): the embedding lookup would give NaN or another row.
+    """Refuses ids outside [0, vocab_size) (the embedding lookup would give NaN or another
+    row) and rows without the end-of-text token, the vocabulary's last id (the features are
+    read at a row's largest id: at another token, without it).
 
-    Checked where the ids are concrete: on the host for numpy input, by one small jitted min/max
-    (two scalars back, not the array; it waits for the ids to be ready) for a jax Array; skipped
-    for tracers (inside a jit).
+    Checked where the ids are concrete: on the host for numpy input, by one small jitted
+    summary (three scalars back, not the array; it waits for the ids to be ready) for a jax
+    Array; skipped for tracers (inside a jit).
     """
     if isinstance(tokens, jax.core.Tracer):
         return
+    eot = vocab_size - 1
     if isinstance(tokens, jax.Array):
-        low, high = (int(v) for v in jax.device_get(_token_range(tokens)))
+        low, high, every_eot = jax.device_get(_token_summary(tokens, eot))
     else:
-        low, high = int(tokens.min()), int(tokens.max())
+        low, high, every_eot = tokens.min(), tokens.max(), (tokens == eot).any(axis=1).all()
     if low < 0 or high >= vocab_size:
         bad = np.asarray(tokens)
         bad = np.unique(bad[(bad < 0) | (bad >= vocab_size)])
         raise ValueError(f"tokens: ids must be in [0, {vocab_size}) (the vocabulary size), got "
-                         f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}")
+                         f"{_some(bad)}")
+    if not every_eot:
+        rows = np.flatnonzero(~(np.asarray(tokens) == eot).any(axis=1))
+        raise ValueError(f"tokens: rows {_some(rows)} have no end-of-text token (id {eot}), "
+                         "where the text features are read; tokenize texts with clip.tokenize")
+
+
+@jax.jit
+def _all_finite(images):
+    return jnp.all(jnp.isfinite(images))
+
+
+def _check_finite_pixels(images):
+    """Refuses NaN or infinite pixels (they make every feature of their image NaN). On the
+    host for numpy input, by one jitted reduction (a scalar back) for a jax Array; skipped
+    for tracers (inside a jit)."""
+    if isinstance(images, jax.core.Tracer):
+        return
+    finite = jax.device_get(_all_finite(images)) if isinstance(images, jax.Array) else \
+        np.isfinite(images).all()
+    if not finite:
+        bad = ~np.isfinite(np.asarray(images))
+        raise ValueError(f"images: {int(bad.sum())} pixel values are NaN or infinite (in images "
+                         f"{_some(np.flatnonzero(bad.any(axis=(1, 2, 3))))})")
 
 
 def encode_image(model, params, images, *, qstate=None):
-    """Images float32 [B, H, W, 3], CLIP-normalized -> unnormalized features [B, embed_dim].
+    """Images float32 [B, H, W, 3], CLIP-normalized and finite -> unnormalized features
+    [B, embed_dim].
 
     With `qstate` (from `quant.calibrate`) the quantized model runs instead.
     """
@@ -78,11 +110,13 @@ def encode_image(model, params, images, *, qstate=None):
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images: expected CLIP-normalized float32 pixels, got {images.dtype}; "
                          "convert raw pixels with clip.preprocess")
+    _check_finite_pixels(images)
     return _encode_image(model, params, jnp.asarray(images), qstate)
 
 
 def encode_text(model, params, tokens, *, qstate=None):
-    """Token ids int32 [N, L] (L <= context length) -> unnormalized features [N, embed_dim].
+    """Token ids int32 [N, L] (L <= context length; every row with its end-of-text token, as
+    `clip.tokenize` writes them) -> unnormalized features [N, embed_dim].
 
     With `qstate` (from `quant.calibrate`) the quantized model runs instead.
     """

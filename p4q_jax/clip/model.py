@@ -408,6 +408,9 @@ class TextTransformer(nn.Module):
         return self.encode_embeddings(self.embed(tokens), eot_index(tokens))
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # computation dtypes (parameters stay float32)
+
+
 def eot_index(tokens):
     """Position of the end-of-text token: it has the largest id in CLIP's vocabulary."""
     return jnp.argmax(tokens, axis=-1)

@@ -37,6 +37,7 @@ from absl import logging
 
 from p4q_jax.data import classnames
 from p4q_jax.data import clip_templates
+from p4q_jax.data import folder as folder_lib
 
 _DATASETS_MD = "DATASETS.md of github.com/KaiyangZhou/CoOp"
 TEMPLATE_CHOICES = ("coop", "clip")
@@ -202,7 +203,25 @@ def _from_split_file(dataset_dir, image_dir, spec):
                                 "label >= 0, classname].")
             records.append(Record(os.path.join(image_dir, item[0]), item[1], item[2]))
         lists.append(tuple(records))
+    _check_labels(lists, path)
     return tuple(lists)
+
+
+def _check_labels(lists, path):
+    """Labels 0..n-1 with every class in train (n <= its length), and one class name per
+    label in all three lists: else a DataError naming the file and the first bad entry."""
+    limit = len(lists[0])
+    named = {}  # label -> (class name, where it was first seen)
+    for key, records in zip(("train", "val", "test"), lists):
+        for i, record in enumerate(records):
+            if record.label >= limit:
+                raise DataError(f"{path}: {key}[{i}] has label {record.label}; expected labels "
+                                f"0..n-1, n <= the {limit} training entries.")
+            name, where = named.setdefault(record.label, (record.classname, f"{key}[{i}]"))
+            if name != record.classname:
+                raise DataError(f"{path}: label {record.label} is named {name!r} in {where} "
+                                f"and {record.classname!r} in {key}[{i}]; expected one class "
+                                "name per label.")
 
 
 def _fgvc_aircraft(dataset_dir, image_dir, spec):
@@ -372,8 +391,41 @@ def _fewshot(rng, records, num_shots):
     return tuple(out)
 
 
+def _files_read(root, name, num_shots, seed):
+    """The files (and image folders, whose listing ImageNet's lists come from) that `load`
+    reads besides the images, for its cache key."""
+    spec = _SPECS[name]
+    if spec.split_file:
+        files = [spec.split_file]
+    elif name == "fgvc_aircraft":
+        files = ["variants.txt", *(f"images_variant_{s}.txt" for s in ("train", "val", "test"))]
+    elif name == "imagenet":
+        files = ["preprocessed.pkl", "classnames.txt", os.path.join(spec.images, "train"),
+                 os.path.join(spec.images, "val")]
+    else:
+        files = ["classnames.txt", spec.images]
+    files.append(os.path.join("split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl"))
+    dataset_dir = os.path.join(root, spec.directory)
+    return (dataset_dir, *(os.path.join(dataset_dir, f) for f in files))
+
+
+def _stamp(paths):
+    """(path, mtime, size) of each path, None for those missing: a cache key that changes
+    when a file is rewritten, appears or goes."""
+    stamps = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stamps.append((path, None, None))
+        else:
+            stamps.append((path, stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
+
+
 @functools.lru_cache(maxsize=8)
-def _full_lists(root, name):
+def _full_lists(root, name, stamp):
+    del stamp  # the cache key only: files changed on disk are read again
     spec = _SPECS[name]
     dataset_dir = os.path.join(root, spec.directory)
     if not os.path.isdir(dataset_dir):
@@ -395,7 +447,7 @@ def _class_names(train, name):
     """Dassl's `get_lab2cname` of the training list, CoOp's "_" -> " ", labels 0..n-1."""
     names = dict((record.label, record.classname) for record in train)
     n = max(names) + 1 if names else 0
-    if n < 2 or sorted(names) != list(range(n)):
+    if n < 2 or len(names) != n:  # n distinct labels below n: exactly 0..n-1
         raise DataError(f"CoOp dataset {name!r}: the training list has labels "
                         f"{sorted(names)[:10]}...; expected 0..n-1 with n >= 2.")
     return tuple(classnames.readable(names[label]) for label in range(n))
@@ -418,15 +470,22 @@ def subsample_classes(lists, subsample):
 
 
 def _check_images(lists, name):
+    """Every listed image exists, and those the input pipeline reads (train and test) would
+    decode (`folder.check_images`, from each file's first and last bytes): a file tf.data
+    cannot decode stops it with an error that names no file."""
     for split, records in zip(("train", "val", "test"), lists):
         missing = [r.impath for r in records if not os.path.isfile(r.impath)]
         if missing:
             raise DataError(
                 f"CoOp dataset {name!r}: {len(missing)} of the {len(records)} {split} images "
                 f"listed are missing on disk; the first is {missing[0]}.")
+    for split, records in (("train", lists[0]), ("test", lists[2])):
+        try:
+            folder_lib.check_images(tuple(r.impath for r in records))
+        except ValueError as e:
+            raise DataError(f"CoOp dataset {name!r}, {split} list: {e}") from e
 
 
-@functools.lru_cache(maxsize=16)
 def load(root, name, *, num_shots=0, seed=1, subsample="all"):
     """The train, val and test lists that CoOp builds for `name` under `root` (its `$DATA`).
 
@@ -440,14 +499,26 @@ def load(root, name, *, num_shots=0, seed=1, subsample="all"):
             applied after the few-shot draw).
 
     Returns:
-        CoopData. Raises DataError naming the file when something is missing or malformed,
-        and when listed images are missing on disk (the first one and the count).
+        CoopData. Raises DataError naming the file when something is missing or malformed
+        (labels not 0..n-1, two class names for one label), when listed images are missing
+        on disk (the first one and the count), and naming the train or test images that
+        would not decode. Cached per process by the arguments and the (path, mtime, size) of
+        the split and few-shot files: a file rewritten on disk is read again.
     """
     name = spec_name(name)
     if isinstance(num_shots, bool) or not isinstance(num_shots, int) or num_shots < 0:
         raise DataError(f"num_shots={num_shots!r}: expected an int >= 0.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"seed={seed!r}: expected an int (CoOp's --seed; random.Random "
+                        "draws another subset for the str or float of the same number).")
     root = os.path.abspath(os.path.expanduser(root))
-    dataset_dir, image_dir, (train, val, test) = _full_lists(root, name)
+    stamp = _stamp(_files_read(root, name, num_shots, seed))
+    return _load(root, name, num_shots, seed, subsample, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(root, name, num_shots, seed, subsample, stamp):
+    dataset_dir, image_dir, (train, val, test) = _full_lists(root, name, stamp[:-1])
     source = None
     if num_shots >= 1 and name not in TEST_ONLY:
         source = os.path.join(dataset_dir, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")

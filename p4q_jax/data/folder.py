@@ -6,20 +6,23 @@ macOS's "._photo.jpg") are skipped, and so are files without an image extension 
 
 Every listed image is checked before any is decoded (`check`), because a file that `tf.data`
 fails to decode stops the pipeline with an error that does not say which file it was. The check
-reads a file's first bytes (its format, as tf.io.decode_image tells it) and, for JPEG and PNG,
-looks for the end-of-image marker; it decodes no pixels (see `check_images` for its cost).
+reads a file's first bytes (its format, as tf.io.decode_image tells it), looks for a JPEG's
+end-of-image marker and checks a PNG's chunks (their CRCs); it decodes no pixels (see
+`check_images` for its cost). Symbolic links whose targets are gone are named in a warning and
+skipped. `data.coop` checks its lists' images with the same `check_images`.
 """
 import functools
 import os
 import warnings
+import zlib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Image formats that are skipped (tf.io.decode_image does not read them): named in a warning,
 # because a user who put them there expects them to be used. Other files are skipped silently.
 _UNREAD_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2")
 # How a file of each format that tf.io.decode_image reads begins (WebP: see `_image_format`).
-_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
-          (b"BM", "BMP"))
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (_PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
 _FORMATS = "JPEG, PNG, GIF, BMP or WebP"
 _TAIL_BYTES = 4096  # where a file's end marker is looked for first
 _NAMED = 10  # bad files or classes named in one message
@@ -43,10 +46,19 @@ def split_dirs(root):
     return ("", "")
 
 
+def _dangling_links(directory):
+    """Paths of the symbolic links in `directory` whose targets do not exist (neither a class
+    nor an image: the listing skips them), sorted; hidden ones are left out."""
+    return sorted(entry.path for entry in os.scandir(directory)
+                  if not entry.name.startswith(".") and entry.is_symlink()
+                  and not os.path.exists(entry.path))
+
+
 def class_dirs(root, splits):
     """Sorted class sub-folder names found under `root/<split>` for any of `splits`.
 
     Refuses fewer than two: with one class every image is classified right, whatever the model.
+    A symbolic link to a folder that is gone is no class (named in that refusal).
     """
     names = set()
     for split in splits:
@@ -56,11 +68,14 @@ def class_dirs(root, splits):
             if entry.is_dir() and not entry.name.startswith("."))
     layout = ("expected root/<class_name>/*.jpg or root/train/<class_name>/ and "
               "root/test/<class_name>/.")
+    links = [link for split in dict.fromkeys(splits)
+             for link in _dangling_links(os.path.join(root, split))]
+    links = f" (dangling symbolic links: {_some(links)})" if links else ""
     if not names:
-        raise ValueError(f"Image folder {root!r} has no class sub-folders; {layout}")
+        raise ValueError(f"Image folder {root!r} has no class sub-folders{links}; {layout}")
     if len(names) < 2:
         raise ValueError(
-            f"Image folder {root!r} has a single class sub-folder ({names.pop()!r}); "
+            f"Image folder {root!r} has a single class sub-folder ({names.pop()!r}){links}; "
             f"classification needs at least 2 classes: {layout}")
     return tuple(sorted(names))
 
@@ -115,8 +130,12 @@ def check(root, splits, classes):
     training, not after it. Warns naming files in image formats that are not read.
     """
     kinds = ", ".join(IMAGE_EXTENSIONS)
-    all_paths = []
+    all_paths, links = [], []
     for split in dict.fromkeys(splits):
+        split_root = os.path.join(root, split)
+        links += _dangling_links(split_root)
+        links += [link for name in classes if os.path.isdir(os.path.join(split_root, name))
+                  for link in _dangling_links(os.path.join(split_root, name))]
         paths, _, empty, unread = _scan(root, split, classes)
         if empty and split == splits[0]:
             raise ValueError(
@@ -134,6 +153,10 @@ def check(root, splits, classes):
                 f"Image folder {root!r}: {len(unread)} files are skipped because only {kinds} "
                 f"files are read: {_some(unread)}.", stacklevel=2)
         all_paths.extend(paths)
+    if links:
+        warnings.warn(
+            f"Image folder {root!r}: {len(links)} dangling symbolic links (their targets do not "
+            f"exist) are skipped, as neither images nor classes: {_some(links)}.", stacklevel=2)
     check_images(tuple(all_paths))
 
 
@@ -172,6 +195,28 @@ def _has_end_marker(file, start, marker):
     return marker in file.read()
 
 
+def _png_problem(file):
+    """Why a PNG's chunks would not decode, or None: a chunk cut short (no IEND chunk at the
+    end), or a critical chunk whose CRC does not match its bytes (damaged data, which libpng
+    refuses; damaged ancillary chunks it skips, and so does this check)."""
+    position = len(_PNG_SIGNATURE)
+    while True:
+        file.seek(position)
+        head = file.read(8)
+        length = int.from_bytes(head[:4], "big")
+        body = file.read(length + 4)
+        if len(head) < 8 or len(body) < length + 4:
+            return "truncated (its PNG data has no end marker)"
+        kind = head[4:]
+        critical = not kind[0] & 0x20  # an upper-case first letter
+        if critical and zlib.crc32(kind + body[:length]) != int.from_bytes(body[length:], "big"):
+            return (f"its PNG chunk {kind.decode('latin-1')!r} at byte {position} is damaged "
+                    "(its CRC does not match)")
+        if kind == b"IEND":
+            return None
+        position += 12 + length
+
+
 def _image_format(head):
     """The format that tf.io.decode_image would take a file starting with `head` for, or None."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -180,11 +225,13 @@ def _image_format(head):
 
 
 def _problem(path):
-    """Why `path` would not decode, or None, from its first bytes and its end, not its pixels.
+    """Why `path` would not decode, or None, from its bytes, not its pixels.
 
     Catches what is not an image (an empty file, text or HTML saved as .jpg), formats that
-    tf.io.decode_image does not read (it too goes by these first bytes), and JPEG and PNG files cut
-    short (an interrupted download or copy). Not caught: damage inside the compressed data.
+    tf.io.decode_image does not read (it too goes by these first bytes), JPEG and PNG files cut
+    short (an interrupted download or copy) and PNG data damaged inside (its chunks' CRCs). Not
+    caught: damage inside a JPEG's compressed data (which TensorFlow's decoder mostly decodes
+    anyway, with a warning).
     """
     try:
         with open(path, "rb") as file:
@@ -198,7 +245,7 @@ def _problem(path):
                 if start is None:
                     return "a JPEG whose header is cut short or broken"
             elif image_format == "PNG":
-                start, marker = len(head), b"IEND\xaeB`\x82"
+                return _png_problem(file)
             else:
                 return None
             if not _has_end_marker(file, start, marker):

@@ -50,9 +50,25 @@ class Prompts:
         return int(min(length, self.eot.min()))  # every EOT stays in the per-class part
 
 
+def check_class_names(class_names):
+    """Refuses a str (it would be read as one class per character), an empty list and
+    names that are not str -> the names as a tuple."""
+    if isinstance(class_names, (str, bytes)):
+        raise TypeError(f"class_names: expected a list of class names, got the "
+                        f"{type(class_names).__name__} {class_names!r}; wrap one name in a list")
+    class_names = tuple(class_names)
+    if not class_names:
+        raise ValueError("class_names: expected at least one class name, got none")
+    for i, name in enumerate(class_names):
+        if not isinstance(name, str):
+            raise TypeError(f"class_names[{i}]: expected a str, got {name!r}")
+    return class_names
+
+
 def build(class_names, *, n_ctx, position="end", context_length=77, crop=True,
           vocab_path=None):
     """Token layouts of "X ... X {name}." for every class (see module docstring)."""
+    class_names = check_class_names(class_names)
     if position not in POSITIONS:
         raise ValueError(f"class token position {position!r} unknown; expected one of {POSITIONS}")
     if n_ctx < 1:

@@ -55,7 +55,7 @@ class Trained:
         """The same learned context and adapter in front of other class names (cross-dataset
         transfer, CoCoOp's new classes). A class-specific context has one context per
         training class and no context for any other: refused."""
-        class_names = tuple(class_names)
+        class_names = prompts_lib.check_class_names(class_names)
         if class_names == self.class_names:
             return self
         if self.context.ndim == 3:
