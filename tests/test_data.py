@@ -28,9 +28,10 @@ _HIGH = (1.0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_ST
 
 
 def _config(**overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        name="cifar10", data_dir=None, manual_dir=None, num_shots=0, shot_seed=0, flip=False,
-        shuffle_buffer=256, folder=None, synthetic_classes=10, synthetic_examples=20))
+    """The base config's data section (every field, its defaults) with the tests' changes."""
+    cfg = base_config.get_config().data
+    cfg.update(dict(name="cifar10", shot_seed=0, flip=False, shuffle_buffer=256,
+                    synthetic_examples=20))
     cfg.update(overrides)
     return cfg
 
