@@ -9,7 +9,9 @@ An export directory holds
   towers/    the frozen CLIP: integer kernels + scales (`quant.export`) when quantized,
              the FP params (`clip.save`) otherwise; self-contained, no base checkpoint needed;
   trained/   the learned context and the adapter's params and frozen 8-bit state (Orbax);
-  p4q.json   class names, prompt layout, adapter shape.
+  p4q.json   class names, prompt layout, adapter shape;
+  run.json   the run that wrote it (its workdir and config fingerprint): a run replaces
+             only its own export (`preflight.check_export`).
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ from p4q_jax.quant import export as quant_export
 from p4q_jax.quant import state as state_lib
 
 MARKER = "p4q.json"
+RUN_FILE = "run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +109,10 @@ def export_dir(config, workdir):
     return pathlib.Path(explicit or pathlib.Path(workdir) / "export")
 
 
-def save(path, model, params, qstate, trained):
+def save(path, model, params, qstate, trained, *, run=None):
     """Writes the export directory -> its absolute path. Atomic: an existing export is replaced
-    only once the new one is complete; a killed save's temporaries go on the next save."""
+    only once the new one is complete; a killed save's temporaries go on the next save.
+    `run` (JSON: which run writes it) goes to RUN_FILE."""
     path = pathlib.Path(path).absolute()
     with atomic.directory(path, replace=True) as tmp:
         if qstate is None:
@@ -128,7 +132,18 @@ def save(path, model, params, qstate, trained):
             "adapter": None if adapter is None else {"reduction": adapter.reduction,
                                                      "ratio": adapter.ratio},
         }, indent=2))
+        if run is not None:
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2, sort_keys=True))
     return path
+
+
+def writer(path):
+    """The `run` record an export was saved with, or None (none recorded)."""
+    path = pathlib.Path(path) / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load(path):
