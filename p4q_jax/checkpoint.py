@@ -8,7 +8,8 @@ checkpoint behind.
 
 A rerun in the same directory resumes only the same run: the fingerprint is every config
 field that shapes the train state or the training (`fingerprint`), and a checkpoint with
-another one stops the rerun before any work (`RunMismatchError`, listing the fields).
+another one stops the rerun before any work (`RunMismatchError`, listing the fields). The
+other modes' result files carry their mode's fingerprint for the same check.
 Nothing is ever deleted on a guess: a checkpoint that fails to read although its
 fingerprint matches (a truncated or corrupted file) is moved to `unreadable/` with the
 reason, and the previous one is used; `move_run_aside` keeps a whole old run when the user
@@ -29,9 +30,9 @@ UNREADABLE = "unreadable"
 # and the training) and single fields outside them; then the fields in them that do not:
 # where files live, names of outputs, logging cadence. `eval` measures the export it names.
 _FINGERPRINT_SECTIONS = {
-    "p4q": (("model", "quant", "p4q", "train", "loss", "data"), ()),
-    "ptq": (("model", "quant", "data"), ()),
-    "zeroshot": (("model", "data"), ("quant.fold_batchnorm",)),
+    "p4q": (("model", "quant", "p4q", "train", "loss", "data"), ("seed",)),
+    "ptq": (("model", "quant", "data"), ("seed",)),
+    "zeroshot": (("model", "data"), ("seed", "quant.fold_batchnorm")),
     "eval": (("data",), ("p4q.export_dir",)),
 }
 _NOT_FINGERPRINTED = {"data.data_dir", "data.manual_dir", "data.root", "p4q.export_dir",
@@ -63,7 +64,7 @@ def fingerprint(config, mode="p4q"):
     seed (a random init's, the calibration draw's), model, data (and quantization); `eval`
     the data and the export it measures."""
     sections, single = _FINGERPRINT_SECTIONS[mode]
-    fields = {"seed": config.seed}
+    fields = {}
     if mode == "p4q":
         fields.update({"speed.feature_cache": config.speed.feature_cache,
                        "speed.feature_cache_views": config.speed.get("feature_cache_views", 0)})
@@ -71,10 +72,8 @@ def fingerprint(config, mode="p4q"):
         fields.update(_flatten(config[section].to_dict(), f"{section}."))
     fields = {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED}
     for dotted in single:
-        section, name = dotted.split(".")
-        fields[dotted] = config[section].get(name) if section in config else None
-    if mode == "eval":
-        del fields["seed"]
+        *section, name = dotted.split(".")
+        fields[dotted] = (config.get(section[0], {}) if section else config).get(name)
     return json.loads(json.dumps(fields, sort_keys=True))  # tuples -> lists, as stored
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from p4q_jax import checkpoint as checkpoint_lib
@@ -157,3 +158,20 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, caplog):
         jobs.run(_zeroshot(), tmp_path)
     assert "taking over the stale lock" in caplog.text and f"pid {dead.pid}" in caplog.text
     assert (tmp_path / "results.json").exists() and not (tmp_path / runlock.NAME).exists()
+
+
+def test_a_refused_run_exits_with_its_message_alone(tmp_path):
+    """The process boundary is what is tested: nothing Orbax left running (its threads, its
+    event loops) may print at exit after the refusal."""
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1,
+                                       fingerprint={"seed": 0})
+    ckpt.save(1, {"w": np.zeros(3)}, {"input_position": 1}, force=True)
+    ckpt.wait()
+    ckpt.close()
+    done = subprocess.run(main_runner.command(
+        ["--config=configs/p4q.py", "--config.model.name=tiny", "--config.data.name=synthetic",
+         f"--workdir={tmp_path}"], mock_examples=None),
+        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"error: {tmp_path}/checkpoints holds the checkpoint (step 1)" in done.stderr
+    assert "Event loop is closed" not in done.stderr and "Traceback" not in done.stderr
