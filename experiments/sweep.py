@@ -13,9 +13,10 @@ the config's own value and adds no directory level), with its settings (axis val
 `--set` fields) in sweep_point.json. A point whose `results.json` exists and whose settings
 are the same is not run again, so a sweep that was stopped picks up where it was; a point
 whose settings changed (or were not recorded) is run again, its earlier run moved to
-<workdir>/previous/<time>/ first. A point that fails is reported and the others still run. Then every row of every `results.json`
-is collected into OUT/results.md (mean +- standard deviation over seeds, and each run) and one
-top-1 bar chart per dataset (OUT/top1_<dataset>.png).
+<workdir>/previous/<time>/ first. A point that fails is reported and the others still run.
+Then every row of every `results.json` is collected into OUT/results.md (mean +- standard
+deviation over seeds, and each run) and one top-1 bar chart per dataset
+(OUT/top1_<dataset>.png).
 
 Methods are config files: a name in `METHODS`, or a path (`configs/x.py` or `configs/x.py:arg`).
 

@@ -6,7 +6,10 @@ absolute (Orbax needs absolute paths, and a job's meaning must not depend on the
 it runs from), then collects every problem it finds: enum fields, dtype and bit-spec
 names, batch sizes against the devices and processes, step counts, input paths that must
 exist, a workdir that must be writable, result files of another mode that a run would
-overwrite. It raises one `ConfigError` naming each field, its value and what is allowed.
+overwrite, an export path whose folder is not an export. It raises one `ConfigError`
+naming each field, its value and what is allowed. Once the workdir is locked, the
+`check_*` functions refuse what an earlier run left there and this run would overwrite:
+checkpoints, results or an export of another config or run (`RunMismatchError`).
 """
 
 import json

@@ -123,7 +123,8 @@ def test_ptq_and_eval_reruns_with_another_config_are_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(
         {"mode": "ptq", "fingerprint": checkpoint_lib.fingerprint(ptq, "ptq")}))
     ptq.quant.config = "w4a4attn8"
-    with pytest.raises(checkpoint_lib.RunMismatchError, match="quant.config: 'w8a8' -> 'w4a4attn8'"):
+    with pytest.raises(checkpoint_lib.RunMismatchError,
+                       match="quant.config: 'w8a8' -> 'w4a4attn8'"):
         preflight.check_results(ptq, tmp_path, "ptq")
     evaluated = _p4q(tmp_path / "export")
     (tmp_path / "eval_results.json").write_text(json.dumps(
