@@ -13,6 +13,7 @@ from ml_collections import config_flags
 from p4q_jax import checkpoint
 from p4q_jax import jobs
 from p4q_jax import preflight
+from p4q_jax import runlock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
@@ -28,7 +29,8 @@ def main(argv):
     jobs.initialize_distributed(_CONFIG.value)
     try:
         jobs.run(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
-    except (preflight.ConfigError, checkpoint.RunMismatchError) as e:
+    except (preflight.ConfigError, checkpoint.RunMismatchError,
+            runlock.WorkdirLockedError) as e:
         sys.exit(f"error: {e}")  # found before any work: the message says it all
 
 

@@ -9,11 +9,14 @@ r"""Runs a grid of `main.py` jobs (method x dataset x bits x seed) and collects 
 
 Each grid point is one `python main.py` run in
 OUT/<method>/<dataset>[/<subsample>]/<bits>[/<shots>shots]/seed<seed> (an axis left empty keeps
-the config's own value and adds no directory level). A point whose
-`results.json` exists is not run again, so a sweep that was stopped picks up where it was; a
-point that fails is reported and the others still run. Then every row of every `results.json`
-is collected into OUT/results.md (mean +- standard deviation over seeds, and each run) and one
-top-1 bar chart per dataset (OUT/top1_<dataset>.png).
+the config's own value and adds no directory level), with its settings (axis values and
+`--set` fields) in sweep_point.json. A point whose `results.json` exists and whose settings
+are the same is not run again, so a sweep that was stopped picks up where it was; a point
+whose settings changed (or were not recorded) is run again, its earlier run moved to
+<workdir>/previous/<time>/ first. A point that fails is reported and the others still run.
+Then every row of every `results.json` is collected into OUT/results.md (mean +- standard
+deviation over seeds, and each run) and one top-1 bar chart per dataset
+(OUT/top1_<dataset>.png).
 
 Methods are config files: a name in `METHODS`, or a path (`configs/x.py` or `configs/x.py:arg`).
 
@@ -43,6 +46,8 @@ transfer targets), e.g. a shortened base-to-new table on two datasets and one se
 """
 import collections
 import dataclasses
+import glob
+import importlib.util
 import json
 import os
 import pathlib
@@ -55,6 +60,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from p4q_jax import atomic
+from p4q_jax import checkpoint
 from p4q_jax import results
 from p4q_jax.configs import ablations
 from p4q_jax.configs import baselines
@@ -134,6 +141,7 @@ _PRESET = flags.DEFINE_enum("preset", None, sorted(PRESETS), "A predefined grid 
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE for every run (--config.FIELD=VALUE).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
 _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect existing results.")
+SETTINGS = "sweep_point.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +157,11 @@ class Point:
     subsample: str | None = None  # data.subsample: base-to-new runs get their own directory
     source: "Point | None" = None  # set: the source point's export evaluated on `dataset`
     mode: str | None = None  # main.py's --mode (None: the config's)
+
+    def settings(self, extra=()):
+        """What decides this point's results: its axis values (a transfer's with its
+        source's) and the `--set` fields, as stored in SETTINGS."""
+        return json.loads(json.dumps({"point": dataclasses.asdict(self), "set": list(extra)}))
 
     @property
     def results_file(self):
@@ -197,15 +210,42 @@ def _environment(out):
     return env
 
 
+def stored_settings(point, out):
+    """The settings recorded in a point's workdir (None: none recorded)."""
+    try:
+        return json.loads((point.workdir(out) / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _move_aside(workdir):
+    """Moves a point's earlier run (all but previous/ and the transfer/ points under it) to
+    WORKDIR/previous/<time>/ -> that folder."""
+    names = [glob.escape(p.name) for p in sorted(workdir.iterdir())
+             if p.name not in ("previous", "transfer")]
+    return checkpoint.move_run_aside(workdir, outputs=names)
+
+
 def run_points(points, out, extra=()):
-    """Runs each point's main.py whose results file is missing -> the points that failed."""
+    """Runs each point's main.py unless its results file exists with the same settings (a
+    point whose settings changed has its earlier run moved aside first) -> the points that
+    failed."""
     failed = []
     for i, point in enumerate(points):
         workdir = point.workdir(out)
-        if (workdir / point.results_file).exists():
+        settings, stored = point.settings(extra), stored_settings(point, out)
+        done = (workdir / point.results_file).exists()
+        if done and stored == settings:
             logging.info("[%d/%d] %s: done before, skipped", i + 1, len(points), workdir)
             continue
+        if stored != settings and (done or stored is not None):
+            why = ("its settings were not recorded" if stored is None else
+                   "its settings changed: " + "; ".join(checkpoint.differences(
+                       _flat(stored), _flat(settings))))
+            logging.warning("[%d/%d] %s: run again, %s; the earlier run moved to %s", i + 1,
+                            len(points), workdir, why, _move_aside(workdir))
         workdir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(workdir / SETTINGS, json.dumps(settings, indent=2) + "\n")
         logging.info("[%d/%d] %s", i + 1, len(points), " ".join(point.command(out, extra)))
         start = time.time()
         with open(workdir / "main.log", "w") as log:
@@ -219,12 +259,25 @@ def run_points(points, out, extra=()):
     return failed
 
 
-def collect(points, out):
-    """Every row of every finished point -> a list of flat records (one per row)."""
+def _flat(settings):
+    return {**settings["point"], "set": settings["set"]}
+
+
+def collect(points, out, extra=()):
+    """Every row of every finished point -> a list of flat records (one per row). A point
+    whose recorded settings differ from `extra` and its axis values is left out, with a
+    warning (its results are of another sweep)."""
     records = []
     for point in points:
         path = point.workdir(out) / point.results_file
         if not path.exists():
+            continue
+        stored = stored_settings(point, out)
+        if stored is not None and stored != point.settings(extra):
+            logging.warning("%s: left out, its results are of other settings (%s); rerun the "
+                            "sweep without --collect_only to redo it", point.workdir(out),
+                            "; ".join(checkpoint.differences(_flat(stored),
+                                                             _flat(point.settings(extra)))))
             continue
         run = json.loads(path.read_text())
         for row in run["rows"]:
@@ -548,6 +601,47 @@ def report(records, summary, out, targets=()):
     return text
 
 
+def integers(flag, values):
+    """--FLAG's values as integers; a UsageError naming the flag and the bad value."""
+    bad = [v for v in values if not str(v).strip().lstrip("-").isdigit()]
+    if bad:
+        raise app.UsageError(f"--{flag}: {', '.join(map(repr, bad))} is not an integer "
+                             f"(expected a comma-separated list such as --{flag}=1,2,3)")
+    return [int(v) for v in values]
+
+
+def _load_config(method):
+    """The config a method runs (`get_config(arg)` of its file)."""
+    path, _, arg = METHODS.get(method, method).partition(":")
+    spec = importlib.util.spec_from_file_location("sweep_method_config", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_set(methods, extra):
+    """A UsageError for a --set that is not FIELD=VALUE or names a field that a method's
+    config lacks, naming the field and the fields its section has."""
+    problems = []
+    for entry in extra:
+        field, equals, _ = entry.partition("=")
+        if not equals or not field:
+            problems.append(f"--set={entry}: expected FIELD=VALUE, e.g. --set=train.num_steps=10")
+            continue
+        for method in methods:
+            node, where = _load_config(method), ""
+            for name in field.split("."):
+                if not hasattr(node, "keys") or name not in node:
+                    known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                    problems.append(f"--set={entry}: the {method} config has no field "
+                                    f"{where + name!r} (the fields of "
+                                    f"{where.rstrip('.') or 'the config'}: {known})")
+                    break
+                node, where = node[name], f"{where}{name}."
+    if problems:
+        raise app.UsageError("\n".join(dict.fromkeys(problems)))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -561,24 +655,27 @@ def main(argv):
         raise app.UsageError(f"--methods: {unknown} are neither {sorted(METHODS)} nor config "
                              "files under the repository.")
     subsample = _SUBSAMPLE.value or preset.get("subsample")
-    points = grid(axes["methods"], axes["datasets"], _QCONFIGS.value, axes["seeds"],
-                  axes["shots"], preset.get("seed_fields", ("seed",)), subsample)
+    points = grid(axes["methods"], axes["datasets"], _QCONFIGS.value,
+                  integers("seeds", axes["seeds"]), integers("shots", axes["shots"]),
+                  preset.get("seed_fields", ("seed",)), subsample)
     targets = _TARGETS.value or preset.get("transfer_to", [])
     if targets:
         points = with_transfers(points, targets)
     extra = _SET.value
+    check_set(axes["methods"], extra)
+    out = os.path.abspath(_OUT.value)  # main.py runs in the repository, the sweep anywhere
     if _DRY_RUN.value:
         for point in points:
-            print(" ".join(point.command(_OUT.value, extra)))
+            print(" ".join(point.command(out, extra)))
         return 0
-    failed = [] if _COLLECT_ONLY.value else run_points(points, _OUT.value, extra)
-    records = collect(points, _OUT.value)
+    failed = [] if _COLLECT_ONLY.value else run_points(points, out, extra)
+    records = collect(points, out, extra)
     if not records:
-        raise SystemExit(f"no results.json under {_OUT.value} to collect.")
-    print(report(records, summarize(records), _OUT.value, targets))
+        raise SystemExit(f"no results.json under {out} to collect.")
+    print(report(records, summarize(records), out, targets))
     if failed:
         logging.error("%d of %d runs failed: %s", len(failed), len(points),
-                      ", ".join(str(p.workdir(_OUT.value)) for p in failed))
+                      ", ".join(str(p.workdir(out)) for p in failed))
         return 1
     return 0
 

@@ -8,7 +8,8 @@ checkpoint behind.
 
 A rerun in the same directory resumes only the same run: the fingerprint is every config
 field that shapes the train state or the training (`fingerprint`), and a checkpoint with
-another one stops the rerun before any work (`RunMismatchError`, listing the fields).
+another one stops the rerun before any work (`RunMismatchError`, listing the fields). The
+other modes' result files carry their mode's fingerprint for the same check.
 Nothing is ever deleted on a guess: a checkpoint that fails to read although its
 fingerprint matches (a truncated or corrupted file) is moved to `unreadable/` with the
 reason, and the previous one is used; `move_run_aside` keeps a whole old run when the user
@@ -25,9 +26,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 UNREADABLE = "unreadable"
-# Sections of the config that shape the train state or the training, and the fields in
-# them that do not: where files live, names of outputs, logging cadence.
-_FINGERPRINT_SECTIONS = ("model", "quant", "p4q", "train", "loss", "data")
+# Per mode, the sections of the config that shape its results (for `p4q`, the train state
+# and the training) and single fields outside them; then the fields in them that do not:
+# where files live, names of outputs, logging cadence. `eval` measures the export it names.
+_FINGERPRINT_SECTIONS = {
+    "p4q": (("model", "quant", "p4q", "train", "loss", "data"), ("seed",)),
+    "ptq": (("model", "quant", "data"), ("seed",)),
+    "zeroshot": (("model", "data"), ("seed", "quant.fold_batchnorm")),
+    "eval": (("data",), ("p4q.export_dir",)),
+}
 _NOT_FINGERPRINTED = {"data.data_dir", "data.manual_dir", "data.root", "p4q.export_dir",
                       "p4q.method", "train.log_every"}
 # What a `p4q` run writes in its workdir, moved aside together by `move_run_aside`.
@@ -49,16 +56,24 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def fingerprint(config):
-    """{dotted field: value} of everything that shapes the train state or the training:
-    the seed, the model, quantization, prompts/adapter, optimizer, loss and data fields, and
-    whether the input comes from the feature cache (it orders examples differently) and how
-    many random views it holds."""
-    fields = {"seed": config.seed, "speed.feature_cache": config.speed.feature_cache,
-              "speed.feature_cache_views": config.speed.get("feature_cache_views", 0)}
-    for section in _FINGERPRINT_SECTIONS:
+def fingerprint(config, mode="p4q"):
+    """{dotted field: value} of everything that shapes `mode`'s results. For `p4q`, the train
+    state and the training: the seed, the model, quantization, prompts/adapter, optimizer,
+    loss and data fields, and whether the input comes from the feature cache (it orders
+    examples differently) and how many random views it holds; `ptq` and `zeroshot` the
+    seed (a random init's, the calibration draw's), model, data (and quantization); `eval`
+    the data and the export it measures."""
+    sections, single = _FINGERPRINT_SECTIONS[mode]
+    fields = {}
+    if mode == "p4q":
+        fields.update({"speed.feature_cache": config.speed.feature_cache,
+                       "speed.feature_cache_views": config.speed.get("feature_cache_views", 0)})
+    for section in sections:
         fields.update(_flatten(config[section].to_dict(), f"{section}."))
     fields = {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED}
+    for dotted in single:
+        *section, name = dotted.split(".")
+        fields[dotted] = (config.get(section[0], {}) if section else config).get(name)
     return json.loads(json.dumps(fields, sort_keys=True))  # tuples -> lists, as stored
 
 
@@ -68,15 +83,23 @@ def differences(stored, current):
             for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
 
 
+def mismatch(what, stored, current, *, afresh):
+    """The RunMismatchError of `what` (e.g. "DIR holds the checkpoint (step 3)") written
+    by a run with the `stored` fingerprint (None: none recorded), listing the fields that
+    differ from `current`, and `afresh`: how to start a new run instead."""
+    lines = differences(stored, current) if stored is not None else [
+        "no fingerprint of its config is recorded (written by an older version)"]
+    return RunMismatchError(f"{what} of a run with another config:\n  " + "\n  ".join(lines)
+                            + f"\nNothing was changed. {afresh}")
+
+
 def _mismatch(directory, step, stored, current):
-    lines = differences(stored or {}, current) if stored is not None else [
-        "the checkpoint has no fingerprint (written by an older version)"]
     workdir = pathlib.Path(directory).parent
-    return RunMismatchError(
-        f"{directory} holds the checkpoint (step {step}) of a run with another config:\n  "
-        + "\n  ".join(lines) + f"\nNothing was changed. To start a new run, use another "
-        f"--workdir, or pass --config.checkpoint.restart=True to move the old run in "
-        f"{workdir} aside (to {workdir}/previous/) and start afresh.")
+    return mismatch(
+        f"{directory} holds the checkpoint (step {step})", stored, current,
+        afresh=f"To start a new run, use another --workdir, or pass "
+        f"--config.checkpoint.restart=True to move the old run in {workdir} aside (to "
+        f"{workdir}/previous/) and start afresh.")
 
 
 def _sync(name):
@@ -171,11 +194,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def move_run_aside(workdir):
-    """Moves a run's outputs (`RUN_OUTPUTS`) to WORKDIR/previous/<UTC time>/ -> that folder,
-    or None when there was nothing to move. Process 0 moves; the others wait for it."""
+def move_run_aside(workdir, outputs=RUN_OUTPUTS):
+    """Moves a run's `outputs` (glob patterns; by default a `p4q` run's) to
+    WORKDIR/previous/<UTC time>/ -> that folder, or None when there was nothing to move.
+    Process 0 moves; the others wait for it."""
     workdir = pathlib.Path(workdir).absolute()
-    found = [p for pattern in RUN_OUTPUTS for p in sorted(workdir.glob(pattern))]
+    found = [p for pattern in outputs for p in sorted(workdir.glob(pattern))]
     if not found:
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -188,6 +212,6 @@ def move_run_aside(workdir):
         target.mkdir(parents=True)
         for path in found:
             path.rename(target / path.name)
-        logging.warning("checkpoint.restart: moved the previous run in %s to %s", workdir, target)
+        logging.warning("moved the previous run in %s to %s", workdir, target)
     _sync("p4q_jax_move_run_aside")
     return target

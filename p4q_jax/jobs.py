@@ -9,6 +9,7 @@ import numpy as np
 from absl import logging
 
 from p4q_jax import atomic
+from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import evaluate
@@ -17,6 +18,7 @@ from p4q_jax import phases as phases_lib
 from p4q_jax import preflight
 from p4q_jax import quant
 from p4q_jax import results
+from p4q_jax import runlock
 from p4q_jax import train
 from p4q_jax.clip import checkpoints
 from p4q_jax.p4q import losses
@@ -139,6 +141,7 @@ class _Job:
     def finish(self, workdir, out):
         self.phases.stop()
         out["phases"] = self.phases.records
+        out["fingerprint"] = checkpoint_lib.fingerprint(self.config, out["mode"])
         path = results.file_for(workdir, out["mode"])
         results.write_json(path, out)
         for row in out["rows"]:
@@ -399,7 +402,8 @@ def p4q(config, workdir, *, shared=None):
                              "model": {"config": job.model.config.to_dict(),
                                        "weights": job.weights},
                              "data": job.data_origin(), "method": config.p4q.method,
-                             "recipe": trained_recipe})
+                             "recipe": trained_recipe},
+                         run=preflight.export_writer(config, workdir))
     results.plot_curves(workdir / "training_curves.png", out.history,
                         title=f"{config.p4q.method} on {config.data.name}")
     return job.finish(workdir, job.results("p4q", rows, qconfig=qconfig, history=out.history,
@@ -548,16 +552,22 @@ def run(config, workdir, *, mode=None):
     """Runs `mode` (default `config.mode`) in `workdir` -> its results dict.
 
     Before any work the config is checked (`preflight.check`: every field, path and batch
-    size), paths are made absolute, and a workdir holding checkpoints of a run with another
-    config is refused (or, with `checkpoint.restart`, that run is moved aside)."""
+    size), paths are made absolute, the workdir is locked for the run (`runlock`: a second
+    run in it is refused), and nothing earlier is overwritten: a workdir holding checkpoints
+    or results of a run with another config is refused (or, with `checkpoint.restart`, that
+    run is moved aside), and so is an export path that is not this run's export."""
     mode = mode or config.mode
     if mode not in MODES:
         raise preflight.ConfigError(f"mode {mode!r} is not available; choose one of "
                                     f"{sorted(MODES)}")
     config, workdir = preflight.check(config, workdir, mode=mode)
-    training = {"p4q": lambda: [(config, workdir)],
-                "demo": lambda: list(_demo_runs(config, workdir).values())}.get(mode, list)()
-    for run_config, run_workdir in training:
-        preflight.check_resumable(run_config, run_workdir)
-    logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
-    return MODES[mode](config, workdir)
+    with runlock.held(workdir):
+        training = {"p4q": lambda: [(config, workdir)],
+                    "demo": lambda: list(_demo_runs(config, workdir).values())}.get(mode, list)()
+        for run_config, run_workdir in training:
+            preflight.check_export(run_config, run_workdir)
+            preflight.check_resumable(run_config, run_workdir)
+        if mode in ("zeroshot", "ptq", "eval"):
+            preflight.check_results(config, workdir, mode)
+        logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
+        return MODES[mode](config, workdir)

@@ -6,10 +6,13 @@ absolute (Orbax needs absolute paths, and a job's meaning must not depend on the
 it runs from), then collects every problem it finds: enum fields, dtype and bit-spec
 names, batch sizes against the devices and processes, step counts, input paths that must
 exist, a workdir that must be writable, result files of another mode that a run would
-overwrite, numbers (every float finite; known fields in their ranges; seeds), the class
-prompts' length against the model's context, and the training batch against the training
-set where its size is known without decoding an image. It raises one `ConfigError` naming
-each field, its value and what is allowed.
+overwrite, an export path whose folder is not an export, numbers (every float finite;
+known fields in their ranges; seeds), the class prompts' length against the model's
+context, and the training batch against the training set where its size is known without
+decoding an image. It raises one `ConfigError` naming each field, its value and what is
+allowed. Once the workdir is locked, the `check_*` functions refuse what an earlier run
+left there and this run would overwrite: checkpoints, results or an export of another
+config or run (`RunMismatchError`).
 """
 
 import json
@@ -438,6 +441,8 @@ def check(config, workdir, *, mode):
                          "--config=configs/p4q.py")
         else:
             _p4q(config, problems, shards, info)
+            if mode == "p4q":
+                _export_path(config, workdir, problems)
     if mode == "demo":
         if "demo" not in config or "p4q" not in config:
             problems.add("mode", mode, "needs the demo's config: --config=configs/default.py")
@@ -468,3 +473,81 @@ def check_resumable(config, workdir):
         checkpointer.check_resumable()
     finally:
         checkpointer.close()
+
+
+def _export_path(config, workdir, problems):
+    """An export replaces its whole folder: not the workdir or a folder holding it, not
+    inside the run's checkpoints, and not an existing folder that is not a P4Q export."""
+    export = trained_lib.export_dir(config, workdir)
+    if workdir.is_relative_to(export):
+        problems.add("p4q.export_dir", str(export), "is the workdir or a folder that holds it; "
+                     "the export replaces the whole folder: name a folder of its own, e.g. "
+                     f"{workdir / 'export'} (the default)")
+    elif export.is_relative_to(workdir / "checkpoints"):
+        problems.add("p4q.export_dir", str(export), f"is inside the run's "
+                     f"{workdir / 'checkpoints'}; name a folder of its own, e.g. "
+                     f"{workdir / 'export'} (the default)")
+    elif (export.exists() or export.is_symlink()) and \
+            not (export / trained_lib.MARKER).is_file():
+        problems.add("p4q.export_dir", str(export), f"exists and is not a P4Q export (no "
+                     f"{trained_lib.MARKER}), and the export would replace it: name a folder "
+                     "that does not exist yet, or move this one away")
+
+
+def check_export(config, workdir):
+    """Refuses (RunMismatchError), before any work, an existing export that the p4q run in
+    `workdir` would replace but did not write: another run's (the same run, resumed, may
+    rewrite its own). With `checkpoint.restart` the default WORKDIR/export goes aside with
+    the old run. (`check` refuses export paths that are no export at all.)"""
+    workdir = pathlib.Path(workdir)
+    export = trained_lib.export_dir(config, workdir)
+    field = f"p4q.export_dir={str(export)!r}"
+    if not (export / trained_lib.MARKER).is_file():
+        return
+    if config.checkpoint.restart and export == workdir / "export":
+        return
+    current = export_writer(config, workdir)
+    stored = trained_lib.writer(export)
+    if stored == current:
+        return
+    restart = " (or pass --config.checkpoint.restart=True to move the old run aside)" \
+        if export == workdir / "export" else ""
+    afresh = (f"To keep it, name another --config.p4q.export_dir; to replace it, move it "
+              f"away first{restart}.")
+    if stored is not None and stored.get("workdir") != current["workdir"]:
+        raise checkpoint_lib.RunMismatchError(
+            f"{field}: holds the export of another run (workdir {stored.get('workdir')}), "
+            f"which this run in {workdir} would replace. Nothing was changed. {afresh}")
+    raise checkpoint_lib.mismatch(f"{export} holds the export",
+                                  None if stored is None else stored.get("fingerprint"),
+                                  current["fingerprint"], afresh=afresh)
+
+
+def export_writer(config, workdir):
+    """What a p4q run records in its export (`trained.RUN_FILE`): its workdir and config
+    fingerprint, which `check_export` compares."""
+    return {"workdir": str(workdir), "fingerprint": checkpoint_lib.fingerprint(config)}
+
+
+def check_results(config, workdir, mode):
+    """Refuses (RunMismatchError, listing the fields that differ), before any work, a rerun
+    of `mode` whose results file in `workdir` came from another config; the same config may
+    rerun. With `checkpoint.restart` (where the config has it), the old file is moved to
+    WORKDIR/previous/<time>/ instead."""
+    path = results.file_for(workdir, mode)
+    if not path.is_file():
+        return
+    if config.get("checkpoint", {}).get("restart", False):
+        checkpoint_lib.move_run_aside(workdir, outputs=(path.name,))
+        return
+    try:
+        stored = json.loads(path.read_text()).get("fingerprint")
+    except (ValueError, AttributeError):
+        stored = None
+    current = checkpoint_lib.fingerprint(config, mode)
+    if stored != current:
+        restart = (f", or pass --config.checkpoint.restart=True to move it to "
+                   f"{workdir}/previous/" if "checkpoint" in config else "")
+        raise checkpoint_lib.mismatch(
+            f"{path} holds the {mode} results", stored, current,
+            afresh=f"To keep them, use another --workdir or move {path} away{restart}.")

@@ -272,43 +272,45 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         pathlib.Path(workdir).absolute() / "checkpoints", every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
         fingerprint=checkpoint_lib.fingerprint(config))
-    restored, meta = checkpointer.restore_latest(state)
-    history = []
-    if restored is not None:
-        if meta["total_steps"] != total_steps:  # same config, but the data changed size
-            raise checkpoint_lib.RunMismatchError(
-                f"the checkpoint in {workdir} is of a {meta['total_steps']}-step run; this "
-                f"config and data give {total_steps} steps. Use another --workdir, or "
-                "--config.checkpoint.restart=True to move the old run aside.")
-        state, history = restored, meta["history"]
-    start = int(state.step)
-    if source is None:
-        source = _PipelineInput(config, image_size, start)
+    try:  # closed on every path: an open manager's background loops outlive the run
+        restored, meta = checkpointer.restore_latest(state)
+        history = []
+        if restored is not None:
+            if meta["total_steps"] != total_steps:  # same config, but the data changed size
+                raise checkpoint_lib.RunMismatchError(
+                    f"the checkpoint in {workdir} is of a {meta['total_steps']}-step run; this "
+                    f"config and data give {total_steps} steps. Use another --workdir, or "
+                    "--config.checkpoint.restart=True to move the old run aside.")
+            state, history = restored, meta["history"]
+        start = int(state.step)
+        if source is None:
+            source = _PipelineInput(config, image_size, start)
 
-    writer = results_lib.metric_writer(workdir)
-    pending = []
-    progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
-                         desc="P4Q train", unit="step", disable=jax.process_index() != 0)
-    for step in progress:
-        state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
-        if pending:
-            # At most two steps in flight: a deep queue of steps whose collectives wait on
-            # each other can starve XLA:CPU's rendezvous on hosts with few cores.
-            jax.block_until_ready(pending[-1])
-        pending.append(metrics)
-        done = step + 1
-        if done % tcfg.log_every == 0 or done == total_steps:
-            means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
-            pending = []
-            means.update({f"lr_{name}": float(s(step)) for name, s in lrs.items()})
-            writer.write_scalars(done, means)
-            history.append({"step": done, **means})
-            progress.set_postfix(loss=f"{means['loss']:.4f}")
-        checkpointer.save(done, state, {"input_position": done, "total_steps": total_steps,
-                                        "history": list(history)},
-                          force=done == total_steps)
-    checkpointer.wait()
-    checkpointer.close()
+        writer = results_lib.metric_writer(workdir)
+        pending = []
+        progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
+                             desc="P4Q train", unit="step", disable=jax.process_index() != 0)
+        for step in progress:
+            state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
+            if pending:
+                # At most two steps in flight: a deep queue of steps whose collectives wait on
+                # each other can starve XLA:CPU's rendezvous on hosts with few cores.
+                jax.block_until_ready(pending[-1])
+            pending.append(metrics)
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == total_steps:
+                means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
+                pending = []
+                means.update({f"lr_{name}": float(s(step)) for name, s in lrs.items()})
+                writer.write_scalars(done, means)
+                history.append({"step": done, **means})
+                progress.set_postfix(loss=f"{means['loss']:.4f}")
+            checkpointer.save(done, state, {"input_position": done, "total_steps": total_steps,
+                                            "history": list(history)},
+                              force=done == total_steps)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
     writer.flush()
 
     trainable = jax.device_get(state.trainable)

@@ -95,3 +95,28 @@ def test_restart_moves_the_whole_previous_run_aside(tmp_path):
     assert (target / "results.json").read_text() == '{"mode": "p4q"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feature_cache", "previous"]
     assert checkpoint_lib.move_run_aside(tmp_path) is None  # nothing left to move
+
+
+def test_training_refused_by_its_checkpoints_closes_the_checkpointer(tmp_path, monkeypatch):
+    """An open Orbax manager at exit floods the log with its threads' tracebacks: every path
+    out of `train.train`, a refusal included, closes it."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from p4q_jax import clip, data, parallel, train  # pylint: disable=g-import-not-at-top
+    config = p4q_config.get_config()
+    config.model.name, config.data.name = "tiny", "synthetic"
+    config.speed.feature_cache = False
+    config.train.num_steps, config.train.batch_size = 2, 16
+    _saved(tmp_path / "checkpoints", {"seed": 0})  # another run's
+    closed = []
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, "close",
+                        lambda self: closed.append(self.directory) or self.manager.close())
+    model, params = clip.init("tiny")
+    mesh = parallel.make_mesh()
+    names = data.info_from_config(config.data).class_names
+    teacher = jax.random.normal(jax.random.key(0), (len(names), model.config.embed_dim))
+    with pytest.raises(checkpoint_lib.RunMismatchError):
+        train.train(config, model=model, params=parallel.place_weights(params, mesh),
+                    qstate=None, teacher_text=teacher / np.linalg.norm(teacher, axis=-1,
+                                                                      keepdims=True),
+                    class_names=names, mesh=mesh, workdir=tmp_path)
+    assert closed == [tmp_path / "checkpoints"]

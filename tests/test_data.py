@@ -8,7 +8,6 @@ import sys
 import warnings
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf

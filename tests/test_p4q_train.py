@@ -170,6 +170,8 @@ def test_p4q_then_eval_through_main(straight_run):
     assert {"cross_entropy", "lr_context", "eval/ptq_top1", "eval/p4q_top5"} <= tags
     # The last 3 checkpoints are kept.
     assert main_runner.complete_checkpoint_steps(workdir / "checkpoints") == [40, 50, 60]
+    # The export names the run that wrote it (a run replaces only its own export).
+    assert trained_lib.writer(workdir / "export")["workdir"] == str(workdir)
 
     # Evaluating the export (WORKDIR/export by default) keeps the training's results.json.
     training_results = (workdir / "results.json").read_bytes()

@@ -277,3 +277,65 @@ def test_demo_preset_tables_and_claims():
     plain = [r for r in records if not r["row"].startswith("p4q_")]
     assert not sweep.demo_tables(sweep.summarize(plain))
     assert not sweep.demo_claims(sweep.summarize(plain))[1]
+
+
+def _fake_main(calls):
+    """A stand-in for main.py's process: writes a results.json whose top-1 counts the runs."""
+    def call(command, **_):
+        workdir = next(a.split("=", 1)[1] for a in command if a.startswith("--workdir="))
+        calls.append(command)
+        results = {"dataset": "synthetic", "rows": [
+            {"method": "fp_zeroshot", "qconfig": None, "top1": float(len(calls)), "top5": 0.0}]}
+        (sweep.pathlib.Path(workdir) / "results.json").write_text(json.dumps(results))
+        return 0
+    return call
+
+
+def test_a_point_whose_settings_changed_runs_again_keeping_the_old_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "call", _fake_main(calls))
+    (point,) = sweep.grid(["zeroshot"], ["synthetic"], [], [0])
+    workdir = point.workdir(tmp_path)
+    assert sweep.run_points([point], tmp_path, ["train.num_steps=5"]) == []
+    assert sweep.run_points([point], tmp_path, ["train.num_steps=5"]) == []  # done: skipped
+    assert len(calls) == 1
+    sweep.run_points([point], tmp_path, ["train.num_steps=10"])  # more steps: runs again
+    assert len(calls) == 2 and calls[-1][-1] == "--config.train.num_steps=10"
+    (previous,) = (workdir / "previous").iterdir()
+    assert json.loads((previous / "results.json").read_text())["rows"][0]["top1"] == 1.0
+    assert json.loads((previous / sweep.SETTINGS).read_text())["set"] == ["train.num_steps=5"]
+    (record,) = sweep.collect([point], tmp_path, ["train.num_steps=10"])
+    assert record["top1"] == 2.0
+    # Collecting for other settings leaves the point out rather than report its numbers.
+    assert sweep.collect([point], tmp_path, ["train.num_steps=20"]) == []
+    # Results whose settings were never recorded (an older sweep) are not trusted either.
+    (workdir / sweep.SETTINGS).unlink()
+    sweep.run_points([point], tmp_path, ["train.num_steps=10"])
+    assert len(calls) == 3 and len(list((workdir / "previous").iterdir())) == 2
+
+
+def test_seeds_shots_and_set_errors_name_the_flag_and_value():
+    with pytest.raises(sweep.app.UsageError, match="--seeds: 'a' is not an integer"):
+        sweep.integers("seeds", ["1", "a"])
+    with pytest.raises(sweep.app.UsageError, match="--shots: 'abc' is not an integer"):
+        sweep.integers("shots", ["abc"])
+    assert sweep.integers("seeds", ["0", "12"]) == [0, 12]
+    with pytest.raises(sweep.app.UsageError) as e:
+        sweep.check_set(["zeroshot"], ["train.num_steps=5"])
+    assert "the zeroshot config has no field 'train'" in str(e.value)
+    assert "data, distributed, eval, mesh, mode, model, quant, seed" in str(e.value)
+    with pytest.raises(sweep.app.UsageError) as e:
+        sweep.check_set(["p4q"], ["eval.bsize=5"])
+    assert "no field 'eval.bsize' (the fields of eval: batch_size, text_batch_size)" in str(
+        e.value)
+    sweep.check_set(["p4q", "zeroshot"], ["eval.batch_size=16", "model.checkpoint=x.pt"])
+
+
+def test_relative_out_is_one_place_wherever_the_sweep_starts(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), "--out=rel",
+         "--methods=zeroshot", "--seeds=0", "--dry_run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f" --workdir={tmp_path}/rel/zeroshot/seed0 " in done.stdout

@@ -12,6 +12,8 @@ An export directory holds
   p4q.json   class names, prompt layout, adapter shape, and the run's origin: the base
              model (its architecture and `weights_fingerprint`), the data it trained on
              and its recipe (what a trained teacher is checked against, `p4q.teacher`).
+  run.json   the run that wrote it (its workdir and config fingerprint): a run replaces
+             only its own export (`preflight.check_export`).
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ from p4q_jax.quant import export as quant_export
 from p4q_jax.quant import state as state_lib
 
 MARKER = "p4q.json"
+RUN_FILE = "run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +124,11 @@ def export_dir(config, workdir):
     return pathlib.Path(explicit or pathlib.Path(workdir) / "export")
 
 
-def save(path, model, params, qstate, trained, *, origin=None):
+def save(path, model, params, qstate, trained, *, origin=None, run=None):
     """Writes the export directory -> its absolute path. Atomic: an existing export is replaced
     only once the new one is complete; a killed save's temporaries go on the next save.
-    `origin` (JSON): where the model came from and how it was trained (`p4q.json`)."""
+    `origin` (JSON): where the model came from and how it was trained (`p4q.json`); `run`
+    (JSON: which run writes it) goes to RUN_FILE."""
     path = pathlib.Path(path).absolute()
     with atomic.directory(path, replace=True) as tmp:
         if qstate is None:
@@ -145,6 +149,8 @@ def save(path, model, params, qstate, trained, *, origin=None):
                                                      "ratio": adapter.ratio},
             "origin": origin,
         }, indent=2))
+        if run is not None:
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2, sort_keys=True))
     return path
 
 
@@ -155,6 +161,15 @@ def read_meta(path):
         raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
                                 "`main.py --config=configs/p4q.py` first")
     return checkpoints.read_json(path / MARKER)
+
+
+def writer(path):
+    """The `run` record an export was saved with, or None (none recorded)."""
+    path = pathlib.Path(path) / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load(path):
