@@ -102,6 +102,7 @@ def test_training_refused_by_its_checkpoints_closes_the_checkpointer(tmp_path, m
     out of `train.train`, a refusal included, closes it."""
     import jax  # pylint: disable=g-import-not-at-top
     from p4q_jax import clip, data, parallel, train  # pylint: disable=g-import-not-at-top
+    from p4q_jax.p4q import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
     config = p4q_config.get_config()
     config.model.name, config.data.name = "tiny", "synthetic"
     config.speed.feature_cache = False
@@ -113,10 +114,10 @@ def test_training_refused_by_its_checkpoints_closes_the_checkpointer(tmp_path, m
     model, params = clip.init("tiny")
     mesh = parallel.make_mesh()
     names = data.info_from_config(config.data).class_names
-    teacher = jax.random.normal(jax.random.key(0), (len(names), model.config.embed_dim))
+    text = jax.random.normal(jax.random.key(0), (len(names), model.config.embed_dim))
+    teacher = teacher_lib.zeroshot(text / np.linalg.norm(text, axis=-1, keepdims=True))
     with pytest.raises(checkpoint_lib.RunMismatchError):
         train.train(config, model=model, params=parallel.place_weights(params, mesh),
-                    qstate=None, teacher_text=teacher / np.linalg.norm(teacher, axis=-1,
-                                                                      keepdims=True),
-                    class_names=names, mesh=mesh, workdir=tmp_path)
+                    qstate=None, teacher=teacher, class_names=names, mesh=mesh,
+                    workdir=tmp_path)
     assert closed == [tmp_path / "checkpoints"]

@@ -25,6 +25,7 @@ def _p4q(export_dir=None):
     config = p4q_config.get_config()
     config.model.name = "tiny"
     config.data.name = "synthetic"
+    config.train.batch_size = 16  # within the 64 synthetic training examples
     config.p4q.export_dir = None if export_dir is None else str(export_dir)
     return config
 
@@ -171,7 +172,7 @@ def test_a_refused_run_exits_with_its_message_alone(tmp_path):
     ckpt.close()
     done = subprocess.run(main_runner.command(
         ["--config=configs/p4q.py", "--config.model.name=tiny", "--config.data.name=synthetic",
-         f"--workdir={tmp_path}"], mock_examples=None),
+         "--config.train.batch_size=16", f"--workdir={tmp_path}"], mock_examples=None),
         cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     assert f"error: {tmp_path}/checkpoints holds the checkpoint (step 1)" in done.stderr

@@ -2,10 +2,11 @@
 
 * `cross_entropy`: the contrastive image-to-text loss over the class prompts (the
   student's logits against the labels).
-* `kl_distillation` (the default): KL(softmax(t / T) || softmax(s / T)) * T^2, with the
-  FP teacher's logits t (FP image features against the FP zero-shot ensemble).
-* `official_distillation`: what the public PyTorch code computes,
-  `F.cross_entropy(input=softmax(t), target=softmax(s))` = -sum_c p_s,c log_softmax(p_t)_c
+* `kl_distillation`: KL(softmax(t / T) || softmax(s / T)) * T^2, with the teacher's
+  logits t (`p4q.teacher`: FP image features against the FP zero-shot ensemble, or a
+  trained FP export's classifier).
+* `official_distillation` (the default, `configs/p4q.py`): what the public PyTorch code
+  computes, `F.cross_entropy(input=softmax(t), target=softmax(s))` = -sum_c p_s,c log_softmax(p_t)_c
   = logsumexp(p_t) - <p_s, p_t>; no temperature, gradient through the student only.
 * `symmetric_contrastive`: CLIP's symmetric loss over the batch's image/class-prompt
   pairs (optional).
