@@ -264,14 +264,14 @@ def test_demo_preset_tables_and_claims():
     by_claim = {row[0]: row for row in claims}
     # P4Q 64 +- 1 vs adapter only 65 +- 1: -1 point over sqrt(1 + 1) = -0.7 std.
     assert by_claim["learned prompts add to the adapter"][2:] == [
-        "64.00 +- 1.00", "65.00 +- 1.00", "-1.00", "-0.7", "does not hold"]
+        "64.00 +- 1.00", "65.00 +- 1.00", "-1.00", "-0.7", "does not hold (within 1 std)"]
     # vs prompts only 40 +- 0: +24 over 1.
     assert by_claim["the adapter adds to learned prompts"][4:] == ["+24.00", "+24.0", "holds"]
     assert by_claim["distillation (official) helps"][4:] == ["+3.00", "+3.0", "holds"]
     assert by_claim["4-bit P4Q beats FP zero-shot"][1:] == [
         "shapes_warm w4a4attn8", "64.00 +- 1.00", "50.00 +- 0.00", "+14.00", "+14.0", "holds"]
     # 8-bit P4Q 61.1 +- 0.1 vs CoOp-FP 61 +- 1: +0.1 over sqrt(0.01 + 1).
-    assert by_claim["8-bit P4Q beats CoOp-FP"][4:] == ["+0.10", "+0.1", "holds"]
+    assert by_claim["8-bit P4Q beats CoOp-FP"][4:] == ["+0.10", "+0.1", "holds (within 1 std)"]
     assert "distillation (KL, trained FP teacher) helps" not in by_claim  # no such rows
     # Without ablation rows (e.g. a plain p4q sweep) neither table nor claims appear.
     plain = [r for r in records if not r["row"].startswith("p4q_")]
