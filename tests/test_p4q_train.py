@@ -75,14 +75,13 @@ def test_cached_input_is_a_function_of_seed_and_step():
 def test_cache_of_random_crop_views(tiny):
     """speed.feature_cache_views: one pass of the training split per random crop, each view
     the encoding of that pass's images; the input then draws among all of them."""
-    import ml_collections  # pylint: disable=g-import-not-at-top
     from p4q_jax import data  # pylint: disable=g-import-not-at-top
+    from p4q_jax.configs import base as base_config  # pylint: disable=g-import-not-at-top
     model, params, qstate, _ = tiny
     mesh = parallel.make_mesh()
-    cfg = ml_collections.ConfigDict(dict(
-        name="synthetic", data_dir=None, manual_dir=None, num_shots=0, shot_seed=0, flip=True,
-        augment="coop", shuffle_buffer=64, folder=None, synthetic_classes=3,
-        synthetic_examples=12))
+    cfg = base_config.get_config().data
+    cfg.update(dict(name="synthetic", shot_seed=0, flip=True, augment="coop",
+                    shuffle_buffer=64, synthetic_classes=3, synthetic_examples=12))
 
     def images(view):
         ds = data.create_dataset(cfg, split="train", batch_size=8, image_size=32, train=False,

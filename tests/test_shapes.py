@@ -1,12 +1,12 @@
 """The rendered shapes dataset: renderer, captions, the TFDS builder and the pipeline (offline)."""
 import re
 
-import ml_collections
 import numpy as np
 import pytest
 
 from p4q_jax import data
 from p4q_jax.clip import transforms
+from p4q_jax.configs import base as base_config
 from p4q_jax.data import shapes
 
 
@@ -107,9 +107,9 @@ def test_registry_has_shapes_with_its_names_and_templates():
 @pytest.mark.parametrize("name,light", [("shapes", "neutral"), ("shapes_warm", "warm")])
 def test_tfds_pipeline_serves_the_rendered_splits(shapes_dir, name, light):
     """Prepared on first read (offline), then read like any TFDS dataset."""
-    cfg = ml_collections.ConfigDict(dict(
-        name=name, data_dir=shapes_dir, manual_dir=None, num_shots=0, shot_seed=0,
-        flip=False, shuffle_buffer=16, folder=None, synthetic_classes=10, synthetic_examples=20))
+    cfg = base_config.get_config().data
+    cfg.update(dict(name=name, data_dir=str(shapes_dir), shot_seed=0, flip=False,
+                    shuffle_buffer=16))
     assert data.num_examples(cfg, split="train") == 4000
     assert data.num_examples(cfg, split="test") == 1600
     batches = list(data.as_numpy_batches(data.create_dataset(
