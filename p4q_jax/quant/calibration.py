@@ -221,7 +221,8 @@ def _token_seeds(tokens):
 
 
 def _weights(qconfig, params, max_elements):
-    """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels)."""
+    """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels,
+    {site: `diagnostics.weight_sums`})."""
     all_kernels = sites.kernels(params)
     specs = {name: spec for name in all_kernels
              if (spec := qconfig.spec("weight", name)) is not None}
@@ -229,14 +230,15 @@ def _weights(qconfig, params, max_elements):
 
     @jax.jit
     def run(kernels):
-        qparams, quantized = {}, {}
+        qparams, quantized, sums = {}, {}, {}
         for name, w in kernels.items():
             spec = specs[name]
             scale, zero_point = observers.qparams(spec, observers.batch_stats(spec, w), w,
                                                   max_elements=max_elements)
             qparams[name] = state_lib.QParams(scale, zero_point)
             quantized[name] = primitives.fake_quant(w, scale, zero_point, spec.fmt)
-        return qparams, quantized
+            sums[name] = diagnostics.weight_sums(w, quantized[name])
+        return qparams, quantized, sums
 
     return run({name: all_kernels[name] for name in specs})
 
@@ -367,7 +369,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
     size = model.config.vision.image_size
     images, num_images = _image_batches(images, size, num_images)
     texts = None if texts is None else list(texts)
-    weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
+    weight_qparams, kernels, weight_sums = _weights(qconfig, params, search_max_elements)
     acts, text_features = {}, None
     image_example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     image_specs = _site_specs(qconfig, model, params, model.encode_image, image_example,
@@ -376,7 +378,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         if not num_images:
             raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
                              "calibration needs at least one image batch")
-        image_qparams, _, last_images = _calibrate_tower(
+        image_qparams, image_features, last_images = _calibrate_tower(
             model, params, image_specs, model.encode_image, _with_positions(images),
             search_max_elements, search_rows=search_rows,
             all_seeds=np.arange(num_images, dtype=np.int32))
@@ -399,15 +401,15 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         acts |= text_qparams
         text_features = jnp.concatenate(outs)
     qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
-    site_sqnrs, cosines = diagnostics.weight_sqnr(params, qstate), {}
+    site_sqnrs, cosines = diagnostics.weight_sqnr(qconfig, weight_sums), {}
     if image_specs:
         found, cosines["image"] = diagnostics.activation_sqnr(
-            model, params, qstate, model.encode_image, "visual/", last_images[0],
+            model, params, qstate, model.encode_image, last_images[0], image_features[-1],
             valid_rows=_valid_text_rows)
         site_sqnrs += found
     if text_specs:
         found, cosines["text"] = diagnostics.activation_sqnr(
-            model, params, qstate, model.encode_text, "text/", *chunks[-1][::2],
+            model, params, qstate, model.encode_text, chunks[-1][0], outs[-1], chunks[-1][2],
             valid_rows=_valid_text_rows)
         site_sqnrs += found
     report = diagnostics.report(site_sqnrs, cosines)
@@ -432,7 +434,7 @@ def calibrate_module(module, params, qconfig, batches, *, search_rows="balanced"
         if batch.ndim < 1 or not batch.shape[0] or batch.shape[1:] != batches[0].shape[1:]:
             raise ValueError(f"batches[{i}]: expected a non-empty batch [B, "
                              f"{', '.join(map(str, batches[0].shape[1:]))}], got {batch.shape}")
-    weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
+    weight_qparams, kernels, _ = _weights(qconfig, params, search_max_elements)
     example = jax.ShapeDtypeStruct((1, *batches[0].shape[1:]), batches[0].dtype)
     specs = _site_specs(qconfig, module, params, module.__call__, example)
     acts, _, _ = _calibrate_tower(module, params, specs, module.__call__, _with_positions(batches),

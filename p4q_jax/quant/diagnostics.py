@@ -1,16 +1,16 @@
 """PTQ diagnostics: how much of the signal each quantization site keeps.
 
 `quant.calibrate` ends with one more look at the final calibration batch of each tower
-it quantizes (the last image batch, the last chunk of prompts): the FP model runs it
-again with every quantized site's calibrated quantizer applied beside it to the FP
-tensor, which gives each site's signal-to-quantization-noise ratio
+it quantizes (the first `SAMPLES` images of the last image batch, prompts of the last
+chunk): the quantized model (fake-quant arithmetic) runs them once, which gives the cosine of its features to the FP
+features calibration computed, and at every quantized site the signal-to-quantization-
+noise ratio of the site's calibrated quantizer on the tensor that reaches it,
 
     SQNR = 10 log10(E[x^2] / E[(x - q(x))^2])  (dB; text positions after each prompt's
-    end-of-text token left out),
+    end-of-text token left out).
 
-and the quantized model runs it, which gives the cosine of its features to FP. Kernels
-get their SQNR from the FP and fake-quantized kernels. The cost is two forward passes of
-one batch per tower, and their compilation.
+Kernels get theirs from the FP and fake-quantized kernels as calibration quantizes them.
+The cost is one forward pass of `SAMPLES` samples per tower, and its compilation.
 
 An 8-bit site that represents its tensor well sits near 40-50 dB; one far below its
 neighbours (a few dB) is where the signal is lost. `Report.log` warns, naming the worst
@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from p4q_jax.clip import encode
 from p4q_jax.quant import sites
 
 COSINE_WARNING = 0.9
+SAMPLES = 8
 WORST_SITES = 10
 TOWER_NAMES = {"visual": "image", "text": "text"}
 
@@ -89,45 +89,48 @@ def _db(signal, noise):
     return None if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-@jax.jit
-def _weight_sums(fp, quantized):
-    return {name: (jnp.sum(jnp.square(fp[name].astype(jnp.float32))),
-                   jnp.sum(jnp.square((fp[name] - quantized[name]).astype(jnp.float32))))
-            for name in quantized}
+def weight_sums(w, quantized):
+    """(sum w^2, sum (w - q(w))^2) of one kernel and its fake-quantized copy (traceable)."""
+    w, quantized = w.astype(jnp.float32), quantized.astype(jnp.float32)
+    return jnp.sum(jnp.square(w)), jnp.sum(jnp.square(w - quantized))
 
 
-def weight_sqnr(params, qstate):
-    """[SiteSQNR] of every quantized kernel."""
-    fp = sites.kernels(params)
-    sums = _weight_sums({name: fp[name] for name in qstate.kernels}, qstate.kernels)
-    return [SiteSQNR(name, "weight", qstate.config.spec("weight", name).bits, _db(*sums[name]))
+def weight_sqnr(qconfig, sums):
+    """[SiteSQNR] of the kernels from their `weight_sums` {site: (signal, noise)}."""
+    return [SiteSQNR(name, "weight", qconfig.spec("weight", name).bits, _db(*sums[name]))
             for name in sums]
 
 
-def _tower_fn(model, method, prefix, valid_rows):
-    """jit: (params, qstate, x, lengths) -> ({site: (sum x^2, sum (x - q(x))^2, bits)}, mean
-    and smallest per-sample cosine of the quantized features to FP)."""
+def _tower_fn(model, method, valid_rows):
+    """jit: (params, qstate, x, lengths, FP features of x) -> (on the first `SAMPLES` of x,
+    {site: (sum x^2,
+    sum (x - q(x))^2, bits)}, mean and smallest per-sample cosine of the quantized features
+    to FP), from one quantized forward pass (fake-quant arithmetic)."""
 
-    def run(params, qstate, x, lengths):
+    def run(params, qstate, x, lengths, fp):
+        x, fp = x[:SAMPLES], fp[:SAMPLES]
+        lengths = None if lengths is None else lengths[:SAMPLES]
         sums = {}
 
-        def record(kind, name, a):
+        def measure(kind, name, a):
             spec = qstate.config.spec(kind, name)
-            if spec is None or not name.startswith(prefix):
+            if spec is None:
                 return a
+            quantized = qstate.handler(kind, name, a)
             a32 = a.astype(jnp.float32)
-            signal, noise = jnp.square(a32), jnp.square(a32 - qstate.handler(kind, name, a32))
+            signal = jnp.square(a32)
+            noise = jnp.square(a32 - quantized.astype(jnp.float32))
             valid = valid_rows(name, a.shape, lengths)
             if valid is not None:
                 weight = valid.reshape(*a.shape[:-1], 1).astype(jnp.float32)
                 signal, noise = signal * weight, noise * weight
             old = sums.get(name, (0.0, 0.0, spec.bits))
             sums[name] = (old[0] + jnp.sum(signal), old[1] + jnp.sum(noise), spec.bits)
-            return a
+            return quantized
 
-        with sites.intercept(record):
-            fp = model.apply({"params": params}, x, method=method).astype(jnp.float32)
-        q = encode.apply(model, params, x, method=method, qstate=qstate).astype(jnp.float32)
+        with sites.intercept(measure):
+            q = model.apply({"params": qstate.quantized_params(params)}, x, method=method)
+        q, fp = q.astype(jnp.float32), fp.astype(jnp.float32)
         cosine = jnp.sum(fp * q, -1) / (jnp.linalg.norm(fp, axis=-1) * jnp.linalg.norm(q, axis=-1)
                                         + 1e-30)
         return sums, (jnp.mean(cosine), jnp.min(cosine))
@@ -135,14 +138,16 @@ def _tower_fn(model, method, prefix, valid_rows):
     return jax.jit(run)
 
 
-def activation_sqnr(model, params, qstate, method, prefix, x, lengths=None, *, valid_rows):
-    """([SiteSQNR] of the quantized activation sites under `prefix` on the batch `x`,
-    {"mean", "min"} cosine of the quantized features to FP).
+def activation_sqnr(model, params, qstate, method, x, fp, lengths=None, *, valid_rows):
+    """([SiteSQNR] of the quantized activation sites that `method` passes on the first
+    `SAMPLES` of the batch `x`, {"mean", "min"} cosine of their quantized features to `fp`,
+    x's FP features).
 
+    Each site's quantizer sees the tensor that reaches it in the quantized model.
     `lengths` (text): each prompt's valid length, turned into a row mask by
     `valid_rows(name, shape, lengths)` (None: every row counts)."""
-    sums, (mean, smallest) = _tower_fn(model, method, prefix, valid_rows)(
-        params, qstate, x, lengths)
+    sums, (mean, smallest) = _tower_fn(model, method, valid_rows)(params, qstate, x, lengths,
+                                                                   fp)
     found = [SiteSQNR(name, "activation", int(bits), _db(signal, noise))
              for name, (signal, noise, bits) in sums.items()]
     return found, {"mean": float(mean), "min": float(smallest)}
