@@ -1,10 +1,11 @@
 """PTQ diagnostics: how much of the signal each quantization site keeps.
 
 `quant.calibrate` ends with one more look at the final calibration batch of each tower
-it quantizes (the first `SAMPLES` images of the last image batch, prompts of the last
-chunk): the quantized model (fake-quant arithmetic) runs them once, which gives the cosine of its features to the FP
-features calibration computed, and at every quantized site the signal-to-quantization-
-noise ratio of the site's calibrated quantizer on the tensor that reaches it,
+it quantizes (the first `SAMPLES` images of the last image batch, or prompts of the last
+chunk): the quantized model (fake-quant arithmetic) runs them once, which gives the
+cosine of its features to the FP features calibration computed, and at every quantized
+site the signal-to-quantization-noise ratio of the site's calibrated quantizer on the
+tensor that reaches it,
 
     SQNR = 10 log10(E[x^2] / E[(x - q(x))^2])  (dB; text positions after each prompt's
     end-of-text token left out).
