@@ -30,7 +30,6 @@ from p4q_jax.quant import sites
 COSINE_WARNING = 0.9
 SAMPLES = 8
 WORST_SITES = 10
-TOWER_NAMES = {"visual": "image", "text": "text"}
 
 
 @dataclasses.dataclass(frozen=True)
