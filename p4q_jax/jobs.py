@@ -201,17 +201,18 @@ def _fp_and_ptq(job, *, quantize=True):
     qconfig = quant.QConfig.parse(job.config.quant.config)
     job.phases.start("calibration")
     images, num_images = calibration_images(job, qconfig)
-    qstate, fp_text = quant.calibrate(
+    qstate, fp_text, report = quant.calibrate(
         job.model, job.params, qconfig, images=images, num_images=num_images, texts=texts,
         text_batch_size=job.config.eval.text_batch_size, return_text_features=True,
-        search_rows=job.config.quant.search_rows)
+        search_rows=job.config.quant.search_rows, return_report=True)
     teacher = evaluate.ensemble(fp_text, num_classes=len(job.prompts))
     job.phases.start("zero-shot and PTQ evaluation")
     q = job.variables(qstate)
     return qstate, teacher, [
         {"method": "fp_zeroshot", **job.accuracy(fp, teacher, desc="FP zero-shot")},
         {"method": "ptq", "qconfig": qconfig.name,
-         **job.accuracy(q, job.classifier(q), desc=f"PTQ {qconfig.name}")}]
+         **job.accuracy(q, job.classifier(q), desc=f"PTQ {qconfig.name}"),
+         "diagnostics": report.to_dict()}]
 
 
 def ptq(config, workdir):

@@ -87,6 +87,13 @@ def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
     low, high = _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels)
     assert low - 1e-6 <= fp["top1"] <= high + 1e-6
     assert 0 <= q["top1"] <= q["top5"] <= 100
+    # The PTQ diagnostics: both towers' cosines to FP and the worst sites.
+    report = q["diagnostics"]
+    assert set(report["cosine_to_fp"]) == {"image", "text"}
+    assert 0.5 < report["cosine_to_fp"]["image"]["mean"] <= 1.0 + 1e-6
+    assert len(report["worst_sites"]) == 10 < report["num_sites"]
+    assert {s["bits"] for s in report["worst_sites"]} == {6}
+    assert all(s["sqnr_db"] > 0 for s in report["worst_sites"])
 
 
 def test_classifier_builds_reuse_one_compiled_text_encoder():

@@ -97,6 +97,13 @@ def test_two_processes_equal_one_process(runs):
     for method in ("fp_zeroshot", "ptq"):  # the same images and calibration: the same model
         assert rows_two[method]["top1"] == rows_one[method]["top1"], method
         assert rows_two[method]["top5"] == rows_one[method]["top5"], method
+    # The PTQ diagnostics reduce over the global calibration batch: the same on two processes.
+    diagnosed_two, diagnosed_one = (rows["ptq"]["diagnostics"] for rows in (rows_two, rows_one))
+    for tower in ("image", "text"):
+        assert (diagnosed_two["cosine_to_fp"][tower]["mean"]
+                == pytest.approx(diagnosed_one["cosine_to_fp"][tower]["mean"], abs=1e-5))
+    assert ([s["sqnr_db"] for s in diagnosed_two["worst_sites"]]
+            == pytest.approx([s["sqnr_db"] for s in diagnosed_one["worst_sites"]], abs=0.02))
     first_two, first_one = two["history"][0], one["history"][0]
     assert first_two["step"] == first_one["step"] == 1
     for term in ("cross_entropy", "distillation"):

@@ -158,6 +158,8 @@ def test_p4q_then_eval_through_main(straight_run):
     fp, ptq, p4q = results["rows"]
     assert (fp["method"], ptq["method"], p4q["method"]) == ("fp_zeroshot", "ptq", "p4q")
     assert ptq["qconfig"] == p4q["qconfig"] == "w4a4attn8"
+    assert set(ptq["diagnostics"]["cosine_to_fp"]) == {"image", "text"}  # the PTQ report
+    assert {s["bits"] for s in ptq["diagnostics"]["worst_sites"]} <= {4, 8}
     assert fp["count"] == ptq["count"] == p4q["count"] == 50
     assert [h["step"] for h in results["history"]] == list(range(10, _STEPS + 1, 10))
     assert {"cross_entropy", "distillation", "lr_context", "lr_adapter"} <= set(

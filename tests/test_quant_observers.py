@@ -20,9 +20,12 @@ GRIDS = {(8, True): (-128, 127), (8, False): (0, 255), (4, True): (-8, 7), (4, F
 MARGIN = 1e-4  # relative gap required between the best search candidate and the rest
 
 
-def _spec(bits=8, *, signed=False, symmetric=False, per_channel=False, observer="minmax"):
+def _spec(bits=8, *, signed=False, symmetric=False, per_channel=False, observer="minmax",
+          include_zero=False):
+    """FQ-ViT's formulas unless `include_zero` (the presets' default: ranges hold 0)."""
     return qconfig.QuantSpec(bits=bits, signed=signed, symmetric=symmetric,
-                             per_channel=per_channel, observer=observer)
+                             per_channel=per_channel, observer=observer,
+                             include_zero=include_zero)
 
 
 def _reduce_axes(x, per_channel):
@@ -40,10 +43,13 @@ def _ref_batch_stats(x, *, per_channel, observer):
     return lo.astype(np.float32), hi.astype(np.float32)
 
 
-def _ref_range_qparams(lo, hi, *, bits, signed, symmetric):
-    """FQ-ViT: the range is used as is (not widened to 0); scale >= eps; zp on the grid."""
+def _ref_range_qparams(lo, hi, *, bits, signed, symmetric, include_zero=False):
+    """FQ-ViT: the range is used as is (not widened to 0); scale >= eps; zp on the grid.
+    With `include_zero` the range is first widened to hold 0."""
     qmin, qmax = GRIDS[bits, signed]
     lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    if include_zero:
+        lo, hi = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
     if symmetric:
         scale = np.maximum(np.maximum(-lo, hi) / np.float32((qmax - qmin) / 2), EPS)
         return scale.astype(np.float32), np.zeros_like(scale, np.float32)
@@ -264,6 +270,39 @@ def test_range_qparams(case):
     want_scale, want_zp = _ref_range_qparams(lo, hi, bits=bits, signed=signed, symmetric=symmetric)
     _check_qparams(observers.range_qparams(jnp.asarray(lo), jnp.asarray(hi), spec),
                    want_scale, want_zp)
+
+
+@pytest.mark.parametrize("case", sorted(RANGE_CASES))
+def test_range_qparams_widened_to_hold_zero(case):
+    bits, signed, symmetric, lo, hi = RANGE_CASES[case]
+    spec = _spec(bits, signed=signed, symmetric=symmetric, include_zero=True)
+    lo, hi = np.float32(lo), np.float32(hi)
+    want_scale, want_zp = _ref_range_qparams(lo, hi, bits=bits, signed=signed,
+                                             symmetric=symmetric, include_zero=True)
+    _check_qparams(observers.range_qparams(jnp.asarray(lo), jnp.asarray(hi), spec),
+                   want_scale, want_zp)
+
+
+def test_a_range_without_zero_is_covered_once_widened():
+    """Softmax probabilities of a near-uniform attention over 50 tokens: FQ-ViT's clamped
+    zero point maps them all to [0, hi - lo]; widened, each stays within half a step."""
+    x = np.linspace(0.0198, 0.0202, 101, dtype=np.float32)
+    for include_zero, worst in ((False, 0.019), (True, 0.0202 / 255 / 2 * 1.01)):
+        spec = _spec(8, include_zero=include_zero)
+        scale, zp = observers.range_qparams(jnp.float32(x.min()), jnp.float32(x.max()), spec)
+        error = np.abs(_ref_fake_quant(x, scale, zp, 0, 255) - x).max()
+        assert (error > worst) if not include_zero else (error <= worst), (include_zero, error)
+
+
+def test_presets_widen_their_activation_ranges_and_official_does_not():
+    for rule in qconfig.QConfig.parse("w8a8").rules:
+        assert rule.spec.include_zero
+    assert [r.spec.include_zero for r in qconfig.QConfig.parse("official").rules
+            if r.kind == "input"] == [False, False]
+    old = qconfig.QConfig.parse("w8a8").to_dict()
+    for rule in old["rules"]:
+        del rule["spec"]["include_zero"]  # a config saved before the field existed
+    assert qconfig.QConfig.from_dict(old) == qconfig.QConfig.parse("w8a8")
 
 
 def test_range_qparams_hand_computed_values():

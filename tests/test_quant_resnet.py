@@ -1,6 +1,9 @@
 """Quantizing CLIP's ResNet image tower: its sites, numpy references for a kernel and the
 image input, BatchNorm folding, accuracy vs bits, export, and the P4Q gradient."""
 
+import dataclasses
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +41,8 @@ def tiny_rn():
     return model, _randomize_batch_norm(params)
 
 
-def _images(batches=2, batch=4, size=64):
-    rng = np.random.default_rng(0)
+def _images(batches=2, batch=4, size=64, seed=0):
+    rng = np.random.default_rng(seed)
     return [rng.normal(size=(batch, size, size, 3)).astype(np.float32) for _ in range(batches)]
 
 
@@ -198,3 +201,73 @@ def test_official_preset_refuses_a_resnet_image_tower(tiny_rn):
                               towers=("text",))
     qstate = quant.calibrate(model, params, text_only, texts=TEXTS)
     assert qstate.weights and all(n.startswith("text/") for n in qstate.weights)
+
+
+@pytest.fixture(scope="module")
+def stale_batch_norm_rn(tmp_path_factory):
+    """An open_clip ResNet CLIP (the `tiny-rn` shapes) whose BatchNorm running statistics do
+    not match its activations (mean N(0, 0.1), variance U(0.5, 1.5); affine moved by
+    0.05 N(0, 1)), as a checkpoint with stale statistics: its activations stay small, so the
+    attention pool attends near-uniformly. Read with the project's reader."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(0)
+    config = clip.get_config("tiny-rn")
+    v, t = config.vision, config.text
+    model_pt = open_clip.model.CLIP(
+        embed_dim=config.embed_dim,
+        vision_cfg=dict(image_size=v.image_size, layers=v.layers, width=v.width),
+        text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                      heads=t.heads, layers=t.layers),
+        quick_gelu=True).eval()
+    with torch.no_grad():
+        for module in model_pt.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.add_(0.05 * torch.randn_like(module.weight))
+                module.bias.add_(0.05 * torch.randn_like(module.bias))
+    path = tmp_path_factory.mktemp("stale") / "rn.pt"
+    torch.save(model_pt.state_dict(), path)
+    model, params = clip.load(path)
+    calibration, held_out = _images(batches=2), _images(batches=1, seed=1)[0]
+    return model, params, calibration, held_out
+
+
+def _image_tower_only(qconfig):
+    return dataclasses.replace(quant.QConfig.parse(qconfig) if isinstance(qconfig, str)
+                               else qconfig, towers=("visual",))
+
+
+def test_stale_batch_norm_statistics_keep_their_features_at_8_bits(stale_batch_norm_rn, caplog):
+    """The pool's probabilities all lie near 1/5 (2x2 tokens and their mean): a range that
+    excludes 0, which FQ-ViT's clamped zero point cut to [0, hi - lo] (cosine 0.43)."""
+    model, params, calibration, held_out = stale_batch_norm_rn
+    with caplog.at_level(logging.INFO):
+        qstate, report = quant.calibrate(model, params, _image_tower_only("w8a8"),
+                                         images=calibration, return_report=True)
+    fp = clip.encode_image(model, params, held_out)
+    assert _cosine(fp, clip.encode_image(model, params, held_out, qstate=qstate)).min() >= 0.99
+    probs = next(s for s in report.sites if s.site == "visual/attnpool/probs")
+    assert probs.sqnr_db > 30
+    assert report.cosines["image"]["min"] >= 0.99
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_warning_names_the_site_that_collapses(stale_batch_norm_rn, caplog):
+    """FQ-ViT's unwidened ranges (`include_zero=False`) on the same model: the features
+    collapse, and the warning names the probabilities as the worst site."""
+    model, params, calibration, held_out = stale_batch_norm_rn
+    fqvit = quant.QConfig(name="w8a8-fqvit", towers=("visual",), rules=tuple(
+        dataclasses.replace(rule, spec=dataclasses.replace(rule.spec, include_zero=False))
+        for rule in quant.QConfig.parse("w8a8").rules))
+    with caplog.at_level(logging.WARNING):
+        qstate, report = quant.calibrate(model, params, fqvit, images=calibration,
+                                         return_report=True)
+    fp = clip.encode_image(model, params, held_out)
+    assert _cosine(fp, clip.encode_image(model, params, held_out, qstate=qstate)).max() < 0.9
+    assert report.collapsed() == ["image"]
+    assert report.worst(1)[0].site == "visual/attnpool/probs"
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "image features" in warning.getMessage()
+    assert "visual/attnpool/probs" in warning.getMessage()

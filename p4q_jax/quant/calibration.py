@@ -23,6 +23,7 @@ import numpy as np
 
 from p4q_jax import clip
 from p4q_jax.clip import model as model_lib
+from p4q_jax.quant import diagnostics
 from p4q_jax.quant import observers
 from p4q_jax.quant import primitives
 from p4q_jax.quant import qconfig as qconfig_lib
@@ -142,7 +143,7 @@ def _check_finite(finite, what):
 
 def _calibrate_tower(model, params, specs, method, batches, max_elements, *, search_rows,
                      all_seeds):
-    """{site: QParams} and the FP outputs of every batch.
+    """{site: QParams}, the FP outputs of every batch and the last (x, seeds, lengths).
 
     `batches`: an iterable of (x, seeds, lengths), read once: per batch its input, the
     int32 [B] seeds of its samples and (text) their valid lengths or None, for the
@@ -152,8 +153,9 @@ def _calibrate_tower(model, params, specs, method, batches, max_elements, *, sea
         observe = _pass_fn(model, method, specs, max_elements=max_elements,
                            num_samples=num_samples)
         all_draws = np.sort(_uniform(all_seeds))
-        running, sampled, outputs = {}, {}, []
-        for x, batch_seeds, batch_lengths in batches:
+        running, sampled, outputs, last = {}, {}, [], None
+        for last in batches:
+            x, batch_seeds, batch_lengths = last
             results, finite, out = observe(params, x, {}, batch_seeds, batch_lengths,
                                            {"batch": _uniform(batch_seeds), "all": all_draws})
             _check_finite(finite, "activation")
@@ -175,21 +177,21 @@ def _calibrate_tower(model, params, specs, method, batches, max_elements, *, sea
                     weights, kept)
             else:
                 qparams[name] = _site_qparams(specs[name], stats, None)
-        return qparams, outputs
+        return qparams, outputs, last
     observe = _pass_fn(model, method, specs)
     running, outputs, last = {}, [], None
-    for x, _, _ in batches:  # every batch but the last folded into the running statistics
+    for batch in batches:  # every batch but the last folded into the running statistics
         if last is not None:
-            stats, finite, out = observe(params, last, {}, None, None, None)
+            stats, finite, out = observe(params, last[0], {}, None, None, None)
             _check_finite(finite, "activation")
             running = {k: observers.merge(specs[k], running.get(k), v) for k, v in stats.items()}
             outputs.append(out)
-        last = x
+        last = batch
     finalize = _pass_fn(model, method, specs, finalize=True, max_elements=max_elements)
-    final, finite, out = finalize(params, last, running, None, None, None)
+    final, finite, out = finalize(params, last[0], running, None, None, None)
     _check_finite(finite, "activation")
     qparams = {name: _site_qparams(specs[name], *final[name]) for name in final}
-    return qparams, outputs + [out]
+    return qparams, outputs + [out], last
 
 
 def _with_positions(batches):
@@ -219,7 +221,8 @@ def _token_seeds(tokens):
 
 
 def _weights(qconfig, params, max_elements):
-    """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels)."""
+    """Calibrates and fake-quantizes every configured kernel once -> (QParams, kernels,
+    {site: `diagnostics.weight_sums`})."""
     all_kernels = sites.kernels(params)
     specs = {name: spec for name in all_kernels
              if (spec := qconfig.spec("weight", name)) is not None}
@@ -227,14 +230,15 @@ def _weights(qconfig, params, max_elements):
 
     @jax.jit
     def run(kernels):
-        qparams, quantized = {}, {}
+        qparams, quantized, sums = {}, {}, {}
         for name, w in kernels.items():
             spec = specs[name]
             scale, zero_point = observers.qparams(spec, observers.batch_stats(spec, w), w,
                                                   max_elements=max_elements)
             qparams[name] = state_lib.QParams(scale, zero_point)
             quantized[name] = primitives.fake_quant(w, scale, zero_point, spec.fmt)
-        return qparams, quantized
+            sums[name] = diagnostics.weight_sums(w, quantized[name])
+        return qparams, quantized, sums
 
     return run({name: all_kernels[name] for name in specs})
 
@@ -314,8 +318,13 @@ def _image_batches(images, size, num_images):
 
 def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_size=256,
               return_text_features=False, search_rows="auto",
-              search_max_elements=observers.SEARCH_MAX_ELEMENTS, num_images=None):
+              search_max_elements=observers.SEARCH_MAX_ELEMENTS, num_images=None,
+              return_report=False):
     """Post-training calibration of a CLIP for `qconfig`.
+
+    Ends with the PTQ diagnostics (`quant.diagnostics`) on the final calibration batch of
+    each quantized tower: every site's SQNR and the cosine of the quantized features to
+    FP, logged (a WARNING naming the worst sites when a tower's features collapse).
 
     Args:
       model: a `clip.CLIP`.
@@ -342,9 +351,11 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         fixed seed); None scores all of them.
       num_images: how many images `images` holds: needed for a generator (the balanced
         search sizes each sample's share before the first batch), checked otherwise.
+      return_report: also return the diagnostics' `quant.diagnostics.Report`.
 
     Returns:
-      A QState, or (QState, FP text features) with `return_text_features`.
+      A QState, followed by the FP text features with `return_text_features` and the
+      Report with `return_report`, as a tuple when either is asked for.
     """
     if isinstance(qconfig, str):
         qconfig = qconfig_lib.QConfig.parse(qconfig)
@@ -358,7 +369,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
     size = model.config.vision.image_size
     images, num_images = _image_batches(images, size, num_images)
     texts = None if texts is None else list(texts)
-    weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
+    weight_qparams, kernels, weight_sums = _weights(qconfig, params, search_max_elements)
     acts, text_features = {}, None
     image_example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     image_specs = _site_specs(qconfig, model, params, model.encode_image, image_example,
@@ -367,7 +378,7 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         if not num_images:
             raise ValueError(f"images: config {qconfig.name!r} quantizes the image tower, so "
                              "calibration needs at least one image batch")
-        image_qparams, _ = _calibrate_tower(
+        image_qparams, image_features, last_images = _calibrate_tower(
             model, params, image_specs, model.encode_image, _with_positions(images),
             search_max_elements, search_rows=search_rows,
             all_seeds=np.arange(num_images, dtype=np.int32))
@@ -384,13 +395,27 @@ def calibrate(model, params, qconfig, *, images=None, texts=None, text_batch_siz
         chunks = [(tokens[i:i + text_batch_size], seeds[i:i + text_batch_size],
                    lengths[i:i + text_batch_size])
                   for i in range(0, len(tokens), text_batch_size)]
-        text_qparams, outs = _calibrate_tower(
+        text_qparams, outs, _ = _calibrate_tower(
             model, params, text_specs, model.encode_text, chunks, search_max_elements,
             search_rows=search_rows, all_seeds=seeds)
         acts |= text_qparams
         text_features = jnp.concatenate(outs)
     qstate = state_lib.QState(config=qconfig, acts=acts, weights=weight_qparams, kernels=kernels)
-    return (qstate, text_features) if return_text_features else qstate
+    site_sqnrs, cosines = diagnostics.weight_sqnr(qconfig, weight_sums), {}
+    if image_specs:
+        found, cosines["image"] = diagnostics.activation_sqnr(
+            model, params, qstate, model.encode_image, last_images[0], image_features[-1],
+            valid_rows=_valid_text_rows)
+        site_sqnrs += found
+    if text_specs:
+        found, cosines["text"] = diagnostics.activation_sqnr(
+            model, params, qstate, model.encode_text, chunks[-1][0], outs[-1], chunks[-1][2],
+            valid_rows=_valid_text_rows)
+        site_sqnrs += found
+    report = diagnostics.report(site_sqnrs, cosines)
+    report.log()
+    out = (qstate,) + (text_features,) * return_text_features + (report,) * return_report
+    return out if len(out) > 1 else qstate
 
 
 def calibrate_module(module, params, qconfig, batches, *, search_rows="balanced",
@@ -409,10 +434,10 @@ def calibrate_module(module, params, qconfig, batches, *, search_rows="balanced"
         if batch.ndim < 1 or not batch.shape[0] or batch.shape[1:] != batches[0].shape[1:]:
             raise ValueError(f"batches[{i}]: expected a non-empty batch [B, "
                              f"{', '.join(map(str, batches[0].shape[1:]))}], got {batch.shape}")
-    weight_qparams, kernels = _weights(qconfig, params, search_max_elements)
+    weight_qparams, kernels, _ = _weights(qconfig, params, search_max_elements)
     example = jax.ShapeDtypeStruct((1, *batches[0].shape[1:]), batches[0].dtype)
     specs = _site_specs(qconfig, module, params, module.__call__, example)
-    acts, _ = _calibrate_tower(module, params, specs, module.__call__, _with_positions(batches),
+    acts, _, _ = _calibrate_tower(module, params, specs, module.__call__, _with_positions(batches),
                                search_max_elements, search_rows=search_rows,
                                all_seeds=np.arange(sum(b.shape[0] for b in batches),
                                                    dtype=np.int32))

@@ -3,8 +3,13 @@
 Calibration folds `batch_stats` over batches with `merge`, then `qparams` turns the
 statistics (and, for the search-based observers, the final batch's tensor) into
 `(scale, zero_point)`. The range-to-parameters formulas are FQ-ViT's (which the public
-P4Q code uses): the observed [min, max] is *not* widened to include 0, scales are
-clamped to float32 eps, and the asymmetric zero point is clamped to the integer grid.
+P4Q code uses): scales are clamped to float32 eps and the asymmetric zero point is
+clamped to the integer grid. Unlike FQ-ViT, an asymmetric range is first widened to hold
+0 (`QuantSpec.include_zero`, the default; the `official` preset keeps FQ-ViT's way): the
+zero point is a code, so the grid always holds 0, and a range that does not (softmax
+probabilities are all > 0) would otherwise be cut to [0, hi - lo] by the clamped zero
+point. A near-uniform attention over 50 tokens, probabilities in [0.0198, 0.0202], then
+quantizes every probability to 0.0004: the attention output shrinks 50-fold.
 
 * minmax: running min/max.
 * ema: exponential moving average of per-batch min/max (momentum `EMA_MOMENTUM`).
@@ -66,6 +71,8 @@ def range_qparams(lo, hi, spec, *, symmetric=None):
     """FQ-ViT's scale / zero point for the range [lo, hi] on `spec`'s integer grid."""
     fmt = spec.fmt
     symmetric = spec.symmetric if symmetric is None else symmetric
+    if spec.include_zero:
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     if symmetric:
         scale = jnp.maximum(jnp.maximum(-lo, hi) / ((fmt.qmax - fmt.qmin) / 2), EPS)
         return scale, jnp.zeros_like(scale)

@@ -27,6 +27,7 @@ Presets (`QConfig.parse(name)`):
       'channel_wise'`), OMSE;
     - float: the `out_proj` input, q/k/v/logits/probs (plain multi-head attention),
       `visual/proj`, `text/text_projection`, embeddings and LayerNorm inputs.
+  Its activation ranges are FQ-ViT's, not widened to hold 0 (`include_zero=False`).
 
   The public code has no runnable ResNet path, so `official` refuses a ResNet image tower
   (`OFFICIAL_RESNET_ERROR`). Read from its `models/clip/model.py` (HEAD bcd6a87): `main.py`
@@ -68,13 +69,17 @@ OBSERVERS = ("minmax", "ema", "percentile", "omse", "ptf", "log2")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """How one site is quantized. `per_channel` means along the last axis (the output
-    channel of a kernel, the feature channel of an activation)."""
+    channel of a kernel, the feature channel of an activation). `include_zero`: an
+    asymmetric range is widened to hold 0 before its scale and zero point are derived
+    (see `observers.range_qparams`); False is FQ-ViT's formula, which the `official`
+    preset keeps."""
 
     bits: int
     signed: bool
     symmetric: bool
     per_channel: bool
     observer: str
+    include_zero: bool = True
 
     def __post_init__(self):
         if self.observer not in OBSERVERS:
@@ -102,9 +107,9 @@ def weight_spec(bits, *, observer="minmax"):
     return QuantSpec(bits=bits, signed=True, symmetric=True, per_channel=True, observer=observer)
 
 
-def act_spec(bits, *, observer="omse", per_channel=False):
+def act_spec(bits, *, observer="omse", per_channel=False, include_zero=True):
     return QuantSpec(bits=bits, signed=False, symmetric=False, per_channel=per_channel,
-                     observer=observer)
+                     observer=observer, include_zero=include_zero)
 
 
 TOWERS = ("visual", "text")
@@ -179,8 +184,10 @@ def official():
         name="official",
         rules=(
             Rule(kind="weight", pattern="^visual/conv1$", spec=weight_spec(4)),
-            Rule(kind="input", pattern="^visual/conv1$", spec=act_spec(4, per_channel=True)),
+            Rule(kind="input", pattern="^visual/conv1$",
+                 spec=act_spec(4, per_channel=True, include_zero=False)),
             Rule(kind="weight", pattern=blocks, spec=weight_spec(8)),
-            Rule(kind="input", pattern=block_inputs, spec=act_spec(8, per_channel=True)),
+            Rule(kind="input", pattern=block_inputs,
+                 spec=act_spec(8, per_channel=True, include_zero=False)),
         ),
     )
