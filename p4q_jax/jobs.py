@@ -2,6 +2,7 @@
 
 import itertools
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -216,10 +217,29 @@ def _fp_and_ptq(job, *, quantize=True):
 
 
 def ptq(config, workdir):
-    """Calibrate -> zero-shot FP and PTQ on the test split -> results.json."""
+    """Calibrate -> zero-shot FP and PTQ (and with `quant.compensation="qwt"`, QwT) on the
+    test split -> results.json."""
     job = _Job(config)
     qstate, _, rows = _fp_and_ptq(job)
+    if config.quant.compensation == "qwt":
+        rows.append(_qwt_row(job, qstate))
     return job.finish(workdir, job.results("ptq", rows, qconfig=qstate.config.name))
+
+
+def _qwt_row(job, qstate):
+    """QwT's compensation of `qstate`, solved on the calibration images (read again) and
+    the prompt ensemble -> its results row, with the solve's wall seconds."""
+    job.phases.start("QwT compensation")
+    images, _ = calibration_images(job, qstate.config)
+    texts = [t for class_prompts in job.prompts for t in class_prompts]
+    start = time.perf_counter()
+    qwt = quant.compensate(job.model, job.params, qstate, images=list(images), texts=texts,
+                           text_batch_size=job.config.eval.text_batch_size)
+    seconds = time.perf_counter() - start
+    job.phases.start("QwT evaluation")
+    q = job.variables(qwt)
+    return {"method": "qwt", "qconfig": qstate.config.name, "compensation_seconds": seconds,
+            **job.accuracy(q, job.classifier(q), desc=f"QwT {qstate.config.name}")}
 
 
 def _trained_accuracy(job, trained, variables, *, desc):

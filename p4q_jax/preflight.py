@@ -272,10 +272,18 @@ def _prompt_length(config, info, problems):
         problems.add(field, value, str(e))
 
 
-def _quant(config, problems, shards):
+def _quant(config, problems, shards, mode):
     cfg = config.quant
     problems.parses("quant.config", cfg.config, quant.QConfig.parse)
     problems.one_of("quant.search_rows", cfg.search_rows, quant.calibration.SEARCH_ROWS)
+    problems.one_of("quant.compensation", cfg.compensation, quant.compensation.METHODS)
+    if cfg.compensation == "qwt" and mode != "ptq":
+        problems.add("quant.compensation", cfg.compensation,
+                     "applies to --mode=ptq only (P4Q does not train on a compensated model)")
+    if cfg.compensation == "qwt" and jax.process_count() > 1:
+        problems.add("quant.compensation", cfg.compensation,
+                     "QwT's solve reads the calibration activations on one host; run the ptq "
+                     f"job in one process, not {jax.process_count()}")
     problems.at_least("quant.calib_batches", cfg.calib_batches, 1)
     _batch(problems, "quant.calib_batch_size", cfg.calib_batch_size, shards)
 
@@ -429,7 +437,7 @@ def check(config, workdir, *, mode):
     _batch(problems, "eval.batch_size", config.eval.batch_size, shards)
     _batch(problems, "eval.text_batch_size", config.eval.text_batch_size, shards)
     if mode in ("ptq", "p4q", "demo"):
-        _quant(config, problems, shards)
+        _quant(config, problems, shards, mode)
         name = str(config.data.name)
         if name.startswith(data.coop.PREFIX) and \
                 name.removeprefix(data.coop.PREFIX) in data.coop.TEST_ONLY:

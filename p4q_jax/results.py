@@ -16,7 +16,7 @@ _FILES = {"eval": "eval_results.json"}
 
 # The one name of each kind of results row, in every table (main.py's and the sweep's).
 _ROW_LABELS = {"fp_zeroshot": "FP zero-shot", "coop_fp": "CoOp-FP", "coop_ptq": "CoOp-PTQ",
-               "fp_p4q": "FP P4Q", "ptq": "PTQ", "p4q": "P4Q"}
+               "fp_p4q": "FP P4Q", "ptq": "PTQ", "qwt": "QwT", "p4q": "P4Q"}
 
 
 def row_label(method):

@@ -77,13 +77,15 @@ def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
                "--config.data.name=cifar10", "--config.eval.batch_size=24",
                "--config.eval.text_batch_size=64", "--config.quant.calib_batches=2",
                "--config.quant.calib_batch_size=16", "--config.quant.config=w6a6",
-               f"--workdir={tmp_path}"])
+               "--config.quant.compensation=qwt", f"--workdir={tmp_path}"])
     from p4q_jax.configs import ptq  # pylint: disable=g-import-not-at-top
     images, labels = _mock_test_split(ptq, "cifar10")
     results = json.loads((tmp_path / "results.json").read_text())
-    fp, q = results["rows"]
+    fp, q, qwt = results["rows"]
     assert (fp["method"], q["method"], q["qconfig"]) == ("fp_zeroshot", "ptq", "w6a6")
-    assert fp["count"] == q["count"] == 50
+    assert (qwt["method"], qwt["qconfig"]) == ("qwt", "w6a6") and qwt["compensation_seconds"] > 0
+    assert fp["count"] == q["count"] == qwt["count"] == 50
+    assert 0 <= qwt["top1"] <= qwt["top5"] <= 100
     low, high = _reference_zeroshot(tiny_checkpoint, "cifar10", images, labels)
     assert low - 1e-6 <= fp["top1"] <= high + 1e-6
     assert 0 <= q["top1"] <= q["top5"] <= 100

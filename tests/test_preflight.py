@@ -62,6 +62,8 @@ def test_urls_are_kept_as_they_are():
     ({"quant__calib_batch_size": 30}, "quant.calib_batch_size=30: expected a multiple of the 8"),
     ({"eval__batch_size": 12}, "eval.batch_size=12: expected a multiple of the 8"),
     ({"quant__config": "w9a3"}, "quant.config='w9a3': "),
+    ({"quant__compensation": "gptq"}, "quant.compensation='gptq': expected one of ['none', "
+                                      "'qwt']"),
     ({"train__num_steps": -1}, "train.num_steps=-1: expected an integer >= 0"),
     ({"train__num_steps": 0, "train__epochs": 0}, "train.epochs=0: expected an integer >= 1"),
     ({"train__num_steps": 10, "train__warmup_steps": 10}, "train.warmup_steps=10: expected "
@@ -91,6 +93,14 @@ def test_urls_are_kept_as_they_are():
 ])
 def test_each_bad_field_is_named_with_what_is_allowed(tmp_path, fields, expected):
     assert expected in _problems(_p4q(**fields), tmp_path)
+
+
+def test_qwt_compensation_is_refused_outside_a_single_process_ptq_job(tmp_path, monkeypatch):
+    assert ("quant.compensation='qwt': applies to --mode=ptq only"
+            in _problems(_p4q(quant__compensation="qwt"), tmp_path))
+    monkeypatch.setattr(preflight.jax, "process_count", lambda: 2)
+    assert ("quant.compensation='qwt': QwT's solve reads the calibration activations on one "
+            "host" in _problems(_p4q(quant__compensation="qwt"), tmp_path, mode="ptq"))
 
 
 def test_every_problem_is_listed_at_once(tmp_path):

@@ -65,6 +65,10 @@ def get_config():
     # integer deployment runs); False keeps it in float after the quantized conv, as the
     # public P4Q code does.
     config.quant.fold_batchnorm = False
+    # "qwt": the ptq job also solves QwT's closed-form per-block linear compensation of the
+    # ViT blocks (p4q_jax/quant/compensation.py) on the calibration data and adds a "qwt"
+    # row; "none" (default): PTQ alone.
+    config.quant.compensation = "none"
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by `model`

@@ -7,6 +7,7 @@
 
 from p4q_jax.quant.calibration import calibrate
 from p4q_jax.quant.calibration import calibrate_module
+from p4q_jax.quant.compensation import compensate
 from p4q_jax.quant.fold import fold_batchnorm
 from p4q_jax.quant.qconfig import QConfig
 from p4q_jax.quant.qconfig import QuantSpec

@@ -5,7 +5,10 @@ A quantized model is written as
              holding two 4-bit (or narrower) codes each; scales per output channel;
   float/     {"params": the FP params that are not quantized kernels,
               "acts": {site: {"scale", "zero_point"}}};
-  p4q_quant.json  the CLIP config, the QConfig, and each kernel's shape and format.
+  compensation/  (a compensated QState only, `quant.compensation`) {block: {"kernel",
+             "bias"}}, float32 as the forward uses them;
+  p4q_quant.json  the CLIP config, the QConfig, each kernel's shape and format, and the
+             compensated blocks.
 Loading dequantizes the codes with the same formula the fake-quant forward uses, so
 the reloaded model's features are bit-identical to the calibrated one's.
 """
@@ -52,10 +55,12 @@ def _storage_dtype(fmt):
 
 
 def save(path, model, params, qstate):
-    """Writes a calibrated model with integer kernels -> {"integer_bytes", "fp32_bytes"}.
+    """Writes a calibrated model with integer kernels -> {"integer_bytes", "fp32_bytes",
+    "compensation_bytes"}.
 
     `fp32_bytes` is what the quantized kernels take as float32; `integer_bytes` is what
-    their codes, scales and zero points take on disk (the `integer/` directory).
+    their codes, scales and zero points take on disk (the `integer/` directory);
+    `compensation_bytes` what the block compensation takes there (0 without one).
     """
     kernels = sites.kernels(params)
     integer, layout = {}, {}
@@ -78,12 +83,18 @@ def save(path, model, params, qstate):
     with atomic.directory(path) as tmp:
         checkpoints.save_tree(tmp / "integer", integer)
         checkpoints.save_tree(tmp / "float", {"params": float_params, "acts": acts})
+        if qstate.compensation:
+            checkpoints.save_tree(tmp / "compensation", qstate.compensation)
         (tmp / MARKER).write_text(json.dumps({
             "clip_config": model.config.to_dict(),
             "qconfig": qstate.config.to_dict(),
-            "kernels": layout}, indent=2))
-    return {"integer_bytes": checkpoints.bytes_on_disk(pathlib.Path(path) / "integer"),
-            "fp32_bytes": sum(4 * int(np.prod(kernels[n].shape)) for n in integer)}
+            "kernels": layout,
+            "compensation": sorted(qstate.compensation)}, indent=2))
+    path = pathlib.Path(path)
+    return {"integer_bytes": checkpoints.bytes_on_disk(path / "integer"),
+            "fp32_bytes": sum(4 * int(np.prod(kernels[n].shape)) for n in integer),
+            "compensation_bytes": (checkpoints.bytes_on_disk(path / "compensation")
+                                   if qstate.compensation else 0)}
 
 
 def load(path):
@@ -111,5 +122,14 @@ def load(path):
     params = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))
     acts = {n: state_lib.QParams(jnp.asarray(a["scale"]), jnp.asarray(a["zero_point"]))
             for n, a in floats["acts"].items()}
-    qstate = state_lib.QState(config=qconfig, acts=acts, weights=weights, kernels=kernels)
+    compensation = {}
+    if meta.get("compensation"):
+        stored = checkpoints.restore_tree(path / "compensation")
+        if sorted(stored) != meta["compensation"]:
+            raise clip.CheckpointError(
+                f"{path / 'compensation'}: holds blocks {sorted(stored)}, but {MARKER} lists "
+                f"{meta['compensation']}")
+        compensation = jax.tree.map(jnp.asarray, stored)
+    qstate = state_lib.QState(config=qconfig, acts=acts, weights=weights, kernels=kernels,
+                              compensation=compensation)
     return clip.CLIP(config), params, qstate

@@ -36,6 +36,9 @@ class QState:
         the int8 path (inference: the same features bit for bit). False in a train step,
         which multiplies the dequantized values instead: the same straight-through
         gradients, without deriving the frozen kernels' codes every step.
+      compensation: transformer block path -> {"kernel" [W, W], "bias" [W]}, float32: a
+        linear map of the block's input added to its output (QwT, `quant.compensation`);
+        empty without one.
     """
 
     config: qconfig_lib.QConfig = flax.struct.field(pytree_node=False)
@@ -43,6 +46,7 @@ class QState:
     weights: dict
     kernels: dict
     codes: bool = flax.struct.field(pytree_node=False, default=True)
+    compensation: dict = flax.struct.field(default_factory=dict)
 
     def quantized_params(self, params):
         """`params` with every quantized kernel swapped for its fake-quantized copy."""
@@ -54,7 +58,8 @@ class QState:
         holds, each kernel once."""
         text = lambda d: {n: v for n, v in d.items() if not n.startswith("visual/")}
         params = sites.replace_kernels(params, text(self.kernels))
-        return params, self.replace(acts=text(self.acts), weights=text(self.weights), kernels={})
+        return params, self.replace(acts=text(self.acts), weights=text(self.weights), kernels={},
+                                    compensation=text(self.compensation))
 
     def handler(self, kind, name, x):
         spec = self.config.spec(kind, name)
@@ -87,11 +92,32 @@ class QState:
             y = y + module.get_variable("params", "bias")
         return y.astype(module.dtype or x.dtype)
 
+    def _compensate(self, block, next_fun, args, kwargs):
+        """A block's output plus the compensation of its input (in prefix mode, of both the
+        prefix and the continuation: `clip.model.ResidualAttentionBlock`)."""
+        c = self.compensation[block]
+
+        def add(y, x):
+            return y + (x.astype(jnp.float32) @ c["kernel"] + c["bias"]).astype(y.dtype)
+
+        out = next_fun(*args, **kwargs)
+        if kwargs.get("prefix") is None:
+            return add(out, args[0])
+        prefix_out, x_out = out
+        return add(prefix_out, kwargs["prefix"]), add(x_out, args[0])
+
     @contextlib.contextmanager
     def intercept(self):
         """Fake-quantizes every configured activation site of models applied inside; with
         `codes`, the layers and attention products that fit compute on the integer codes
-        (`quant.matmul`)."""
+        (`quant.matmul`); every compensated block gets its compensation added."""
+
+        def compensator(next_fun, args, kwargs, context):
+            if (context.method_name == "__call__"
+                    and isinstance(context.module, model_lib.ResidualAttentionBlock)
+                    and (block := sites.site_name(context.module)) in self.compensation):
+                return self._compensate(block, next_fun, args, kwargs)
+            return next_fun(*args, **kwargs)
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
@@ -108,6 +134,8 @@ class QState:
             return next_fun(*args, **kwargs)
 
         # Outer interceptors run first: code-domain layers bypass their input's site.
-        with (nn.intercept_methods(interceptor) if self.codes else contextlib.nullcontext(),
+        with (nn.intercept_methods(compensator) if self.compensation
+              else contextlib.nullcontext(),
+              nn.intercept_methods(interceptor) if self.codes else contextlib.nullcontext(),
               sites.intercept(self.handler)):
             yield
