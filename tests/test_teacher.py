@@ -1,6 +1,7 @@
 """The distillation teacher: rows that say how they were trained, a trained FP export as the
 teacher (its logits are its own evaluation's), and the exports that cannot teach a run."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -181,3 +182,23 @@ def test_preflight_names_a_teacher_that_is_not_an_export(tmp_path, tiny_checkpoi
     config = _config(tiny_checkpoint, "kl_trained_teacher")
     with pytest.raises(preflight.ConfigError, match="loss.teacher=None: expected 'zeroshot'"):
         preflight.check(config, tmp_path / "run", mode="p4q")
+
+
+def test_an_exports_prompts_and_adapter_refuse_another_clip(runs):
+    """Applied to a CLIP of another architecture, an export's context and adapter raise
+    instead of returning features (the export records the architecture it trained on)."""
+    model, params, _, trained = trained_lib.load(runs["export"])
+    assert trained.model_config is not None
+    variables = trained.variables(params, None)
+    assert trained.class_features(model, variables).shape[0] == len(trained.class_names)
+    other, other_params = clip.init("tiny-rn")
+    images = jnp.zeros((2, other.config.vision.image_size, other.config.vision.image_size, 3))
+    with pytest.raises(ValueError, match="trained on another CLIP .*vision"):
+        trained.class_features(other, trained.variables(other_params, None))
+    with pytest.raises(ValueError, match="trained on another CLIP"):
+        trained.image_features(other, trained.variables(other_params, None), images)
+    # Without a record (an older export), a context of another width is still refused.
+    unrecorded = dataclasses.replace(trained, model_config=None,
+                                     context=jnp.zeros((4, model.config.text.width * 2)))
+    with pytest.raises(ValueError, match="the learned context has width"):
+        unrecorded.class_features(model, variables)

@@ -80,8 +80,9 @@ def check_export(path, meta, *, model_config, weights, class_names, data_origin)
                            "data (an import, or written by an older version), so it cannot "
                            "be checked against this run; train the teacher again")
     if origin["model"]["config"] != model_config:
+        difference = trained_lib.config_difference(origin["model"]["config"], model_config)
         raise TeacherError(f"loss.teacher={path}: trained on another model architecture "
-                           f"({_differing(origin['model']['config'], model_config)})")
+                           f"({difference})")
     if origin["model"]["weights"] != weights:
         raise TeacherError(f"loss.teacher={path}: trained on other weights of this "
                            f"architecture (fingerprint {origin['model']['weights']}, this run's "
@@ -98,18 +99,6 @@ def check_export(path, meta, *, model_config, weights, class_names, data_origin)
         if taught.get(field) != data_origin.get(field):
             raise TeacherError(f"loss.teacher={path}: trained on other data ({field} "
                                f"{taught.get(field)!r}, this run's {data_origin.get(field)!r})")
-
-
-def _differing(stored, current, prefix=""):
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _differing(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key} {a!r}, this run's {b!r}"
-    return ""
 
 
 def _first_difference(theirs, ours):

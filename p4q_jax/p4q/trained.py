@@ -48,6 +48,8 @@ class Trained:
     adapter: adapter_lib.QAdapter | None
     adapter_params: dict | None
     adapter_qstate: state_lib.QState | None  # frozen 8-bit ranges (see adapter.py)
+    # The CLIP architecture it was trained on (an export's origin; None: not recorded).
+    model_config: dict | None = None
 
     @property
     def prompts(self):
@@ -73,8 +75,27 @@ class Trained:
         return {"params": params, "qstate": qstate, "context": self.context,
                 "adapter": self.adapter_params, "adapter_qstate": self.adapter_qstate}
 
+    def check_model(self, model):
+        """Refuses a CLIP other than the one this was trained on (ValueError naming the first
+        difference): its context and adapter would run on another model's features."""
+        current = json.loads(json.dumps(model.config.to_dict()))  # as p4q.json stores it
+        if self.model_config is not None and self.model_config != current:
+            raise ValueError("these prompts and adapter were trained on another CLIP ("
+                             f"{config_difference(self.model_config, current)}); load the "
+                             "export's own towers (`trained.load`)")
+        width, embed = model.config.text.width, model.config.embed_dim
+        if self.context.shape[-1] != width:
+            raise ValueError(f"the learned context has width {self.context.shape[-1]}; this "
+                             f"CLIP's text tower has width {width}")
+        if self.adapter_params is not None:
+            shapes = {tuple(k.shape) for k in jax.tree.leaves(self.adapter_params)}
+            if not any(embed in shape for shape in shapes):
+                raise ValueError(f"the adapter's weights {sorted(shapes)} do not take this "
+                                 f"CLIP's {embed}-d features")
+
     def class_features(self, model, variables):
         """Normalized class prompt features [C, E] through the (quantized) text tower."""
+        self.check_model(model)
         prompts = self.prompts
         frozen = step_lib.make_frozen(model, variables["params"], variables["qstate"], prompts)
         text = step_lib.class_text_features(model, frozen, prompts, variables["context"])
@@ -82,6 +103,7 @@ class Trained:
 
     def image_features(self, model, variables, images):
         """Image features [B, E]: the (quantized) image tower, then the frozen adapter."""
+        self.check_model(model)
         f = clip.encode.apply(model, variables["params"], images, method=model.encode_image,
                               qstate=variables["qstate"])
         if self.adapter is None:
@@ -104,6 +126,20 @@ def _qstate_from_tree(tree, config):
     return state_lib.QState(config=config, acts=qparams(tree["acts"]),
                             weights=qparams(tree["weights"]),
                             kernels=jax.tree.map(jnp.asarray, tree["kernels"]))
+
+
+def config_difference(stored, current, prefix=""):
+    """The first field in which two nested config dicts differ, as "field stored, this
+    run's current" ("" when equal)."""
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = config_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} {a!r}, this run's {b!r}"
+    return ""
 
 
 def weights_fingerprint(params):
@@ -193,6 +229,8 @@ def load_trained(path, meta=None):
         adapter = adapter_lib.QAdapter(**meta["adapter"])
         adapter_params = jax.tree.map(jnp.asarray, tree["adapter"]["params"])
         adapter_qstate = _qstate_from_tree(tree["adapter"]["state"], adapter_lib.QCONFIG)
+    origin = meta.get("origin") or {}
     return Trained(class_names=tuple(meta["class_names"]), position=meta["position"],
                    context=jnp.asarray(np.asarray(tree["context"])), adapter=adapter,
-                   adapter_params=adapter_params, adapter_qstate=adapter_qstate)
+                   adapter_params=adapter_params, adapter_qstate=adapter_qstate,
+                   model_config=(origin.get("model") or {}).get("config"))
