@@ -65,6 +65,7 @@ from p4q_jax import checkpoint
 from p4q_jax import results
 from p4q_jax.configs import ablations
 from p4q_jax.configs import baselines
+from p4q_jax.p4q import variants
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {
@@ -321,8 +322,8 @@ def summarize(records):
 
 
 def method_label(entry):
-    """A table row's name (`results.row_label`), with its bits where the row has them."""
-    label = results.row_label(entry["row"])
+    """A table row's name (`variants.row_label`), with its bits where the row has them."""
+    label = variants.row_label(entry["row"])
     if entry["qconfig"] == "fp32" or entry["row"].endswith(entry["qconfig"]):
         return label
     return f"{label} {entry['qconfig']}"
@@ -350,7 +351,7 @@ def _recipe_cells(entry):
     elif teacher["kind"] == "zeroshot":
         teacher_name = f"FP zero-shot ({teacher['train_top1']:.1f} / {teacher['test_top1']:.1f})"
     else:
-        teacher_name = (f"{results.row_label(teacher['method'])} "
+        teacher_name = (f"{variants.row_label(teacher['method'])} "
                         f"({teacher['train_top1']:.1f} / {teacher['test_top1']:.1f})")
     return [recipe["prompts"].split(" ")[0], "8-bit" if recipe["adapter"] else "-",
             recipe["distillation"], teacher_name]
@@ -377,7 +378,7 @@ def demo_tables(summary):
         main = [s for s in entries if s["row"] in _MAIN_ROWS]
         tables[f"{dataset}: top-1 (%), mean +- std over seeds"] = (
             ["bits", "method", "top-1 (%)", "per seed"],
-            [[s["qconfig"], results.row_label(s["row"]), _mean_std(s), _per_seed(s)]
+            [[s["qconfig"], variants.row_label(s["row"]), _mean_std(s), _per_seed(s)]
              for s in main])
         for bits in sorted({s["qconfig"] for s in entries if s["row"].startswith("p4q_")}):
             rows = sorted((s for s in entries if s["qconfig"] == bits
@@ -386,7 +387,7 @@ def demo_tables(summary):
             tables[f"{dataset}, {bits}: what each part adds, top-1 (%) over seeds"] = (
                 ["prompts", "adapter", "distillation", "teacher (top-1 train / test)",
                  "method", "top-1 (%)", "per seed"],
-                [[*_recipe_cells(s), results.row_label(s["row"]), _mean_std(s), _per_seed(s)]
+                [[*_recipe_cells(s), variants.row_label(s["row"]), _mean_std(s), _per_seed(s)]
                  for s in rows])
     return tables
 

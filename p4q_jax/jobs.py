@@ -456,7 +456,7 @@ def demo_report(rows):
     """The demo's table (markdown) from its rows."""
     return results.markdown_table(
         ["bits", "method", "top-1 (%)", "top-5 (%)", "size on disk (bytes)"],
-        [[row["qconfig"] or "fp32", results.row_label(row["method"]), f"{row['top1']:.2f}",
+        [[row["qconfig"] or "fp32", variants.row_label(row["method"]), f"{row['top1']:.2f}",
           f"{row['top5']:.2f}", "-" if row["bytes"] is None else f"{row['bytes']:,}"]
          for row in rows])
 
@@ -468,7 +468,7 @@ def teacher_lines(rows):
         teacher = (row.get("recipe") or {}).get("teacher")
         if teacher:
             name = ("FP zero-shot" if teacher["kind"] == teacher_lib.ZEROSHOT
-                    else f"{results.row_label(teacher['method'])} export")
+                    else f"{variants.row_label(teacher['method'])} export")
             seen.setdefault(name, (teacher["train_top1"], teacher["test_top1"]))
     return [f"teacher ({name}): top-1 {train:.2f} on the train split, {test:.2f} on the test "
             "split" for name, (train, test) in seen.items()]
@@ -514,9 +514,9 @@ def demo(config, workdir):
     for method in ("coop_fp", "fp_p4q"):
         fp_rows = [r["top1"] for r in rows if r["method"] == method]
         if fp_rows:
-            bars[results.row_label(method)] = fp_rows * len(settings)
+            bars[variants.row_label(method)] = fp_rows * len(settings)
     for method in ("ptq", "p4q"):
-        bars[results.row_label(method)] = [
+        bars[variants.row_label(method)] = [
             next((r["top1"] for r in rows if r["method"] == method and r["qconfig"] == q), None)
             for q in settings]
     results.plot_bars(workdir / "results.png", settings, bars,

@@ -6,28 +6,11 @@ import pathlib
 import jax
 
 from p4q_jax import atomic
-from p4q_jax.p4q import variants
 
 
 # The file each mode writes in its workdir: an evaluation of an export (often in the
 # training workdir, where the export is by default) must not overwrite the training's.
 _FILES = {"eval": "eval_results.json"}
-
-
-# The one name of each kind of results row, in every table (main.py's and the sweep's).
-_ROW_LABELS = {"fp_zeroshot": "FP zero-shot", "coop_fp": "CoOp-FP", "coop_ptq": "CoOp-PTQ",
-               "fp_p4q": "FP P4Q", "ptq": "PTQ", "qwt": "QwT", "p4q": "P4Q"}
-
-
-def row_label(method):
-    """A results row's name in tables: "P4Q", "CoOp-FP", ..., "P4Q: prompts only" for an
-    ablation's row (`p4q.variants`), the row's own name otherwise (a config's own method)."""
-    if method in _ROW_LABELS:
-        return _ROW_LABELS[method]
-    variant = method.removeprefix("p4q_")
-    if method.startswith("p4q_") and variant in variants.ABLATIONS:
-        return "P4Q: " + variant.replace("_", " ")
-    return method
 
 
 def file_for(workdir, mode):

@@ -54,3 +54,19 @@ def apply(config, variant):
         section, field = dotted.split(".")
         config[section][field] = value
     return config
+
+
+# The one name of each kind of results row, in every table (main.py's and the sweep's).
+_ROW_LABELS = {"fp_zeroshot": "FP zero-shot", "coop_fp": "CoOp-FP", "coop_ptq": "CoOp-PTQ",
+               "fp_p4q": "FP P4Q", "ptq": "PTQ", "qwt": "QwT", "p4q": "P4Q"}
+
+
+def row_label(method):
+    """A results row's name in tables: "P4Q", "CoOp-FP", ..., "P4Q: prompts only" for an
+    ablation's row (`ABLATIONS`), the row's own name otherwise (a config's own method)."""
+    if method in _ROW_LABELS:
+        return _ROW_LABELS[method]
+    variant = method.removeprefix("p4q_")
+    if method.startswith("p4q_") and variant in ABLATIONS:
+        return "P4Q: " + variant.replace("_", " ")
+    return method
