@@ -309,14 +309,19 @@ def _teacher(config, job, zeroshot_text, rows):
     return teacher, test["top1"]
 
 
-def _teacher_train_top1(config, job, teacher, source):
+def _teacher_train_top1(job, teacher, source, *, rows=8192):
     """The teacher's top-1 on the training split: from the feature cache's FP features
-    (view 0, the image as given) where there is one, else a pass with eval transforms."""
+    (view 0, the image as given; `rows` at a time) where there is one, else a pass with eval
+    transforms."""
     if source is not None:
-        cache = source.cache
-        features = jnp.asarray(np.asarray(cache["teacher"][:, 0]))
-        logits = losses.cosine_logits(teacher.image_features(features), teacher.text, 1.0)
-        return float(100 * np.mean(np.asarray(jnp.argmax(logits, -1)) == cache["label"]))
+        features, labels = source.cache["teacher"], np.asarray(source.cache["label"])
+        correct = 0
+        for start in range(0, len(labels), rows):
+            chunk = jnp.asarray(np.asarray(features[start:start + rows, 0]))
+            logits = losses.cosine_logits(teacher.image_features(chunk), teacher.text, 1.0)
+            correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) ==
+                                  labels[start:start + rows]))
+        return 100.0 * correct / len(labels)
     step = evaluate.make_eval_step(
         lambda v, x: teacher.image_features(clip.encode.apply(
             job.model, v["params"], x, method=job.model.encode_image)),
@@ -387,7 +392,7 @@ def p4q(config, workdir, *, shared=None):
         source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
                                      mesh=job.mesh, workdir=workdir)
     distills = recipe(config)["distillation"] != "none"
-    teacher_train = _teacher_train_top1(config, job, teacher, source) if distills else None
+    teacher_train = _teacher_train_top1(job, teacher, source) if distills else None
     if source is not None and qstate is not None:
         job.params = job.place(qstate.quantized_params(job.params))  # the FP kernels go
         if parallel.host_memory_is_separate():

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,19 @@ def test_the_zero_shot_teachers_train_accuracy_from_the_cache_equals_a_pass_over
     job = jobs._Job(_config(tiny_checkpoint, "fp_p4q"))  # pylint: disable=protected-access
     variables = job.variables()
     teacher = teacher_lib.zeroshot(job.classifier(variables))
-    by_pass = jobs._teacher_train_top1(job.config, job, teacher, None)  # pylint: disable=protected-access
+    by_pass = jobs._teacher_train_top1(job, teacher, None)  # pylint: disable=protected-access
     from_cache = runs["fp"]["rows"][1]["recipe"]["teacher"]["train_top1"]
     assert by_pass == pytest.approx(from_cache, abs=1e-4)
+    # The cache is scored in chunks: their boundaries change nothing.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(job.info.class_names), 23)
+    text = np.asarray(teacher.text)
+    cached = text[labels] + rng.normal(scale=0.1, size=(23, text.shape[1]))
+    source = types.SimpleNamespace(cache={"teacher": cached[:, None], "label": labels})
+    expected = 100 * np.mean(np.argmax(cached @ text.T, -1) == labels)
+    for rows in (5, 23, 1000):
+        assert jobs._teacher_train_top1(job, teacher, source, rows=rows) == pytest.approx(  # pylint: disable=protected-access
+            expected)
 
 
 def test_a_student_distils_from_a_trained_export_whose_accuracy_it_reports(runs):
