@@ -7,7 +7,7 @@ temporary name and renames it when complete, so a run killed mid-save leaves no 
 checkpoint behind.
 
 A rerun in the same directory resumes only the same run: the fingerprint is every config
-field that shapes the train state or the training (`fingerprint`), and a checkpoint with
+field that shapes the train state or the training (`run_fingerprint`), and a checkpoint with
 another one stops the rerun before any work (`RunMismatchError`, listing the fields). The
 other modes' result files carry their mode's fingerprint for the same check.
 Nothing is ever deleted on a guess: a checkpoint that fails to read although its
@@ -56,7 +56,7 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def fingerprint(config, mode="p4q"):
+def run_fingerprint(config, mode="p4q"):
     """{dotted field: value} of everything that shapes `mode`'s results. For `p4q`, the train
     state and the training: the seed, the model, quantization, prompts/adapter, optimizer,
     loss and data fields, and whether the input comes from the feature cache (it orders

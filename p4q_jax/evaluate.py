@@ -129,6 +129,6 @@ def accuracy(step, variables, classifier, batches, *, mesh, total=None, desc="ev
     }
 
 
-def image_features(model):
-    """The image tower (quantized when `variables["qstate"]` is set) as an image_features_fn."""
+def image_tower(model):
+    """The image tower (quantized when `variables["qstate"]` is set) as an `image_features_fn`."""
     return functools.partial(_apply, model, method=model.encode_image)

@@ -21,10 +21,10 @@ from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import runlock
 from p4q_jax import train
-from p4q_jax.clip import checkpoints
+from p4q_jax.clip import storage
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import teacher as teacher_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.p4q import variants
 from p4q_jax.quant import calibration
 from p4q_jax.quant import integer
@@ -80,7 +80,7 @@ class _Job:
             self.model, params, self.smoke = build_model(config)
         else:
             (self.model, params), self.smoke = model_and_params, False
-        self.weights = trained_lib.weights_fingerprint(params)  # the base model's identity
+        self.weights = classifier_lib.weights_fingerprint(params)  # the base model's identity
         self.params = self.place(params)  # on the devices once, large kernels split over `model`
         on_device, total = parallel.bytes_per_device(self.params)
         logging.info("frozen params: %.1f of %.1f MB on each device (mesh %s)", on_device / 2**20,
@@ -88,7 +88,7 @@ class _Job:
         self.info = data.info_from_config(config.data)
         self.prompts = data.prompts(self.info.class_names, self.info.templates)
         self.image_size = self.model.config.vision.image_size
-        self._step = evaluate.make_eval_step(evaluate.image_features(self.model), mesh=self.mesh,
+        self._step = evaluate.make_eval_step(evaluate.image_tower(self.model), mesh=self.mesh,
                                              num_classes=len(self.info.class_names))
 
     def place(self, tree):
@@ -142,7 +142,7 @@ class _Job:
     def finish(self, workdir, out):
         self.phases.stop()
         out["phases"] = self.phases.records
-        out["fingerprint"] = checkpoint_lib.fingerprint(self.config, out["mode"])
+        out["fingerprint"] = checkpoint_lib.run_fingerprint(self.config, out["mode"])
         path = results.file_for(workdir, out["mode"])
         results.write_json(path, out)
         for row in out["rows"]:
@@ -318,12 +318,12 @@ def _teacher_train_top1(job, teacher, source, *, rows=8192):
         correct = 0
         for start in range(0, len(labels), rows):
             chunk = jnp.asarray(np.asarray(features[start:start + rows, 0]))
-            logits = losses.cosine_logits(teacher.image_features(chunk), teacher.text, 1.0)
+            logits = losses.cosine_logits(teacher.adapt_image_features(chunk), teacher.text, 1.0)
             correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) ==
                                   labels[start:start + rows]))
         return 100.0 * correct / len(labels)
     step = evaluate.make_eval_step(
-        lambda v, x: teacher.image_features(clip.encode.apply(
+        lambda v, x: teacher.adapt_image_features(clip.encode.apply(
             job.model, v["params"], x, method=job.model.encode_image)),
         mesh=job.mesh, num_classes=len(job.info.class_names))
     return job.accuracy({"params": job.params}, teacher.text, desc="teacher, train split",
@@ -362,7 +362,7 @@ def p4q(config, workdir, *, shared=None):
     (`parallel.to_host`). `results.json` lists each phase's wall time and peak resident
     memory ("phases")."""
     workdir = pathlib.Path(workdir)
-    export_dir = trained_lib.export_dir(config, workdir)
+    export_dir = classifier_lib.export_dir(config, workdir)
     if jax.process_index() == 0:
         atomic.clean_leftovers(export_dir)  # temporaries of an export killed in a past run
     job = _Job(config)
@@ -423,7 +423,7 @@ def p4q(config, workdir, *, shared=None):
         f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
     writer.close()
     if jax.process_index() == 0:
-        trained_lib.save(export_dir, job.model, jax.device_get(job.params),
+        classifier_lib.save(export_dir, job.model, jax.device_get(job.params),
                          jax.device_get(qstate), out.trained, origin={
                              "model": {"config": job.model.config.to_dict(),
                                        "weights": job.weights},
@@ -439,8 +439,8 @@ def p4q(config, workdir, *, shared=None):
 def evaluate_export(config, workdir):
     """Top-1/top-5 of an exported P4Q model (`p4q.export_dir`, default WORKDIR/export) on
     the test split -> eval_results.json (a training workdir's results.json is kept)."""
-    path = trained_lib.export_dir(config, workdir)
-    model, params, qstate, trained = trained_lib.load(path)
+    path = classifier_lib.export_dir(config, workdir)
+    model, params, qstate, trained = classifier_lib.load(path)
     job = _Job(config, model_and_params=(model, params))
     transfer = tuple(job.info.class_names) != trained.class_names
     if transfer:
@@ -502,12 +502,12 @@ def demo(config, workdir):
         if not rows:
             checkpoint = config.model.checkpoint
             rows.append({**fp, "qconfig": None,
-                         "bytes": checkpoints.bytes_on_disk(checkpoint) if checkpoint else None})
+                         "bytes": storage.bytes_on_disk(checkpoint) if checkpoint else None})
         if not any(r["method"] == "ptq" and r["qconfig"] == q["qconfig"]
                    for r in rows for q in quantized):
-            rows += [{**row, "bytes": checkpoints.bytes_on_disk(export / "towers")}
+            rows += [{**row, "bytes": storage.bytes_on_disk(export / "towers")}
                      for row in quantized]
-        rows.append({**trained, "bytes": checkpoints.bytes_on_disk(export)})
+        rows.append({**trained, "bytes": storage.bytes_on_disk(export)})
     table = demo_report(rows)
     first = next(iter(runs.values()))
     teachers = "\n".join(teacher_lines(rows))

@@ -29,15 +29,15 @@ from p4q_jax import data
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import train as train_lib
-from p4q_jax.clip import checkpoints as clip_checkpoints
-from p4q_jax.clip import configs as clip_configs
+from p4q_jax.clip import storage as clip_storage
+from p4q_jax.clip import architectures
 from p4q_jax.clip import model as model_lib
 from p4q_jax.clip import tokenizer as tokenizer_lib
 from p4q_jax.data import folder as folder_lib
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step as step_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.p4q import variants
 
 # Fields that hold paths, made absolute by `resolve_paths` (those a config has).
@@ -174,7 +174,7 @@ def _model(config, problems):
         if "://" not in cfg.checkpoint and not os.path.exists(cfg.checkpoint):
             problems.add("model.checkpoint", cfg.checkpoint, "no such file or directory")
     else:
-        problems.one_of("model.name", cfg.name, clip_configs.NAMED)
+        problems.one_of("model.name", cfg.name, architectures.NAMED)
     problems.one_of("model.dtype", cfg.dtype, model_lib.DTYPES)
     if cfg.activation is not None:
         problems.one_of("model.activation", cfg.activation, model_lib.ACTIVATIONS)
@@ -238,9 +238,9 @@ def _context_length(cfg):
     """The text tower's context length from the named config or the checkpoint's metadata
     (CLIP's 77 for an OpenAI-layout file, whose arrays alone would tell)."""
     if cfg.checkpoint:
-        config = clip_checkpoints.config_from_metadata(cfg.checkpoint)
+        config = clip_storage.config_from_metadata(cfg.checkpoint)
     else:
-        config = clip_configs.get_config(cfg.name)
+        config = architectures.get_config(cfg.name)
     return 77 if config is None else config.text.context_length
 
 
@@ -262,7 +262,7 @@ def _prompt_length(config, info, problems):
         return
     try:
         length = _context_length(config.model)
-    except clip_checkpoints.CheckpointError as e:
+    except clip_storage.CheckpointError as e:
         problems.add("model.checkpoint", config.model.checkpoint, str(e))
         return
     try:
@@ -366,8 +366,8 @@ def _teacher(config, problems):
     if not teacher:
         problems.add("loss.teacher", teacher, "expected 'zeroshot' or the path of a trained FP "
                      "export (e.g. an FP P4Q run's export/)")
-    elif not (pathlib.Path(teacher) / trained_lib.MARKER).is_file():
-        problems.add("loss.teacher", teacher, f"not a P4Q export (no {trained_lib.MARKER}); "
+    elif not (pathlib.Path(teacher) / classifier_lib.MARKER).is_file():
+        problems.add("loss.teacher", teacher, f"not a P4Q export (no {classifier_lib.MARKER}); "
                      "expected 'zeroshot' or a trained FP run's export/")
 
 
@@ -457,10 +457,10 @@ def check(config, workdir, *, mode):
         else:
             _demo(config, problems)
     if mode == "eval":
-        export = trained_lib.export_dir(config, workdir)
-        if not (export / trained_lib.MARKER).is_file():
+        export = classifier_lib.export_dir(config, workdir)
+        if not (export / classifier_lib.MARKER).is_file():
             problems.add("p4q.export_dir", str(export),
-                         f"not a P4Q export (no {trained_lib.MARKER}); train with "
+                         f"not a P4Q export (no {classifier_lib.MARKER}); train with "
                          "--config=configs/p4q.py first")
     _finite(config, problems)
     if problems.lines:
@@ -476,7 +476,7 @@ def check_resumable(config, workdir):
     if config.checkpoint.restart or not directory.is_dir():
         return
     checkpointer = checkpoint_lib.Checkpointer(
-        directory, every_steps=1, fingerprint=checkpoint_lib.fingerprint(config))
+        directory, every_steps=1, fingerprint=checkpoint_lib.run_fingerprint(config))
     try:
         checkpointer.check_resumable()
     finally:
@@ -486,7 +486,7 @@ def check_resumable(config, workdir):
 def _export_path(config, workdir, problems):
     """An export replaces its whole folder: not the workdir or a folder holding it, not
     inside the run's checkpoints, and not an existing folder that is not a P4Q export."""
-    export = trained_lib.export_dir(config, workdir)
+    export = classifier_lib.export_dir(config, workdir)
     if workdir.is_relative_to(export):
         problems.add("p4q.export_dir", str(export), "is the workdir or a folder that holds it; "
                      "the export replaces the whole folder: name a folder of its own, e.g. "
@@ -496,9 +496,9 @@ def _export_path(config, workdir, problems):
                      f"{workdir / 'checkpoints'}; name a folder of its own, e.g. "
                      f"{workdir / 'export'} (the default)")
     elif (export.exists() or export.is_symlink()) and \
-            not (export / trained_lib.MARKER).is_file():
+            not (export / classifier_lib.MARKER).is_file():
         problems.add("p4q.export_dir", str(export), f"exists and is not a P4Q export (no "
-                     f"{trained_lib.MARKER}), and the export would replace it: name a folder "
+                     f"{classifier_lib.MARKER}), and the export would replace it: name a folder "
                      "that does not exist yet, or move this one away")
 
 
@@ -508,14 +508,14 @@ def check_export(config, workdir):
     rewrite its own). With `checkpoint.restart` the default WORKDIR/export goes aside with
     the old run. (`check` refuses export paths that are no export at all.)"""
     workdir = pathlib.Path(workdir)
-    export = trained_lib.export_dir(config, workdir)
+    export = classifier_lib.export_dir(config, workdir)
     field = f"p4q.export_dir={str(export)!r}"
-    if not (export / trained_lib.MARKER).is_file():
+    if not (export / classifier_lib.MARKER).is_file():
         return
     if config.checkpoint.restart and export == workdir / "export":
         return
     current = export_writer(config, workdir)
-    stored = trained_lib.writer(export)
+    stored = classifier_lib.writer(export)
     if stored == current:
         return
     restart = " (or pass --config.checkpoint.restart=True to move the old run aside)" \
@@ -534,7 +534,7 @@ def check_export(config, workdir):
 def export_writer(config, workdir):
     """What a p4q run records in its export (`trained.RUN_FILE`): its workdir and config
     fingerprint, which `check_export` compares."""
-    return {"workdir": str(workdir), "fingerprint": checkpoint_lib.fingerprint(config)}
+    return {"workdir": str(workdir), "fingerprint": checkpoint_lib.run_fingerprint(config)}
 
 
 def check_results(config, workdir, mode):
@@ -552,7 +552,7 @@ def check_results(config, workdir, mode):
         stored = json.loads(path.read_text()).get("fingerprint")
     except (ValueError, AttributeError):
         stored = None
-    current = checkpoint_lib.fingerprint(config, mode)
+    current = checkpoint_lib.run_fingerprint(config, mode)
     if stored != current:
         restart = (f", or pass --config.checkpoint.restart=True to move it to "
                    f"{workdir}/previous/" if "checkpoint" in config else "")

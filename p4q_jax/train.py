@@ -44,7 +44,7 @@ from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import features as features_lib
 from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.quant import calibration
 from p4q_jax.quant import integer
 
@@ -126,7 +126,7 @@ def feature_cache(config, *, model, params, qstate, mesh, workdir):
     image_size = model.config.vision.image_size
     num_examples = data.num_examples(config.data, split="train")
     cfg = config.speed
-    key = features_lib.fingerprint(
+    key = features_lib.cache_key(
         checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
         data={k: config.data.get(k) for k in ("name", "num_shots", "shot_seed", "folder",
                                               "root", "subsample", "synthetic_classes",
@@ -168,7 +168,7 @@ def feature_cache(config, *, model, params, qstate, mesh, workdir):
 
 @dataclasses.dataclass
 class Result:
-    trained: trained_lib.Trained
+    trained: classifier_lib.Trained
     history: list  # [{"step": n, metric: mean since the previous entry, ...}]
 
 
@@ -271,7 +271,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     checkpointer = checkpoint_lib.Checkpointer(
         pathlib.Path(workdir).absolute() / "checkpoints", every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-        fingerprint=checkpoint_lib.fingerprint(config))
+        fingerprint=checkpoint_lib.run_fingerprint(config))
     try:  # closed on every path: an open manager's background loops outlive the run
         restored, meta = checkpointer.restore_latest(state)
         history = []
@@ -322,7 +322,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
             _calibration_features(config, model, frozen, mesh, image_size, source,
                                   cfg.adapter_calib_batches),
             search_rows=_adapter_search_rows(config, qstate))
-    trained = trained_lib.Trained(
+    trained = classifier_lib.Trained(
         class_names=tuple(class_names), position=cfg.position,
         context=jnp.asarray(trainable["context"]), adapter=adapter,
         adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
@@ -342,7 +342,7 @@ def _calibration_features(config, model, frozen, mesh, image_size, source, num_b
     """Student image features of the first `num_batches` training batches (global arrays)."""
     if isinstance(source, features_lib.CachedInput):
         return [parallel.to_global(source.batch(i)["student"], mesh) for i in range(num_batches)]
-    encode = jax.jit(lambda p, q, x: step_lib.image_features(model, p, q, x)["student"])
+    encode = jax.jit(lambda p, q, x: step_lib.paired_image_features(model, p, q, x)["student"])
     ds = data.create_dataset(config.data, split="train", batch_size=config.train.batch_size,
                              image_size=image_size, train=True, seed=config.seed)
     return [encode(frozen.params, frozen.qstate, parallel.to_global(b["image"], mesh))

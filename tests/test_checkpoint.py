@@ -23,7 +23,7 @@ def _saved(directory, fingerprint, steps=(1, 2)):
 
 def test_fingerprint_lists_what_shapes_the_run_and_not_where_files_go():
     config = p4q_config.get_config()
-    fields = checkpoint_lib.fingerprint(config)
+    fields = checkpoint_lib.run_fingerprint(config)
     assert {"seed", "p4q.adapter", "p4q.n_ctx", "quant.config", "train.batch_size",
             "loss.distillation_kind", "data.name", "model.checkpoint",
             "speed.feature_cache"} <= set(fields)
@@ -33,7 +33,7 @@ def test_fingerprint_lists_what_shapes_the_run_and_not_where_files_go():
     changed.p4q.n_ctx = 8
     changed.quant.config = "w8a8"
     changed.p4q.export_dir = "/elsewhere"
-    assert checkpoint_lib.differences(fields, checkpoint_lib.fingerprint(changed)) == [
+    assert checkpoint_lib.differences(fields, checkpoint_lib.run_fingerprint(changed)) == [
         "p4q.n_ctx: 16 -> 8", "quant.config: 'w4a4attn8' -> 'w8a8'"]
 
 

@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from p4q_jax import clip
-from p4q_jax.clip import checkpoints
-from p4q_jax.clip import configs
+from p4q_jax.clip import storage
+from p4q_jax.clip import architectures
 from p4q_jax.clip import model as model_lib
 
 open_clip = pytest.importorskip("open_clip")
 
 ATOL = 1e-4
-SMALL = configs.get_config("tiny-rn")
+SMALL = architectures.get_config("tiny-rn")
 
 
 def _randomize(model):
@@ -139,7 +139,7 @@ def test_named_configs_infer_back_from_open_clip_shapes(name):
         model_pt = open_clip.model.CLIP(**open_clip.get_model_config(name))
     state = {k: np.empty(v.shape, np.float32) if v.ndim else np.float32(0)
              for k, v in model_pt.state_dict().items()}
-    config = checkpoints.infer_openai_config(state)
+    config = storage.infer_openai_config(state)
     assert config == clip.get_config(name)
 
 
@@ -190,8 +190,8 @@ def test_init_builds_a_resnet_with_batch_norm_statistics():
 
 
 def test_a_resnet_config_survives_json():
-    config = configs.get_config("RN50x4")
-    assert configs.CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    config = architectures.get_config("RN50x4")
+    assert architectures.CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="multiple of 32"):
-        configs.resnet(embed_dim=8, image_size=100, layers=(1, 1, 1, 1), vision_width=8,
+        architectures.resnet(embed_dim=8, image_size=100, layers=(1, 1, 1, 1), vision_width=8,
                        text_width=64)

@@ -12,7 +12,7 @@ import pytest
 from p4q_jax import preflight
 from p4q_jax.configs import coop_fewshot
 from p4q_jax.data import coop
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 import coop_layout
 import coop_reference
@@ -79,9 +79,9 @@ def test_imagenetv2_folders_are_label_numbers(tmp_path):
 
 def test_class_specific_context_cannot_move_to_other_classes():
     common = dict(position="end", adapter=None, adapter_params=None, adapter_qstate=None)
-    shared = trained_lib.Trained(class_names=("cat", "dog"), context=jnp.zeros((4, 8)), **common)
+    shared = classifier_lib.Trained(class_names=("cat", "dog"), context=jnp.zeros((4, 8)), **common)
     assert shared.for_classes(["car", "bus", "van"]).class_names == ("car", "bus", "van")
-    specific = trained_lib.Trained(class_names=("cat", "dog"), context=jnp.zeros((2, 4, 8)),
+    specific = classifier_lib.Trained(class_names=("cat", "dog"), context=jnp.zeros((2, 4, 8)),
                                    **common)
     assert specific.for_classes(("cat", "dog")) is specific
     with pytest.raises(ValueError, match="class-specific context .* 2 training classes"):

@@ -1,6 +1,6 @@
 """Importing the public P4Q code's files (`p4q.import_official`): the released adapter against
 a torch reference of the public QAdapter's float forward, the prompt learner's format, the
-errors, and an import of a tiny CLIP that `trained.load` and `main.py --mode=eval` read."""
+errors, and an import of a tiny CLIP that `classifier.load` and `main.py --mode=eval` read."""
 
 import json
 import pathlib
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from p4q_jax.clip import tokenizer as tokenizer_lib
 from p4q_jax.p4q import import_official
 from p4q_jax.p4q import prompts as prompts_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 import main_runner
 
@@ -151,7 +151,7 @@ def test_import_of_a_tiny_clip_is_an_export_that_eval_reads(tmp_path, tiny_check
         cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    _, _, qstate, trained = trained_lib.load(out)
+    _, _, qstate, trained = classifier_lib.load(out)
     assert qstate.config.name == "official" and trained.position == "end"
     assert len(trained.class_names) == 10
     np.testing.assert_array_equal(trained.context, prompt_state["ctx"][0].numpy())

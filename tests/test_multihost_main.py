@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 import main_runner
 import multihost
@@ -126,7 +126,7 @@ def test_the_two_process_export_evaluates_in_one_process(runs):
 
 
 def _export_leaves(workdir):
-    _, _, _, trained = trained_lib.load(workdir / "export")
+    _, _, _, trained = classifier_lib.load(workdir / "export")
     return [np.asarray(x) for x in jax.tree.leaves(
         (trained.context, trained.adapter_params, trained.adapter_qstate))]
 

@@ -16,7 +16,7 @@ from p4q_jax import preflight
 from p4q_jax import runlock
 from p4q_jax.configs import base as base_config
 from p4q_jax.configs import p4q as p4q_config
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 import main_runner
 
@@ -79,9 +79,9 @@ def test_export_dir_over_the_runs_own_files_is_refused(tmp_path, export, expecte
 
 def _fake_export(path, writer):
     path.mkdir(parents=True)
-    (path / trained_lib.MARKER).write_text("{}")
+    (path / classifier_lib.MARKER).write_text("{}")
     if writer is not None:
-        (path / trained_lib.RUN_FILE).write_text(json.dumps(writer))
+        (path / classifier_lib.RUN_FILE).write_text(json.dumps(writer))
 
 
 def test_export_of_another_run_is_refused_its_own_may_be_rewritten(tmp_path):
@@ -122,14 +122,14 @@ def test_ptq_and_eval_reruns_with_another_config_are_refused(tmp_path):
     ptq = _zeroshot()
     ptq.quant.config = "w8a8"
     (tmp_path / "results.json").write_text(json.dumps(
-        {"mode": "ptq", "fingerprint": checkpoint_lib.fingerprint(ptq, "ptq")}))
+        {"mode": "ptq", "fingerprint": checkpoint_lib.run_fingerprint(ptq, "ptq")}))
     ptq.quant.config = "w4a4attn8"
     with pytest.raises(checkpoint_lib.RunMismatchError,
                        match="quant.config: 'w8a8' -> 'w4a4attn8'"):
         preflight.check_results(ptq, tmp_path, "ptq")
     evaluated = _p4q(tmp_path / "export")
     (tmp_path / "eval_results.json").write_text(json.dumps(
-        {"mode": "eval", "fingerprint": checkpoint_lib.fingerprint(evaluated, "eval")}))
+        {"mode": "eval", "fingerprint": checkpoint_lib.run_fingerprint(evaluated, "eval")}))
     preflight.check_results(evaluated, tmp_path, "eval")
     evaluated.data.name = "shapes"
     with pytest.raises(checkpoint_lib.RunMismatchError, match="data.name: 'synthetic' -> 'shapes'"):

@@ -9,7 +9,7 @@ from p4q_jax import clip
 from p4q_jax import quant
 from p4q_jax.clip import tokenizer
 from p4q_jax.p4q import prompts as prompts_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 CLASSES = ["cat", "pickup truck", "aquarium fish"]
 
@@ -101,7 +101,7 @@ def test_class_names_must_be_a_non_empty_list():
 
 
 def test_trained_for_classes_refuses_a_str():
-    trained = trained_lib.Trained(class_names=("cat", "dog"), position="end",
+    trained = classifier_lib.Trained(class_names=("cat", "dog"), position="end",
                                   context=jnp.zeros((4, 64)), adapter=None, adapter_params=None,
                                   adapter_qstate=None)
     with pytest.raises(TypeError, match=r"class_names: expected a list of class names, got "

@@ -56,7 +56,7 @@ def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, share
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher_text,
                                   image_towers=not cached, train=train)
     if cached:
-        batch = jax.jit(step_lib.image_features, static_argnums=0)(model, params, qstate, images)
+        batch = jax.jit(step_lib.paired_image_features, static_argnums=0)(model, params, qstate, images)
         batch["label"] = labels
     else:
         batch = {"image": images, "label": labels}
@@ -252,7 +252,7 @@ def test_memory_schedule_same_step_in_less_scratch(setup):
     teacher = evaluate.normalize(np.random.default_rng(1).normal(size=(len(classes), 64)))
     frozen = step_lib.make_frozen(model, params, qstates["w4a4attn8"], prompts,
                                   teacher.astype(np.float32), train=True)
-    batch = jax.jit(step_lib.image_features, static_argnums=0)(
+    batch = jax.jit(step_lib.paired_image_features, static_argnums=0)(
         model, params, qstates["w4a4attn8"], images)
     batch["label"] = np.arange(len(images), dtype=np.int32) * 37
     tx = step_lib.optimizer(step_lib.schedules(prompt_lr=0.5, adapter_lr=1e-2, total_steps=10))

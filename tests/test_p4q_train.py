@@ -16,7 +16,7 @@ from p4q_jax import clip
 from p4q_jax import parallel
 from p4q_jax import quant
 from p4q_jax.p4q import features
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 import main_runner
 
@@ -110,8 +110,8 @@ def test_cache_of_random_crop_views(tiny):
 def test_cache_on_disk_round_trips_and_checks_its_key(tmp_path):
     cache = {"student": np.ones((5, 2, 4), np.float32), "teacher": np.zeros((5, 2, 4), np.float32),
              "label": np.arange(5, dtype=np.int32), "index": np.arange(5, dtype=np.int64)}
-    key = features.fingerprint(model="tiny", acts={"a": np.ones(3)})
-    assert key != features.fingerprint(model="tiny", acts={"a": np.full(3, 2.0)})
+    key = features.cache_key(model="tiny", acts={"a": np.ones(3)})
+    assert key != features.cache_key(model="tiny", acts={"a": np.full(3, 2.0)})
     features.save_cache(tmp_path, cache, key)
     loaded = features.load_cache(tmp_path, key)
     for name in features.PART_FIELDS:
@@ -128,7 +128,7 @@ _P4Q_FLAGS = ["--config=configs/p4q.py", "--config.data.name=cifar10",
 
 
 def _export_leaves(workdir):
-    _, _, _, trained = trained_lib.load(workdir / "export")
+    _, _, _, trained = classifier_lib.load(workdir / "export")
     return [np.asarray(x) for x in jax.tree.leaves(
         (trained.context, trained.adapter_params, trained.adapter_qstate))]
 
@@ -172,7 +172,7 @@ def test_p4q_then_eval_through_main(straight_run):
     # The last 3 checkpoints are kept.
     assert main_runner.complete_checkpoint_steps(workdir / "checkpoints") == [40, 50, 60]
     # The export names the run that wrote it (a run replaces only its own export).
-    assert trained_lib.writer(workdir / "export")["workdir"] == str(workdir)
+    assert classifier_lib.writer(workdir / "export")["workdir"] == str(workdir)
 
     # Evaluating the export (WORKDIR/export by default) keeps the training's results.json.
     training_results = (workdir / "results.json").read_bytes()
@@ -211,7 +211,7 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_ru
     assert (previous / "export" / "p4q.json").exists()
     results = json.loads((workdir / "results.json").read_text())
     assert [h["step"] for h in results["history"]] == [10]
-    _, _, _, trained = trained_lib.load(workdir / "export")
+    _, _, _, trained = classifier_lib.load(workdir / "export")
     assert trained.context.shape[0] == 8
 
 

@@ -10,7 +10,7 @@ import pytest
 from p4q_jax import clip
 from p4q_jax import preflight
 from p4q_jax import results
-from p4q_jax.clip import configs as clip_configs
+from p4q_jax.clip import architectures
 from p4q_jax.configs import base as base_config
 from p4q_jax.configs import default as default_config
 from p4q_jax.configs import p4q as p4q_config
@@ -232,7 +232,7 @@ def test_the_prompt_length_uses_the_checkpoints_context_length(tmp_path):
     """A checkpoint whose text tower reads 40 positions: 37 context tokens leave no room for
     a class name there (SOT + 37 + name + "." + EOT = 41), whereas a named 77-position model
     takes them."""
-    config = clip_configs.get_config("tiny")
+    config = architectures.get_config("tiny")
     short = dataclasses.replace(config, text=dataclasses.replace(config.text, context_length=40))
     clip.save(tmp_path / "short", short, clip.init(short, seed=0)[1])
     assert "p4q.n_ctx=37: class name 'airplane': its prompt has 41 tokens, more than the " \

@@ -8,7 +8,7 @@ import qwix
 
 from p4q_jax import clip
 from p4q_jax import quant
-from p4q_jax.clip import configs
+from p4q_jax.clip import architectures
 from p4q_jax.quant import export
 from p4q_jax.quant import integer
 
@@ -78,7 +78,7 @@ def test_export_stores_the_calibrated_kernels_not_a_requantized_copy(tmp_path, t
 
 def test_export_bytes_on_disk(tmp_path):
     """Kernels at most 27% (8-bit) and 14% (4-bit) of their float32 bytes, scales included."""
-    config = configs.vit(embed_dim=128, image_size=32, patch_size=8, vision_width=256,
+    config = architectures.vit(embed_dim=128, image_size=32, patch_size=8, vision_width=256,
                          vision_layers=2, text_width=256, text_layers=2)
     model, params = clip.init(config)
     for name, limit in (("w8a8", 0.27), ("w4a4attn8", 0.14)):

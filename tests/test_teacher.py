@@ -20,7 +20,7 @@ from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import teacher as teacher_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.p4q import variants
 
 
@@ -65,7 +65,7 @@ def test_every_trained_row_says_how_it_was_trained(runs):
     assert teacher["kind"] == "zeroshot" and teacher["test_top1"] == fp_zeroshot["top1"]
     assert 0 <= teacher["train_top1"] <= 100
     # The export records where the model came from and how it was trained.
-    origin = trained_lib.read_meta(runs["export"])["origin"]
+    origin = classifier_lib.read_meta(runs["export"])["origin"]
     assert origin["recipe"] == recipe and origin["method"] == "fp_p4q"
     assert origin["data"]["dataset"] == "synthetic" and origin["data"]["split"] == "train"
 
@@ -102,7 +102,7 @@ def test_a_student_distils_from_a_trained_export_whose_accuracy_it_reports(runs)
     # Its own top-1 on the test split: the FP P4Q run's, measured again through the teacher.
     assert teacher["test_top1"] == pytest.approx(fp_p4q["top1"], abs=1e-4)
     assert teacher["recipe"] == fp_p4q["recipe"]
-    assert trained_lib.read_meta(runs["root"] / "student" / "export")["origin"]["recipe"][
+    assert classifier_lib.read_meta(runs["root"] / "student" / "export")["origin"]["recipe"][
         "teacher"]["path"] == str(runs["export"])
 
 
@@ -113,7 +113,7 @@ def _teacher(runs, checkpoint, path=None, class_names=None):
     return model, params, teacher_lib.from_export(
         path or runs["export"], model=model, params=params,
         class_names=class_names or job.info.class_names, data_origin=job.data_origin(),
-        weights=trained_lib.weights_fingerprint(params))
+        weights=classifier_lib.weights_fingerprint(params))
 
 
 def test_the_teachers_logits_are_the_exports_own_evaluation_logits(runs, tiny_checkpoint):
@@ -126,9 +126,9 @@ def test_the_teachers_logits_are_the_exports_own_evaluation_logits(runs, tiny_ch
     images = jax.random.normal(jax.random.key(3), (6, size, size, 3))
     fp_features = clip.encode.apply(model, params, images, method=model.encode_image)
     scale = jnp.exp(params["logit_scale"])
-    ours = losses.cosine_logits(teacher.image_features(fp_features), teacher.text, scale)
+    ours = losses.cosine_logits(teacher.adapt_image_features(fp_features), teacher.text, scale)
 
-    e_model, e_params, e_qstate, trained = trained_lib.load(runs["export"])
+    e_model, e_params, e_qstate, trained = classifier_lib.load(runs["export"])
     assert e_qstate is None
     variables = trained.variables(e_params, None)
     theirs = losses.cosine_logits(trained.image_features(e_model, variables, images),
@@ -155,9 +155,9 @@ def test_the_teachers_logits_are_the_exports_own_evaluation_logits(runs, tiny_ch
 def _edited_export(runs, tmp_path, edit):
     path = tmp_path / "export"
     shutil.copytree(runs["export"], path)
-    meta = json.loads((path / trained_lib.MARKER).read_text())
+    meta = json.loads((path / classifier_lib.MARKER).read_text())
     edit(meta)
-    (path / trained_lib.MARKER).write_text(json.dumps(meta))
+    (path / classifier_lib.MARKER).write_text(json.dumps(meta))
     return path
 
 
@@ -198,7 +198,7 @@ def test_preflight_names_a_teacher_that_is_not_an_export(tmp_path, tiny_checkpoi
 def test_an_exports_prompts_and_adapter_refuse_another_clip(runs):
     """Applied to a CLIP of another architecture, an export's context and adapter raise
     instead of returning features (the export records the architecture it trained on)."""
-    model, params, _, trained = trained_lib.load(runs["export"])
+    model, params, _, trained = classifier_lib.load(runs["export"])
     assert trained.model_config is not None
     variables = trained.variables(params, None)
     assert trained.class_features(model, variables).shape[0] == len(trained.class_names)

@@ -39,7 +39,7 @@ _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (mat
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation and data-stream seed.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 250, "Steps between zero-shot evaluations.")
 
-CONFIG = clip.configs.vit(embed_dim=64, image_size=shapes.IMAGE_SIZE, patch_size=8,
+CONFIG = clip.architectures.vit(embed_dim=64, image_size=shapes.IMAGE_SIZE, patch_size=8,
                           vision_width=128, vision_layers=4, text_width=64, text_layers=4)
 _MAX_TOKENS = 24  # the longest caption is 15 tokens with <sot> and <eot>
 _VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p4q_jax.clip import checkpoints
-from p4q_jax.clip import configs
+from p4q_jax.clip import storage
+from p4q_jax.clip import architectures
 from p4q_jax.clip import model as model_lib
-from p4q_jax.clip.checkpoints import CheckpointError
-from p4q_jax.clip.checkpoints import save
-from p4q_jax.clip.configs import CLIPConfig
-from p4q_jax.clip.configs import get_config
+from p4q_jax.clip.storage import CheckpointError
+from p4q_jax.clip.storage import save
+from p4q_jax.clip.architectures import CLIPConfig
+from p4q_jax.clip.architectures import get_config
 from p4q_jax.clip.encode import crop_to_eot
 from p4q_jax.clip.encode import encode_image
 from p4q_jax.clip.encode import encode_text
@@ -46,7 +46,7 @@ def load(path, *, dtype=jnp.float32, activation=None):
       activation: override for OpenAI-layout files ("quick_gelu" by default).
     """
     dtype = _computation_dtype(dtype)
-    config, params = checkpoints.load_params(path, activation=activation)
+    config, params = storage.load_params(path, activation=activation)
     return CLIP(config, dtype=dtype), params
 
 

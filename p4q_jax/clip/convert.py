@@ -7,7 +7,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from p4q_jax.clip import checkpoints
+from p4q_jax.clip import storage
 
 _ACTIVATION = flags.DEFINE_enum(
     "activation", None, ["quick_gelu", "gelu"],
@@ -18,8 +18,8 @@ def main(argv):
     if len(argv) != 3:
         raise app.UsageError("usage: python -m p4q_jax.clip.convert SRC DST")
     src, dst = argv[1:]
-    config, params = checkpoints.load_params(src, activation=_ACTIVATION.value)
-    checkpoints.save(dst, config, params)
+    config, params = storage.load_params(src, activation=_ACTIVATION.value)
+    storage.save(dst, config, params)
     logging.info("wrote %s (%s)", dst, config)
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from p4q_jax.clip import configs
+from p4q_jax.clip import architectures
 
 
 class Site(nn.Module):
@@ -195,7 +195,7 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """CLIP's ViT: bias-free patch conv, class token, ln_pre, blocks, ln_post, projection."""
 
-    config: configs.VisionConfig
+    config: architectures.VisionConfig
     embed_dim: int
     activation: str
     eps: float
@@ -320,7 +320,7 @@ class ModifiedResNet(nn.Module):
     `Bottleneck`s (64, 128, 256, 512 x width/64 planes; stages 2-4 start with stride 2) and
     the `AttentionPool2d` head. Inputs NHWC."""
 
-    config: configs.VisionConfig
+    config: architectures.VisionConfig
     embed_dim: int
     dtype: jnp.dtype = jnp.float32
 
@@ -349,7 +349,7 @@ class TextTransformer(nn.Module):
     length (positions after the last EOT cannot change a causal model's EOT feature).
     """
 
-    config: configs.TextConfig
+    config: architectures.TextConfig
     embed_dim: int
     activation: str
     eps: float
@@ -420,7 +420,7 @@ class CLIP(nn.Module):
     """The two towers plus the learned temperature `logit_scale` (log of 1/T). `text_remat`:
     the text tower's `Transformer.remat` (prompt training: `model.clone(text_remat=...)`)."""
 
-    config: configs.CLIPConfig
+    config: architectures.CLIPConfig
     dtype: jnp.dtype = jnp.float32
     text_remat: str = "off"
 

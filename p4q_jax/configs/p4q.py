@@ -6,7 +6,7 @@ from the FP teacher (the public code's loss by default).
 
 Writes results.json (FP zero-shot, PTQ and P4Q rows), training_curves.png, TensorBoard
 logs, checkpoints/ (a rerun with the same workdir resumes) and export/ (the trained
-model, for `--mode=eval` and `p4q.trained.load`). Baselines and ablations are variants:
+model, for `--mode=eval` and `p4q.classifier.load`). Baselines and ablations are variants:
 `configs/baselines.py:coop_fp`, `configs/ablations.py:adapter_only`, ...
 """
 

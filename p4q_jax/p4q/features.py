@@ -44,7 +44,7 @@ def make_encoder(model, mesh, *, flip=True):
 
     def encode(params, qstate, images):
         views = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
-        out = step_lib.image_features(model, params, qstate, views)
+        out = step_lib.paired_image_features(model, params, qstate, views)
         return jax.tree.map(lambda f: jnp.stack(jnp.split(f, 2 if flip else 1), axis=1), out)
 
     return jax.jit(encode, in_shardings=(None, None, parallel.batch_sharding(mesh)),
@@ -113,7 +113,7 @@ def gather(part):
     return {name: merged[name][order] for name in FIELDS}
 
 
-def fingerprint(**what):
+def cache_key(**what):
     """A short hash of everything the cached features depend on (JSON-serializable values
     and arrays), so a cache built for another model, quantization or dataset is never read."""
     digest = hashlib.sha256()

@@ -45,7 +45,7 @@ from p4q_jax.clip import torch_reader
 from p4q_jax.configs import p4q as p4q_config
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import prompts as prompts_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 ADAPTER_KEYS = ("fc.in_fc.weight", "fc.in_fc.bias", "fc.out_fc.weight", "fc.out_fc.bias")
 PROMPT_KEYS = ("ctx", "token_prefix", "token_suffix")
@@ -145,11 +145,11 @@ def import_official(*, adapter_path, prompt_learner_path, checkpoint, data_confi
     adapter_qstate = adapter_lib.calibrate(
         adapter, adapter_params, [encode(x) for x in images[:adapter_calib_batches]],
         search_rows="last")
-    trained = trained_lib.Trained(
+    trained = classifier_lib.Trained(
         class_names=tuple(info.class_names), position="end", context=jnp.asarray(context),
         adapter=adapter, adapter_params=adapter_params,
         adapter_qstate=jax.device_get(adapter_qstate))
-    return trained_lib.save(out, model, params, jax.device_get(qstate), trained)
+    return classifier_lib.save(out, model, params, jax.device_get(qstate), trained)
 
 
 def define_flags():

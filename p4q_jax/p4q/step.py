@@ -281,7 +281,7 @@ def class_text_features(model, frozen, prompts, context, *, shared_prefix=True, 
     return jnp.concatenate(features)[np.argsort(order)]
 
 
-def image_features(model, params, qstate, images):
+def paired_image_features(model, params, qstate, images):
     """{"student": quantized image features, "teacher": FP image features} of a batch."""
     method = model.encode_image
     return {"student": encode.apply(model, params, images, method=method, qstate=qstate),
@@ -301,7 +301,7 @@ def loss_fn(trainable, frozen, batch, *, model, prompts, adapter, weights, share
                                length_buckets=length_buckets)
     if "image" in batch:
         batch = {**batch, **jax.lax.stop_gradient(
-            image_features(model, frozen.params, frozen.qstate, batch["image"]))}
+            paired_image_features(model, frozen.params, frozen.qstate, batch["image"]))}
     student = batch["student"]
     if trainable.get("adapter") is not None:
         student = adapter_lib.train_apply(adapter, trainable["adapter"], student)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from p4q_jax.p4q import adapter as adapter_lib
-from p4q_jax.p4q import trained as trained_lib
+from p4q_jax.p4q import classifier as classifier_lib
 
 ZEROSHOT = "zeroshot"
 
@@ -33,7 +33,7 @@ class Teacher:
     """What the train step needs of the teacher, and where it came from."""
 
     text: jax.Array  # [C, E] normalized class features
-    trained: trained_lib.Trained | None  # the export's prompts and adapter (None: zero-shot)
+    trained: classifier_lib.Trained | None  # the export's prompts and adapter (None: zero-shot)
     origin: dict  # {"kind": "zeroshot"} or {"kind": "export", "path", "method", ...}
 
     @property
@@ -47,7 +47,7 @@ class Teacher:
             return None
         return {"params": self.trained.adapter_params, "qstate": self.trained.adapter_qstate}
 
-    def image_features(self, features):
+    def adapt_image_features(self, features):
         """The teacher's image features from the FP image tower's (its adapter applied)."""
         if self.adapter is None:
             return features
@@ -80,7 +80,7 @@ def check_export(path, meta, *, model_config, weights, class_names, data_origin)
                            "data (an import, or written by an older version), so it cannot "
                            "be checked against this run; train the teacher again")
     if origin["model"]["config"] != model_config:
-        difference = trained_lib.config_difference(origin["model"]["config"], model_config)
+        difference = classifier_lib.config_difference(origin["model"]["config"], model_config)
         raise TeacherError(f"loss.teacher={path}: trained on another model architecture "
                            f"({difference})")
     if origin["model"]["weights"] != weights:
@@ -111,11 +111,11 @@ def _first_difference(theirs, ours):
 def from_export(path, *, model, params, class_names, data_origin, weights):
     """A trained FP export as the teacher (checked by `check_export`): its class features
     through `params`' FP text tower, which the fingerprint check makes the export's own."""
-    meta = trained_lib.read_meta(path)
+    meta = classifier_lib.read_meta(path)
     model_config = json.loads(json.dumps(model.config.to_dict()))  # as p4q.json stores it
     check_export(path, meta, model_config=model_config, weights=weights,
                  class_names=class_names, data_origin=data_origin)
-    trained = trained_lib.load_trained(path, meta)
+    trained = classifier_lib.load_trained(path, meta)
     variables = {"params": params, "qstate": None, "context": trained.context}
     text = jax.jit(lambda v: trained.class_features(model, v))(variables)
     origin = meta["origin"]

@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from p4q_jax import atomic
 from p4q_jax import clip
-from p4q_jax.clip import checkpoints
+from p4q_jax.clip import storage
 from p4q_jax.quant import primitives
 from p4q_jax.quant import qconfig as qconfig_lib
 from p4q_jax.quant import sites
@@ -81,19 +81,19 @@ def save(path, model, params, qstate):
     acts = {name: {"scale": p.scale, "zero_point": p.zero_point}
             for name, p in qstate.acts.items()}
     with atomic.directory(path) as tmp:
-        checkpoints.save_tree(tmp / "integer", integer)
-        checkpoints.save_tree(tmp / "float", {"params": float_params, "acts": acts})
+        storage.save_tree(tmp / "integer", integer)
+        storage.save_tree(tmp / "float", {"params": float_params, "acts": acts})
         if qstate.compensation:
-            checkpoints.save_tree(tmp / "compensation", qstate.compensation)
+            storage.save_tree(tmp / "compensation", qstate.compensation)
         (tmp / MARKER).write_text(json.dumps({
             "clip_config": model.config.to_dict(),
             "qconfig": qstate.config.to_dict(),
             "kernels": layout,
             "compensation": sorted(qstate.compensation)}, indent=2))
     path = pathlib.Path(path)
-    return {"integer_bytes": checkpoints.bytes_on_disk(path / "integer"),
+    return {"integer_bytes": storage.bytes_on_disk(path / "integer"),
             "fp32_bytes": sum(4 * int(np.prod(kernels[n].shape)) for n in integer),
-            "compensation_bytes": (checkpoints.bytes_on_disk(path / "compensation")
+            "compensation_bytes": (storage.bytes_on_disk(path / "compensation")
                                    if qstate.compensation else 0)}
 
 
@@ -102,11 +102,11 @@ def load(path):
     path = pathlib.Path(path).absolute()
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a quantized p4q_jax model (no {MARKER})")
-    meta = checkpoints.read_json(path / MARKER)
+    meta = storage.read_json(path / MARKER)
     config = clip.CLIPConfig.from_dict(meta["clip_config"])
     qconfig = qconfig_lib.QConfig.from_dict(meta["qconfig"])
-    integer = checkpoints.restore_tree(path / "integer")
-    floats = checkpoints.restore_tree(path / "float")
+    integer = storage.restore_tree(path / "integer")
+    floats = storage.restore_tree(path / "float")
     weights, kernels = {}, {}
     for name, stored in integer.items():
         fmt = qconfig.spec("weight", name).fmt
@@ -124,7 +124,7 @@ def load(path):
             for n, a in floats["acts"].items()}
     compensation = {}
     if meta.get("compensation"):
-        stored = checkpoints.restore_tree(path / "compensation")
+        stored = storage.restore_tree(path / "compensation")
         if sorted(stored) != meta["compensation"]:
             raise clip.CheckpointError(
                 f"{path / 'compensation'}: holds blocks {sorted(stored)}, but {MARKER} lists "

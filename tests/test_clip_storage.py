@@ -15,11 +15,11 @@ import safetensors.numpy
 import torch
 
 from p4q_jax import clip
-from p4q_jax.clip import checkpoints
-from p4q_jax.clip import configs
+from p4q_jax.clip import storage
+from p4q_jax.clip import architectures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = configs.get_config("tiny")
+TINY = architectures.get_config("tiny")
 
 
 def _tiny_openai_state_dict():
@@ -163,8 +163,8 @@ def test_bytes_on_disk_counts_files_at_any_depth(tmp_path):
     (tmp_path / "top").write_bytes(b"x" * 3)
     (tmp_path / "a" / "b" / "deep").write_bytes(b"y" * 40)
     (tmp_path / "empty").mkdir()
-    assert checkpoints.bytes_on_disk(tmp_path) == 43
-    assert checkpoints.bytes_on_disk(tmp_path / "top") == 3
+    assert storage.bytes_on_disk(tmp_path) == 43
+    assert storage.bytes_on_disk(tmp_path / "top") == 3
 
 
 def test_state_dict_without_clip_keys_names_the_file(tmp_path):
@@ -227,7 +227,7 @@ def _orbax_copy(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("cut", [0, 10, -5], ids=lambda c: f"cut{c}")
 def test_truncated_orbax_json_is_named(tiny_checkpoint, tmp_path, cut):
     path = _orbax_copy(tiny_checkpoint, tmp_path)
-    marker = path / checkpoints.ORBAX_MARKER
+    marker = path / storage.ORBAX_MARKER
     marker.write_text(marker.read_text()[:cut])
     with pytest.raises(clip.CheckpointError,
                        match=re.escape(str(marker)) + ": not a readable JSON file"):
@@ -236,8 +236,8 @@ def test_truncated_orbax_json_is_named(tiny_checkpoint, tmp_path, cut):
 
 def test_orbax_json_without_a_config_is_named(tiny_checkpoint, tmp_path):
     path = _orbax_copy(tiny_checkpoint, tmp_path)
-    (path / checkpoints.ORBAX_MARKER).write_text('{"provenance": {}}')
-    with pytest.raises(clip.CheckpointError, match=re.escape(str(path / checkpoints.ORBAX_MARKER))
+    (path / storage.ORBAX_MARKER).write_text('{"provenance": {}}')
+    with pytest.raises(clip.CheckpointError, match=re.escape(str(path / storage.ORBAX_MARKER))
                        + r": not a valid CLIP config \(KeyError: 'config'\)"):
         clip.load(path)
 
@@ -258,7 +258,7 @@ def test_orbax_config_that_does_not_match_the_params_is_refused(tiny_checkpoint,
                                                                 field, value, message):
     """The stored array shapes are checked against the config before anything is restored."""
     path = _orbax_copy(tiny_checkpoint, tmp_path)
-    marker = path / checkpoints.ORBAX_MARKER
+    marker = path / storage.ORBAX_MARKER
     meta = json.loads(marker.read_text())
     meta["config"][tower][field] = value
     marker.write_text(json.dumps(meta))
@@ -288,10 +288,10 @@ def test_truncated_orbax_array_file_is_named(tiny_checkpoint, tmp_path):
 
 def test_relative_orbax_path_loads(tiny_checkpoint, monkeypatch):
     monkeypatch.chdir(tiny_checkpoint.parent)  # Orbax itself refuses relative paths
-    config, params = checkpoints.load_params(tiny_checkpoint.name)
-    assert config == checkpoints.load_params(tiny_checkpoint)[0]
+    config, params = storage.load_params(tiny_checkpoint.name)
+    assert config == storage.load_params(tiny_checkpoint)[0]
     assert jax.tree.structure(params) == jax.tree.structure(
-        checkpoints.abstract_params(config))
+        storage.abstract_params(config))
 
 
 def _with_nan_ln_final(params):

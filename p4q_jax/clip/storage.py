@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from p4q_jax import atomic
-from p4q_jax.clip import configs
+from p4q_jax.clip import architectures
 from p4q_jax.clip import model as model_lib
 from p4q_jax.clip import torch_reader
 
@@ -48,12 +48,12 @@ def _infer_vision(state):
     if "visual.proj" not in state and "visual.layer1.0.conv1.weight" in state:
         width = state["visual.layer1.0.conv1.weight"].shape[0]
         grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        return configs.VisionConfig(
+        return architectures.VisionConfig(
             image_size=32 * grid, width=width, heads=width * 32 // 64,
             layers=tuple(_count_blocks(state, f"visual.layer{i}.") for i in _RESNET_STAGES))
     vision_width, _, patch, _ = state["visual.conv1.weight"].shape
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    return configs.VisionConfig(
+    return architectures.VisionConfig(
         image_size=patch * grid,
         patch_size=patch,
         width=vision_width,
@@ -68,10 +68,10 @@ def infer_openai_config(state, *, activation="quick_gelu"):
     try:
         vision = _infer_vision(state)
         text_width = state["ln_final.weight"].shape[0]
-        return configs.CLIPConfig(
+        return architectures.CLIPConfig(
             embed_dim=state["text_projection"].shape[1],
             vision=vision,
-            text=configs.TextConfig(
+            text=architectures.TextConfig(
                 context_length=state["positional_embedding"].shape[0],
                 vocab_size=state["token_embedding.weight"].shape[0],
                 width=text_width,
@@ -312,9 +312,9 @@ def hf_config(config_json):
     activation = text.get("hidden_act", "quick_gelu")
     if vision.get("hidden_act", activation) != activation:
         raise CheckpointError("different activations in the two towers are not supported")
-    return configs.CLIPConfig(
+    return architectures.CLIPConfig(
         embed_dim=config_json.get("projection_dim", 512),
-        vision=configs.VisionConfig(
+        vision=architectures.VisionConfig(
             image_size=vision.get("image_size", 224),
             patch_size=vision.get("patch_size", 32),
             width=vision.get("hidden_size", 768),
@@ -322,7 +322,7 @@ def hf_config(config_json):
             heads=vision.get("num_attention_heads", 12),
             mlp_dim=vision.get("intermediate_size", 3072),
         ),
-        text=configs.TextConfig(
+        text=architectures.TextConfig(
             context_length=text.get("max_position_embeddings", 77),
             vocab_size=text.get("vocab_size", 49408),
             width=text.get("hidden_size", 512),
@@ -376,7 +376,7 @@ def _hf_dir_config(path):
 
 def _orbax_config(path):
     return _parse_config(read_json(path / ORBAX_MARKER), source=path / ORBAX_MARKER,
-                         parse=lambda meta: configs.CLIPConfig.from_dict(meta["config"]))
+                         parse=lambda meta: architectures.CLIPConfig.from_dict(meta["config"]))
 
 
 def _is_hf_dir(path):

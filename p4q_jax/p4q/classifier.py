@@ -1,6 +1,6 @@
 """A trained P4Q classifier: learned prompts + QAdapter on a (quantized) CLIP, saved and loaded.
 
-    model, params, qstate, trained = p4q.trained.load("runs/p4q/export")
+    model, params, qstate, trained = p4q.classifier.load("runs/p4q/export")
     variables = trained.variables(params, qstate)
     text = trained.class_features(model, variables)             # [C, E], normalized
     image = trained.image_features(model, variables, images)    # [B, E]
@@ -27,7 +27,7 @@ import numpy as np
 
 from p4q_jax import atomic
 from p4q_jax import clip
-from p4q_jax.clip import checkpoints
+from p4q_jax.clip import storage
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
@@ -82,7 +82,7 @@ class Trained:
         if self.model_config is not None and self.model_config != current:
             raise ValueError("these prompts and adapter were trained on another CLIP ("
                              f"{config_difference(self.model_config, current)}); load the "
-                             "export's own towers (`trained.load`)")
+                             "export's own towers (`classifier.load`)")
         width, embed = model.config.text.width, model.config.embed_dim
         if self.context.shape[-1] != width:
             raise ValueError(f"the learned context has width {self.context.shape[-1]}; this "
@@ -175,7 +175,7 @@ def save(path, model, params, qstate, trained, *, origin=None, run=None):
         if trained.adapter is not None:
             tree["adapter"] = {"params": trained.adapter_params,
                                "state": _qstate_tree(trained.adapter_qstate)}
-        checkpoints.save_tree(tmp / "trained", tree)
+        storage.save_tree(tmp / "trained", tree)
         adapter = trained.adapter
         (tmp / MARKER).write_text(json.dumps({
             "class_names": list(trained.class_names),
@@ -196,7 +196,7 @@ def read_meta(path):
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a P4Q export (no {MARKER}); train with "
                                 "`main.py --config=configs/p4q.py` first")
-    return checkpoints.read_json(path / MARKER)
+    return storage.read_json(path / MARKER)
 
 
 def writer(path):
@@ -223,7 +223,7 @@ def load_trained(path, meta=None):
     """What an export learned (context, adapter), without its towers -> Trained."""
     path = pathlib.Path(path).absolute()
     meta = meta or read_meta(path)
-    tree = checkpoints.restore_tree(path / "trained")
+    tree = storage.restore_tree(path / "trained")
     adapter = adapter_params = adapter_qstate = None
     if meta["adapter"] is not None:
         adapter = adapter_lib.QAdapter(**meta["adapter"])
