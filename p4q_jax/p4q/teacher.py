@@ -67,7 +67,7 @@ def check_export(path, meta, *, model_config, weights, class_names, data_origin)
       path: the export directory (for the messages).
       meta: its `p4q.json` (`trained.read_meta`).
       model_config: the student's CLIP config as a dict (`model.config.to_dict()`).
-      weights: the student's base `trained.weights_fingerprint`.
+      weights: the student's base `classifier.weights_fingerprint`.
       class_names: the student's classes, in label order.
       data_origin: the student's training data (`data_origin` of the p4q job).
     """
