@@ -98,7 +98,7 @@ class _Job:
     def inference(self, qstate):
         """The state quantized inference runs on (`quant.integer`), placed on the mesh."""
         return self.place(
-            integer.inference_state(qstate, self.params, self.config.quant.get("integer")))
+            integer.inference_state(qstate, self.params, self.config.quant.integer))
 
     def variables(self, qstate=None):
         return {"params": self.params, "qstate": self.inference(qstate)}
@@ -378,7 +378,7 @@ def p4q(config, workdir, *, shared=None):
             shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
     qstate = job.place(qstate)
     teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
-    base_to_new = config.data.get("subsample", "all") == "base"
+    base_to_new = config.data.subsample == "base"
     if base_to_new:
         job.phases.start("base-to-new: FP and PTQ")
         measured_new = _baselines_on_new(config, job, qstate)

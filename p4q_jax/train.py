@@ -89,11 +89,11 @@ def uses_feature_cache(config):
     approximation: the training then sees N crops of each image, not a fresh one each time)."""
     if not config.speed.feature_cache:
         return False
-    return config.data.get("augment", "flip") == "flip" or _cached_views(config) > 0
+    return config.data.augment == "flip" or _cached_views(config) > 0
 
 
 def _cached_views(config):
-    return config.speed.get("feature_cache_views", 0) or 0
+    return config.speed.feature_cache_views
 
 
 class _PipelineInput:
@@ -128,17 +128,17 @@ def feature_cache(config, *, model, params, qstate, mesh, workdir):
     cfg = config.speed
     key = features_lib.cache_key(
         checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
-        data={k: config.data.get(k) for k in ("name", "num_shots", "shot_seed", "folder",
+        data={k: config.data[k] for k in ("name", "num_shots", "shot_seed", "folder",
                                               "root", "subsample", "synthetic_classes",
                                               "synthetic_examples", "validation")},
-        image_size=image_size, augment=config.data.get("augment", "flip"),
+        image_size=image_size, augment=config.data.augment,
         flip=config.data.flip, views=_cached_views(config),
         quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
     directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"
     cache = features_lib.load_cache(directory, key)
-    crops = config.data.get("augment", "flip") != "flip"
+    crops = config.data.augment != "flip"
     if cache is None:
-        encoder_state = integer.inference_state(qstate, params, config.quant.get("integer"))
+        encoder_state = integer.inference_state(qstate, params, config.quant.integer)
         batch_size = config.eval.batch_size
         total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
 
@@ -194,7 +194,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     phases = phases or phases_lib.Phases()
     cfg, tcfg = config.p4q, config.train
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
-    model = model.clone(text_remat=config.speed.get("remat", "off"))
+    model = model.clone(text_remat=config.speed.remat)
     key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
     context = _initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
@@ -260,10 +260,10 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         weights=step_lib.loss_weights(config.loss), teacher_adapter=teacher.adapter,
         shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
         frozen_shardings=frozen_shardings,
-        length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1,
-        schedule=step_lib.xla_schedule(config.speed.get("xla_schedule", "auto"),
+        length_buckets=config.speed.length_buckets if config.speed.crop_text else 1,
+        schedule=step_lib.xla_schedule(config.speed.xla_schedule,
                                        num_classes=len(class_names),
-                                       remat=config.speed.get("remat", "off")))
+                                       remat=config.speed.remat))
 
     phases.start("training")
     if config.checkpoint.restart:
@@ -332,7 +332,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
 def _adapter_search_rows(config, qstate):
     """`config.quant.search_rows` resolved for the towers' preset ("auto": "last" for the
     public code's `official`), which the adapter's calibration follows."""
-    search_rows = config.quant.get("search_rows", "auto")
+    search_rows = config.quant.search_rows
     if qstate is None:
         return "balanced" if search_rows == "auto" else search_rows
     return calibration.resolve_search_rows(search_rows, qstate.config)
