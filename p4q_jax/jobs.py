@@ -22,6 +22,7 @@ from p4q_jax import results
 from p4q_jax import runlock
 from p4q_jax import train
 from p4q_jax.clip import storage
+from p4q_jax.p4q import features
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import teacher as teacher_lib
 from p4q_jax.p4q import classifier as classifier_lib
@@ -383,14 +384,14 @@ def p4q(config, workdir, *, shared=None):
         job.phases.start("base-to-new: FP and PTQ")
         measured_new = _baselines_on_new(config, job, qstate)
     source = image_tower = None
-    if train.uses_feature_cache(config):
+    if features.uses_cache(config):
         job.phases.start("feature cache")
         if qstate is not None:
             # The cache reads the image towers only: the text tower's FP kernels go first.
             job.params = job.place(sites.replace_kernels(job.params, {
                 name: k for name, k in qstate.kernels.items() if name.startswith("text/")}))
-        source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
-                                     mesh=job.mesh, workdir=workdir)
+        source = features.cached_input(config, model=job.model, params=job.params,
+                                       qstate=qstate, mesh=job.mesh, workdir=workdir)
     distills = recipe(config)["distillation"] != "none"
     teacher_train = _teacher_train_top1(job, teacher, source) if distills else None
     if source is not None and qstate is not None:

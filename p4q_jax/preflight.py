@@ -29,12 +29,12 @@ from p4q_jax import data
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import schema
-from p4q_jax import train as train_lib
 from p4q_jax.clip import storage as clip_storage
 from p4q_jax.clip import architectures
 from p4q_jax.clip import model as model_lib
 from p4q_jax.clip import tokenizer as tokenizer_lib
 from p4q_jax.data import folder as folder_lib
+from p4q_jax.p4q import features
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step as step_lib
@@ -296,7 +296,7 @@ def _p4q(config, problems, shards, info):
         _writable_dir(problems, "p4q.export_dir", cfg.export_dir)
     _batch(problems, "train.batch_size", tcfg.batch_size, shards)
     if info is not None and "train.batch_size" not in problems.fields and \
-            train_lib.uses_feature_cache(config):
+            features.uses_cache(config):
         count = _training_examples(config.data, info)
         if count is not None and tcfg.batch_size > count:
             problems.add("train.batch_size", tcfg.batch_size, f"expected at most the {count} "

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from absl import logging
 
 from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
@@ -46,7 +45,6 @@ from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.quant import calibration
-from p4q_jax.quant import integer
 
 
 def epochs(config):
@@ -81,21 +79,6 @@ def _initial_context(config, model, params, num_classes, key):
     return jnp.asarray(context, jnp.float32)
 
 
-def uses_feature_cache(config):
-    """Whether training reads cached image features: `speed.feature_cache` with
-    `data.augment="flip"`, whose two views per image the cache holds exactly. Random crops
-    ("coop") are new every step, so their images are encoded in the step, unless
-    `speed.feature_cache_views` = N > 0 asks for N random crops per image, cached once (an
-    approximation: the training then sees N crops of each image, not a fresh one each time)."""
-    if not config.speed.feature_cache:
-        return False
-    return config.data.augment == "flip" or _cached_views(config) > 0
-
-
-def _cached_views(config):
-    return config.speed.feature_cache_views
-
-
 class _PipelineInput:
     """Image batches from tf.data (no feature cache); step n is the pipeline's n-th. A resumed
     run starts at step `start` without decoding the batches before it."""
@@ -114,56 +97,6 @@ class _PipelineInput:
         self._next += 1
         batch = next(self._iter)
         return {"image": batch["image"], "label": batch["label"]}
-
-
-def feature_cache(config, *, model, params, qstate, mesh, workdir):
-    """The training input of cached student/teacher image features (`uses_feature_cache`):
-    read back from `speed.cache_dir` (default WORKDIR/feature_cache) when it holds the
-    features of this model, quantization and data, else built with the image towers and
-    saved -> a `features.CachedInput`. Afterwards training needs no image tower, and a
-    quantized student no FP kernel of its quantized layers (the teacher's features are
-    cached)."""
-    image_size = model.config.vision.image_size
-    num_examples = data.num_examples(config.data, split="train")
-    cfg = config.speed
-    key = features_lib.cache_key(
-        checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
-        data={k: config.data[k] for k in ("name", "num_shots", "shot_seed", "folder",
-                                              "root", "subsample", "synthetic_classes",
-                                              "synthetic_examples", "validation")},
-        image_size=image_size, augment=config.data.augment,
-        flip=config.data.flip, views=_cached_views(config),
-        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
-    directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"
-    cache = features_lib.load_cache(directory, key)
-    crops = config.data.augment != "flip"
-    if cache is None:
-        encoder_state = integer.inference_state(qstate, params, config.quant.integer)
-        batch_size = config.eval.batch_size
-        total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
-
-        def one_pass(view):
-            ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
-                                     image_size=image_size, train=False, seed=config.seed,
-                                     augment_view=view)
-            return features_lib.build_cache(model, params, encoder_state,
-                                            data.as_numpy_batches(ds), mesh=mesh, total=total,
-                                            flip=not crops)
-
-        if crops:
-            logging.warning("feature cache of %d random %s views per image: an approximation "
-                            "of training on a fresh view every step", _cached_views(config),
-                            config.data.augment)
-            cache = features_lib.stack_views([one_pass(v) for v in range(_cached_views(config))])
-        else:
-            cache = one_pass(None)
-        features_lib.save_cache(directory, cache, key)
-        logging.info("feature cache: %d examples x %d views -> %s", len(cache["label"]),
-                     cache["student"].shape[1], directory)
-    return features_lib.CachedInput(features_lib.gather(cache),
-                                    global_batch=config.train.batch_size,
-                                    num_examples=num_examples, seed=config.seed,
-                                    random_view=crops or config.data.flip)
 
 
 @dataclasses.dataclass
@@ -185,7 +118,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
       class_names: the C class names, in label order.
       mesh: the device mesh; the global batch is split over its `data` axis.
       workdir: checkpoints, the feature cache and the metric logs go here.
-      source: the `feature_cache` input, if the caller built it (then `params` need only
+      source: the `features.cached_input`, if the caller built it (then `params` need only
         hold what the student's text tower and the prompts read, e.g. the quantized params
         `qstate.quantized_params(params)`); default: built here when the config uses one.
       phases: a `phases.Phases` that times the feature cache, the training and the
@@ -201,7 +134,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher.text,
-                                  image_towers=not uses_feature_cache(config), train=True,
+                                  image_towers=not features_lib.uses_cache(config), train=True,
                                   teacher_adapter=teacher.adapter_state)
     frozen_shardings = parallel.weight_shardings(frozen, mesh,
                                                  min_size=config.mesh.shard_min_size)
@@ -213,11 +146,11 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
 
     image_size = model.config.vision.image_size
     num_examples = data.num_examples(config.data, split="train")
-    if uses_feature_cache(config):
+    if features_lib.uses_cache(config):
         if source is None:
             phases.start("feature cache")
-            source = feature_cache(config, model=model, params=params, qstate=qstate,
-                                   mesh=mesh, workdir=workdir)
+            source = features_lib.cached_input(config, model=model, params=params,
+                                               qstate=qstate, mesh=mesh, workdir=workdir)
         steps_per_epoch = source.steps_per_epoch
     else:
         # A set smaller than the batch still gets a step per epoch (Dassl: one short batch;
