@@ -26,6 +26,7 @@ weights, and frozen for evaluation (see `p4q/adapter.py`).
 import dataclasses
 import itertools
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,9 @@ class Result:
 
 def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
           source=None, phases=None):
-    """Trains P4Q (or a baseline/ablation, as configured) -> Result.
+    """Trains P4Q (or a baseline/ablation, as configured) -> Result: `_set_up` builds the
+    step and its inputs, `_loop` runs it (resuming from the run's latest checkpoint) and
+    `_finish` calibrates the adapter's 8-bit input ranges on the final weights.
 
     Args:
       config: the experiment ConfigDict (sections p4q, train, loss, speed, checkpoint, data).
@@ -125,6 +128,34 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         adapter's calibration (default: a new one, not returned).
     """
     phases = phases or phases_lib.Phases()
+    run = _set_up(config, model=model, params=params, qstate=qstate, teacher=teacher,
+                  class_names=class_names, mesh=mesh, workdir=workdir, source=source,
+                  phases=phases)
+    phases.start("training")
+    state, history = _loop(config, run, mesh=mesh, workdir=workdir)
+    trained = _finish(config, run, state, qstate=qstate, class_names=class_names, mesh=mesh,
+                      phases=phases)
+    return Result(trained=trained, history=history)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `_set_up` builds for `_loop` and `_finish`."""
+    model: Any  # the CLIP, with the configured text-tower remat
+    frozen: step_lib.Frozen  # the step's frozen inputs, placed on the mesh
+    adapter: Any  # the QAdapter, or None without one
+    source: Any  # the `features.CachedInput`, or None: the tf.data pipeline
+    state: Any  # the initial train state, replicated
+    train_step: Any  # the jitted (state, frozen, batch) -> (state, metrics)
+    lrs: dict  # {name: schedule} of the learning rates, for the logs
+    total_steps: int
+
+
+def _set_up(config, *, model, params, qstate, teacher, class_names, mesh, workdir, source,
+            phases):
+    """The prompt layout, the frozen inputs, the trainable tree, the training input (the
+    feature cache, built here unless `source` is given), the schedules and optimizers, and
+    the jitted step -> a `_Run`."""
     cfg, tcfg = config.p4q, config.train
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
     model = model.clone(text_remat=config.speed.remat)
@@ -144,8 +175,6 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         adapter = adapter_lib.QAdapter(reduction=cfg.adapter_reduction, ratio=cfg.adapter_ratio)
         adapter_params = adapter.init(key_adapter, jnp.zeros((1, model.config.embed_dim)))["params"]
 
-    image_size = model.config.vision.image_size
-    num_examples = data.num_examples(config.data, split="train")
     if features_lib.uses_cache(config):
         if source is None:
             phases.start("feature cache")
@@ -155,6 +184,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     else:
         # A set smaller than the batch still gets a step per epoch (Dassl: one short batch;
         # here a full one, some images twice in other random views).
+        num_examples = data.num_examples(config.data, split="train")
         source, steps_per_epoch = None, max(1, num_examples // tcfg.batch_size)
     num_epochs = epochs(config)
     total_steps = tcfg.num_steps or num_epochs * steps_per_epoch
@@ -162,24 +192,8 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         raise ValueError(f"no training steps: train.num_steps={tcfg.num_steps}, "
                          f"{num_epochs} epochs of {steps_per_epoch} steps")
 
-    reset_steps = ()
-    if tcfg.schedule == "coop":
-        lrs = step_lib.epoch_cosine_schedules(
-            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
-            steps_per_epoch=steps_per_epoch, epochs=num_epochs,
-            warmup_epochs=tcfg.warmup_epochs, warmup_lr=tcfg.warmup_lr)
-    elif tcfg.schedule == "official_stages":
-        ends = step_lib.stage_ends(tcfg.stage_epochs, steps_per_epoch=steps_per_epoch,
-                                   total_steps=total_steps)
-        lrs = step_lib.official_stage_schedules(
-            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr, stage_ends=ends,
-            final_fraction=tcfg.prompt_final_fraction)
-        reset_steps = ends[:-1]  # each stage builds new optimizers
-    else:
-        lrs = step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
-                                 total_steps=total_steps,
-                                 final_fraction=tcfg.prompt_final_fraction,
-                                 warmup_steps=tcfg.warmup_steps)
+    lrs, reset_steps = _learning_rates(tcfg, steps_per_epoch=steps_per_epoch,
+                                       num_epochs=num_epochs, total_steps=total_steps)
     tx = step_lib.optimizer(lrs, adapter_eps=tcfg.adapter_eps,
                             adapter_weight_decay=tcfg.adapter_weight_decay,
                             clip_norm=tcfg.clip_norm, train_prompts=cfg.train_prompts,
@@ -197,8 +211,34 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         schedule=step_lib.xla_schedule(config.speed.xla_schedule,
                                        num_classes=len(class_names),
                                        remat=config.speed.remat))
+    return _Run(model=model, frozen=frozen, adapter=adapter, source=source, state=state,
+                train_step=train_step, lrs=lrs, total_steps=total_steps)
 
-    phases.start("training")
+
+def _learning_rates(tcfg, *, steps_per_epoch, num_epochs, total_steps):
+    """`train.schedule`'s learning rates -> ({name: schedule}, the steps at which the
+    optimizers restart: the stage boundaries of "official_stages", else none)."""
+    if tcfg.schedule == "coop":
+        return step_lib.epoch_cosine_schedules(
+            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+            steps_per_epoch=steps_per_epoch, epochs=num_epochs,
+            warmup_epochs=tcfg.warmup_epochs, warmup_lr=tcfg.warmup_lr), ()
+    if tcfg.schedule == "official_stages":
+        ends = step_lib.stage_ends(tcfg.stage_epochs, steps_per_epoch=steps_per_epoch,
+                                   total_steps=total_steps)
+        return step_lib.official_stage_schedules(
+            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr, stage_ends=ends,
+            final_fraction=tcfg.prompt_final_fraction), ends[:-1]  # each stage: new optimizers
+    return step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+                              total_steps=total_steps, final_fraction=tcfg.prompt_final_fraction,
+                              warmup_steps=tcfg.warmup_steps), ()
+
+
+def _loop(config, run, *, mesh, workdir):
+    """Runs the step from the latest checkpoint of this run (a checkpoint of another config
+    is refused; `checkpoint.restart` moves it aside first) to `run.total_steps`, logging
+    metric means every `train.log_every` steps and checkpointing -> (final state, history)."""
+    total_steps = run.total_steps
     if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -206,8 +246,8 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
         fingerprint=checkpoint_lib.run_fingerprint(config))
     try:  # closed on every path: an open manager's background loops outlive the run
-        restored, meta = checkpointer.restore_latest(state)
-        history = []
+        restored, meta = checkpointer.restore_latest(run.state)
+        state, history = run.state, []
         if restored is not None:
             if meta["total_steps"] != total_steps:  # same config, but the data changed size
                 raise checkpoint_lib.RunMismatchError(
@@ -216,25 +256,27 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
                     "--config.checkpoint.restart=True to move the old run aside.")
             state, history = restored, meta["history"]
         start = int(state.step)
+        source = run.source
         if source is None:
-            source = _PipelineInput(config, image_size, start)
+            source = _PipelineInput(config, run.model.config.vision.image_size, start)
 
         writer = results_lib.metric_writer(workdir)
         pending = []
         progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
                              desc="P4Q train", unit="step", disable=jax.process_index() != 0)
         for step in progress:
-            state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
+            state, metrics = run.train_step(state, run.frozen,
+                                            parallel.to_global(source.batch(step), mesh))
             if pending:
                 # At most two steps in flight: a deep queue of steps whose collectives wait on
                 # each other can starve XLA:CPU's rendezvous on hosts with few cores.
                 jax.block_until_ready(pending[-1])
             pending.append(metrics)
             done = step + 1
-            if done % tcfg.log_every == 0 or done == total_steps:
+            if done % config.train.log_every == 0 or done == total_steps:
                 means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
                 pending = []
-                means.update({f"lr_{name}": float(s(step)) for name, s in lrs.items()})
+                means.update({f"lr_{name}": float(s(step)) for name, s in run.lrs.items()})
                 writer.write_scalars(done, means)
                 history.append({"step": done, **means})
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
@@ -245,21 +287,27 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     finally:
         checkpointer.close()
     writer.flush()
+    return state, history
 
+
+def _finish(config, run, state, *, qstate, class_names, mesh, phases):
+    """The trained prompts and adapter of the final `state`, the adapter's 8-bit input
+    ranges calibrated on `p4q.adapter_calib_batches` training batches -> `Trained`."""
+    cfg = config.p4q
     trainable = jax.device_get(state.trainable)
     adapter_qstate = None
-    if adapter is not None:
+    if run.adapter is not None:
         phases.start("adapter calibration")
         adapter_qstate = adapter_lib.calibrate(
-            adapter, trainable["adapter"],
-            _calibration_features(config, model, frozen, mesh, image_size, source,
+            run.adapter, trainable["adapter"],
+            _calibration_features(config, run.model, run.frozen, mesh,
+                                  run.model.config.vision.image_size, run.source,
                                   cfg.adapter_calib_batches),
             search_rows=_adapter_search_rows(config, qstate))
-    trained = classifier_lib.Trained(
+    return classifier_lib.Trained(
         class_names=tuple(class_names), position=cfg.position,
-        context=jnp.asarray(trainable["context"]), adapter=adapter,
+        context=jnp.asarray(trainable["context"]), adapter=run.adapter,
         adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
-    return Result(trained=trained, history=history)
 
 
 def _adapter_search_rows(config, qstate):
