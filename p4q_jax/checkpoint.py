@@ -67,13 +67,13 @@ def run_fingerprint(config, mode="p4q"):
     fields = {}
     if mode == "p4q":
         fields.update({"speed.feature_cache": config.speed.feature_cache,
-                       "speed.feature_cache_views": config.speed.get("feature_cache_views", 0)})
+                       "speed.feature_cache_views": config.speed.feature_cache_views})
     for section in sections:
         fields.update(_flatten(config[section].to_dict(), f"{section}."))
     fields = {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED}
     for dotted in single:
         *section, name = dotted.split(".")
-        fields[dotted] = (config.get(section[0], {}) if section else config).get(name)
+        fields[dotted] = (config[section[0]] if section else config)[name]
     return json.loads(json.dumps(fields, sort_keys=True))  # tuples -> lists, as stored
 
 

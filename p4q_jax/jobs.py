@@ -22,6 +22,7 @@ from p4q_jax import results
 from p4q_jax import runlock
 from p4q_jax import train
 from p4q_jax.clip import storage
+from p4q_jax.p4q import features
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import teacher as teacher_lib
 from p4q_jax.p4q import classifier as classifier_lib
@@ -98,7 +99,7 @@ class _Job:
     def inference(self, qstate):
         """The state quantized inference runs on (`quant.integer`), placed on the mesh."""
         return self.place(
-            integer.inference_state(qstate, self.params, self.config.quant.get("integer")))
+            integer.inference_state(qstate, self.params, self.config.quant.integer))
 
     def variables(self, qstate=None):
         return {"params": self.params, "qstate": self.inference(qstate)}
@@ -378,19 +379,19 @@ def p4q(config, workdir, *, shared=None):
             shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
     qstate = job.place(qstate)
     teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
-    base_to_new = config.data.get("subsample", "all") == "base"
+    base_to_new = config.data.subsample == "base"
     if base_to_new:
         job.phases.start("base-to-new: FP and PTQ")
         measured_new = _baselines_on_new(config, job, qstate)
     source = image_tower = None
-    if train.uses_feature_cache(config):
+    if features.uses_cache(config):
         job.phases.start("feature cache")
         if qstate is not None:
             # The cache reads the image towers only: the text tower's FP kernels go first.
             job.params = job.place(sites.replace_kernels(job.params, {
                 name: k for name, k in qstate.kernels.items() if name.startswith("text/")}))
-        source = train.feature_cache(config, model=job.model, params=job.params, qstate=qstate,
-                                     mesh=job.mesh, workdir=workdir)
+        source = features.cached_input(config, model=job.model, params=job.params,
+                                       qstate=qstate, mesh=job.mesh, workdir=workdir)
     distills = recipe(config)["distillation"] != "none"
     teacher_train = _teacher_train_top1(job, teacher, source) if distills else None
     if source is not None and qstate is not None:

@@ -28,19 +28,20 @@ from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import data
 from p4q_jax import quant
 from p4q_jax import results
-from p4q_jax import train as train_lib
+from p4q_jax import schema
 from p4q_jax.clip import storage as clip_storage
 from p4q_jax.clip import architectures
 from p4q_jax.clip import model as model_lib
 from p4q_jax.clip import tokenizer as tokenizer_lib
 from p4q_jax.data import folder as folder_lib
+from p4q_jax.p4q import features
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.p4q import variants
 
-# Fields that hold paths, made absolute by `resolve_paths` (those a config has).
+# Fields that hold paths, made absolute by `resolve_paths`.
 PATH_FIELDS = ("model.checkpoint", "data.data_dir", "data.manual_dir", "data.folder", "data.root",
                "p4q.export_dir", "speed.cache_dir")
 SEED_LIMIT = 2**31  # jax.random.key and tf.data take seeds below it
@@ -58,20 +59,14 @@ def absolute(path):
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _get(config, dotted):
-    section, name = dotted.split(".")
-    return config[section][name] if section in config and name in config[section] else None
-
-
 def resolve_paths(config, workdir):
     """A copy of `config` with every path field absolute, and the absolute workdir."""
     config = config.copy_and_resolve_references()
     for dotted in PATH_FIELDS:
-        value = _get(config, dotted)
-        if value:
-            section, name = dotted.split(".")
-            config[section][name] = absolute(value)
-    if "loss" in config and config.loss.get("teacher") not in (None, "zeroshot"):
+        section, name = dotted.split(".")
+        if config[section][name]:
+            config[section][name] = absolute(config[section][name])
+    if config.loss.teacher not in (None, "zeroshot"):
         config.loss.teacher = absolute(config.loss.teacher)
     return config, pathlib.Path(absolute(workdir))
 
@@ -126,7 +121,7 @@ def _data_shards(config, problems):
     """Devices along the mesh's `data` axis (None when the mesh fields are invalid)."""
     n = jax.device_count()
     model, data_size = config.mesh.model, config.mesh.data
-    problems.at_least("mesh.shard_min_size", config.mesh.get("shard_min_size", 0), 0)
+    problems.at_least("mesh.shard_min_size", config.mesh.shard_min_size, 0)
     if not isinstance(model, int) or model < 1 or n % model:
         problems.add("mesh.model", model, f"expected an integer >= 1 dividing the {n} devices")
         return None
@@ -220,7 +215,7 @@ def _training_examples(cfg, info):
     decoding an image (with shots, at most num_shots per class); None where it is not."""
     if info.name.startswith(data.coop.PREFIX):  # the lists already are the few-shot subset
         return len(data.coop.load(info.root, info.name, num_shots=cfg.num_shots,
-                                  seed=cfg.shot_seed, subsample=cfg.get("subsample", "all")).train)
+                                  seed=cfg.shot_seed, subsample=cfg.subsample).train)
     if info.name == "synthetic":
         count = cfg.synthetic_examples
     elif info.name == "folder":
@@ -301,7 +296,7 @@ def _p4q(config, problems, shards, info):
         _writable_dir(problems, "p4q.export_dir", cfg.export_dir)
     _batch(problems, "train.batch_size", tcfg.batch_size, shards)
     if info is not None and "train.batch_size" not in problems.fields and \
-            train_lib.uses_feature_cache(config):
+            features.uses_cache(config):
         count = _training_examples(config.data, info)
         if count is not None and tcfg.batch_size > count:
             problems.add("train.batch_size", tcfg.batch_size, f"expected at most the {count} "
@@ -352,10 +347,10 @@ def _p4q(config, problems, shards, info):
                      "(data.augment='coop'); with 'flip' the cache holds both views exactly")
     if config.speed.cache_dir:
         _writable_dir(problems, "speed.cache_dir", config.speed.cache_dir)
-    problems.at_least("speed.length_buckets", config.speed.get("length_buckets", 1), 1)
-    problems.one_of("speed.remat", config.speed.get("remat", "off"),
+    problems.at_least("speed.length_buckets", config.speed.length_buckets, 1)
+    problems.one_of("speed.remat", config.speed.remat,
                     ("off", *model_lib.REMAT_POLICIES))
-    problems.one_of("speed.xla_schedule", config.speed.get("xla_schedule", "auto"),
+    problems.one_of("speed.xla_schedule", config.speed.xla_schedule,
                     step_lib.XLA_SCHEDULES)
 
 
@@ -419,11 +414,26 @@ def _results_of_another_mode(workdir, mode, problems):
                      f"which mode {mode!r} would overwrite; use another --workdir")
 
 
+def check_schema(config):
+    """Refuses (ConfigError) fields and sections the schema does not know, naming the known
+    ones nearby, and fields of the schema the config lacks."""
+    lines = schema.unknown(config)
+    lines += [f"{dotted}: missing; expected every field of the config schema "
+              "(p4q_jax/schema.py): build the config from schema.defaults()"
+              for dotted in schema.missing(config)]
+    if lines:
+        raise ConfigError(f"this config has {len(lines)} unknown or missing field(s):\n  "
+                          + "\n  ".join(lines))
+
+
 def check(config, workdir, *, mode):
     """Validates `config` for `mode` -> (config with absolute paths, absolute workdir).
 
     Raises ConfigError listing every problem. Runs no JAX computation (it asks JAX for the
-    device and process counts, which the batch sizes must divide)."""
+    device and process counts, which the batch sizes must divide). A config with a field or
+    section the schema does not hold (`p4q_jax/schema.py`: a typo nothing would read), or
+    without one it holds, is refused first, before any other check."""
+    check_schema(config)
     config, workdir = resolve_paths(config, workdir)
     problems = _Problems()
     _writable_dir(problems, "workdir", workdir)
@@ -444,18 +454,11 @@ def check(config, workdir, *, mode):
             problems.add("data.name", name, f"a test-only dataset cannot calibrate or train "
                          f"the {mode} job; evaluate an export on it with --mode=eval")
     if mode in ("p4q", "demo"):
-        if "p4q" not in config:
-            problems.add("mode", mode, "needs a config with p4q/train/loss sections, e.g. "
-                         "--config=configs/p4q.py")
-        else:
-            _p4q(config, problems, shards, info)
-            if mode == "p4q":
-                _export_path(config, workdir, problems)
+        _p4q(config, problems, shards, info)
+        if mode == "p4q":
+            _export_path(config, workdir, problems)
     if mode == "demo":
-        if "demo" not in config or "p4q" not in config:
-            problems.add("mode", mode, "needs the demo's config: --config=configs/default.py")
-        else:
-            _demo(config, problems)
+        _demo(config, problems)
     if mode == "eval":
         export = classifier_lib.export_dir(config, workdir)
         if not (export / classifier_lib.MARKER).is_file():
@@ -540,12 +543,12 @@ def export_writer(config, workdir):
 def check_results(config, workdir, mode):
     """Refuses (RunMismatchError, listing the fields that differ), before any work, a rerun
     of `mode` whose results file in `workdir` came from another config; the same config may
-    rerun. With `checkpoint.restart` (where the config has it), the old file is moved to
-    WORKDIR/previous/<time>/ instead."""
+    rerun. With `checkpoint.restart`, the old file is moved to WORKDIR/previous/<time>/
+    instead."""
     path = results.file_for(workdir, mode)
     if not path.is_file():
         return
-    if config.get("checkpoint", {}).get("restart", False):
+    if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir, outputs=(path.name,))
         return
     try:
@@ -555,7 +558,7 @@ def check_results(config, workdir, mode):
     current = checkpoint_lib.run_fingerprint(config, mode)
     if stored != current:
         restart = (f", or pass --config.checkpoint.restart=True to move it to "
-                   f"{workdir}/previous/" if "checkpoint" in config else "")
+                   f"{workdir}/previous/")
         raise checkpoint_lib.mismatch(
             f"{path} holds the {mode} results", stored, current,
             afresh=f"To keep them, use another --workdir or move {path} away{restart}.")

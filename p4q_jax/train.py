@@ -26,12 +26,12 @@ weights, and frozen for evaluation (see `p4q/adapter.py`).
 import dataclasses
 import itertools
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from absl import logging
 
 from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
@@ -46,7 +46,6 @@ from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import step as step_lib
 from p4q_jax.p4q import classifier as classifier_lib
 from p4q_jax.quant import calibration
-from p4q_jax.quant import integer
 
 
 def epochs(config):
@@ -81,21 +80,6 @@ def _initial_context(config, model, params, num_classes, key):
     return jnp.asarray(context, jnp.float32)
 
 
-def uses_feature_cache(config):
-    """Whether training reads cached image features: `speed.feature_cache` with
-    `data.augment="flip"`, whose two views per image the cache holds exactly. Random crops
-    ("coop") are new every step, so their images are encoded in the step, unless
-    `speed.feature_cache_views` = N > 0 asks for N random crops per image, cached once (an
-    approximation: the training then sees N crops of each image, not a fresh one each time)."""
-    if not config.speed.feature_cache:
-        return False
-    return config.data.get("augment", "flip") == "flip" or _cached_views(config) > 0
-
-
-def _cached_views(config):
-    return config.speed.get("feature_cache_views", 0) or 0
-
-
 class _PipelineInput:
     """Image batches from tf.data (no feature cache); step n is the pipeline's n-th. A resumed
     run starts at step `start` without decoding the batches before it."""
@@ -116,56 +100,6 @@ class _PipelineInput:
         return {"image": batch["image"], "label": batch["label"]}
 
 
-def feature_cache(config, *, model, params, qstate, mesh, workdir):
-    """The training input of cached student/teacher image features (`uses_feature_cache`):
-    read back from `speed.cache_dir` (default WORKDIR/feature_cache) when it holds the
-    features of this model, quantization and data, else built with the image towers and
-    saved -> a `features.CachedInput`. Afterwards training needs no image tower, and a
-    quantized student no FP kernel of its quantized layers (the teacher's features are
-    cached)."""
-    image_size = model.config.vision.image_size
-    num_examples = data.num_examples(config.data, split="train")
-    cfg = config.speed
-    key = features_lib.cache_key(
-        checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
-        data={k: config.data.get(k) for k in ("name", "num_shots", "shot_seed", "folder",
-                                              "root", "subsample", "synthetic_classes",
-                                              "synthetic_examples", "validation")},
-        image_size=image_size, augment=config.data.get("augment", "flip"),
-        flip=config.data.flip, views=_cached_views(config),
-        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
-    directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"
-    cache = features_lib.load_cache(directory, key)
-    crops = config.data.get("augment", "flip") != "flip"
-    if cache is None:
-        encoder_state = integer.inference_state(qstate, params, config.quant.get("integer"))
-        batch_size = config.eval.batch_size
-        total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
-
-        def one_pass(view):
-            ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
-                                     image_size=image_size, train=False, seed=config.seed,
-                                     augment_view=view)
-            return features_lib.build_cache(model, params, encoder_state,
-                                            data.as_numpy_batches(ds), mesh=mesh, total=total,
-                                            flip=not crops)
-
-        if crops:
-            logging.warning("feature cache of %d random %s views per image: an approximation "
-                            "of training on a fresh view every step", _cached_views(config),
-                            config.data.augment)
-            cache = features_lib.stack_views([one_pass(v) for v in range(_cached_views(config))])
-        else:
-            cache = one_pass(None)
-        features_lib.save_cache(directory, cache, key)
-        logging.info("feature cache: %d examples x %d views -> %s", len(cache["label"]),
-                     cache["student"].shape[1], directory)
-    return features_lib.CachedInput(features_lib.gather(cache),
-                                    global_batch=config.train.batch_size,
-                                    num_examples=num_examples, seed=config.seed,
-                                    random_view=crops or config.data.flip)
-
-
 @dataclasses.dataclass
 class Result:
     trained: classifier_lib.Trained
@@ -174,7 +108,9 @@ class Result:
 
 def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
           source=None, phases=None):
-    """Trains P4Q (or a baseline/ablation, as configured) -> Result.
+    """Trains P4Q (or a baseline/ablation, as configured) -> Result: `_set_up` builds the
+    step and its inputs, `_loop` runs it (resuming from the run's latest checkpoint) and
+    `_finish` calibrates the adapter's 8-bit input ranges on the final weights.
 
     Args:
       config: the experiment ConfigDict (sections p4q, train, loss, speed, checkpoint, data).
@@ -185,23 +121,51 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
       class_names: the C class names, in label order.
       mesh: the device mesh; the global batch is split over its `data` axis.
       workdir: checkpoints, the feature cache and the metric logs go here.
-      source: the `feature_cache` input, if the caller built it (then `params` need only
+      source: the `features.cached_input`, if the caller built it (then `params` need only
         hold what the student's text tower and the prompts read, e.g. the quantized params
         `qstate.quantized_params(params)`); default: built here when the config uses one.
       phases: a `phases.Phases` that times the feature cache, the training and the
         adapter's calibration (default: a new one, not returned).
     """
     phases = phases or phases_lib.Phases()
+    run = _set_up(config, model=model, params=params, qstate=qstate, teacher=teacher,
+                  class_names=class_names, mesh=mesh, workdir=workdir, source=source,
+                  phases=phases)
+    phases.start("training")
+    state, history = _loop(config, run, mesh=mesh, workdir=workdir)
+    trained = _finish(config, run, state, qstate=qstate, class_names=class_names, mesh=mesh,
+                      phases=phases)
+    return Result(trained=trained, history=history)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `_set_up` builds for `_loop` and `_finish`."""
+    model: Any  # the CLIP, with the configured text-tower remat
+    frozen: step_lib.Frozen  # the step's frozen inputs, placed on the mesh
+    adapter: Any  # the QAdapter, or None without one
+    source: Any  # the `features.CachedInput`, or None: the tf.data pipeline
+    state: Any  # the initial train state, replicated
+    train_step: Any  # the jitted (state, frozen, batch) -> (state, metrics)
+    lrs: dict  # {name: schedule} of the learning rates, for the logs
+    total_steps: int
+
+
+def _set_up(config, *, model, params, qstate, teacher, class_names, mesh, workdir, source,
+            phases):
+    """The prompt layout, the frozen inputs, the trainable tree, the training input (the
+    feature cache, built here unless `source` is given), the schedules and optimizers, and
+    the jitted step -> a `_Run`."""
     cfg, tcfg = config.p4q, config.train
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
-    model = model.clone(text_remat=config.speed.get("remat", "off"))
+    model = model.clone(text_remat=config.speed.remat)
     key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
     context = _initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
     frozen = step_lib.make_frozen(model, params, qstate, prompts, teacher.text,
-                                  image_towers=not uses_feature_cache(config), train=True,
+                                  image_towers=not features_lib.uses_cache(config), train=True,
                                   teacher_adapter=teacher.adapter_state)
     frozen_shardings = parallel.weight_shardings(frozen, mesh,
                                                  min_size=config.mesh.shard_min_size)
@@ -211,17 +175,16 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         adapter = adapter_lib.QAdapter(reduction=cfg.adapter_reduction, ratio=cfg.adapter_ratio)
         adapter_params = adapter.init(key_adapter, jnp.zeros((1, model.config.embed_dim)))["params"]
 
-    image_size = model.config.vision.image_size
-    num_examples = data.num_examples(config.data, split="train")
-    if uses_feature_cache(config):
+    if features_lib.uses_cache(config):
         if source is None:
             phases.start("feature cache")
-            source = feature_cache(config, model=model, params=params, qstate=qstate,
-                                   mesh=mesh, workdir=workdir)
+            source = features_lib.cached_input(config, model=model, params=params,
+                                               qstate=qstate, mesh=mesh, workdir=workdir)
         steps_per_epoch = source.steps_per_epoch
     else:
         # A set smaller than the batch still gets a step per epoch (Dassl: one short batch;
         # here a full one, some images twice in other random views).
+        num_examples = data.num_examples(config.data, split="train")
         source, steps_per_epoch = None, max(1, num_examples // tcfg.batch_size)
     num_epochs = epochs(config)
     total_steps = tcfg.num_steps or num_epochs * steps_per_epoch
@@ -229,24 +192,8 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         raise ValueError(f"no training steps: train.num_steps={tcfg.num_steps}, "
                          f"{num_epochs} epochs of {steps_per_epoch} steps")
 
-    reset_steps = ()
-    if tcfg.schedule == "coop":
-        lrs = step_lib.epoch_cosine_schedules(
-            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
-            steps_per_epoch=steps_per_epoch, epochs=num_epochs,
-            warmup_epochs=tcfg.warmup_epochs, warmup_lr=tcfg.warmup_lr)
-    elif tcfg.schedule == "official_stages":
-        ends = step_lib.stage_ends(tcfg.stage_epochs, steps_per_epoch=steps_per_epoch,
-                                   total_steps=total_steps)
-        lrs = step_lib.official_stage_schedules(
-            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr, stage_ends=ends,
-            final_fraction=tcfg.prompt_final_fraction)
-        reset_steps = ends[:-1]  # each stage builds new optimizers
-    else:
-        lrs = step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
-                                 total_steps=total_steps,
-                                 final_fraction=tcfg.prompt_final_fraction,
-                                 warmup_steps=tcfg.warmup_steps)
+    lrs, reset_steps = _learning_rates(tcfg, steps_per_epoch=steps_per_epoch,
+                                       num_epochs=num_epochs, total_steps=total_steps)
     tx = step_lib.optimizer(lrs, adapter_eps=tcfg.adapter_eps,
                             adapter_weight_decay=tcfg.adapter_weight_decay,
                             clip_norm=tcfg.clip_norm, train_prompts=cfg.train_prompts,
@@ -260,12 +207,38 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         weights=step_lib.loss_weights(config.loss), teacher_adapter=teacher.adapter,
         shared_prefix=config.speed.shared_prefix, train_prompts=cfg.train_prompts,
         frozen_shardings=frozen_shardings,
-        length_buckets=config.speed.get("length_buckets", 1) if config.speed.crop_text else 1,
-        schedule=step_lib.xla_schedule(config.speed.get("xla_schedule", "auto"),
+        length_buckets=config.speed.length_buckets if config.speed.crop_text else 1,
+        schedule=step_lib.xla_schedule(config.speed.xla_schedule,
                                        num_classes=len(class_names),
-                                       remat=config.speed.get("remat", "off")))
+                                       remat=config.speed.remat))
+    return _Run(model=model, frozen=frozen, adapter=adapter, source=source, state=state,
+                train_step=train_step, lrs=lrs, total_steps=total_steps)
 
-    phases.start("training")
+
+def _learning_rates(tcfg, *, steps_per_epoch, num_epochs, total_steps):
+    """`train.schedule`'s learning rates -> ({name: schedule}, the steps at which the
+    optimizers restart: the stage boundaries of "official_stages", else none)."""
+    if tcfg.schedule == "coop":
+        return step_lib.epoch_cosine_schedules(
+            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+            steps_per_epoch=steps_per_epoch, epochs=num_epochs,
+            warmup_epochs=tcfg.warmup_epochs, warmup_lr=tcfg.warmup_lr), ()
+    if tcfg.schedule == "official_stages":
+        ends = step_lib.stage_ends(tcfg.stage_epochs, steps_per_epoch=steps_per_epoch,
+                                   total_steps=total_steps)
+        return step_lib.official_stage_schedules(
+            prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr, stage_ends=ends,
+            final_fraction=tcfg.prompt_final_fraction), ends[:-1]  # each stage: new optimizers
+    return step_lib.schedules(prompt_lr=prompt_lr(tcfg), adapter_lr=tcfg.adapter_lr,
+                              total_steps=total_steps, final_fraction=tcfg.prompt_final_fraction,
+                              warmup_steps=tcfg.warmup_steps), ()
+
+
+def _loop(config, run, *, mesh, workdir):
+    """Runs the step from the latest checkpoint of this run (a checkpoint of another config
+    is refused; `checkpoint.restart` moves it aside first) to `run.total_steps`, logging
+    metric means every `train.log_every` steps and checkpointing -> (final state, history)."""
+    total_steps = run.total_steps
     if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -273,8 +246,8 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
         fingerprint=checkpoint_lib.run_fingerprint(config))
     try:  # closed on every path: an open manager's background loops outlive the run
-        restored, meta = checkpointer.restore_latest(state)
-        history = []
+        restored, meta = checkpointer.restore_latest(run.state)
+        state, history = run.state, []
         if restored is not None:
             if meta["total_steps"] != total_steps:  # same config, but the data changed size
                 raise checkpoint_lib.RunMismatchError(
@@ -283,25 +256,27 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
                     "--config.checkpoint.restart=True to move the old run aside.")
             state, history = restored, meta["history"]
         start = int(state.step)
+        source = run.source
         if source is None:
-            source = _PipelineInput(config, image_size, start)
+            source = _PipelineInput(config, run.model.config.vision.image_size, start)
 
         writer = results_lib.metric_writer(workdir)
         pending = []
         progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
                              desc="P4Q train", unit="step", disable=jax.process_index() != 0)
         for step in progress:
-            state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
+            state, metrics = run.train_step(state, run.frozen,
+                                            parallel.to_global(source.batch(step), mesh))
             if pending:
                 # At most two steps in flight: a deep queue of steps whose collectives wait on
                 # each other can starve XLA:CPU's rendezvous on hosts with few cores.
                 jax.block_until_ready(pending[-1])
             pending.append(metrics)
             done = step + 1
-            if done % tcfg.log_every == 0 or done == total_steps:
+            if done % config.train.log_every == 0 or done == total_steps:
                 means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
                 pending = []
-                means.update({f"lr_{name}": float(s(step)) for name, s in lrs.items()})
+                means.update({f"lr_{name}": float(s(step)) for name, s in run.lrs.items()})
                 writer.write_scalars(done, means)
                 history.append({"step": done, **means})
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
@@ -312,27 +287,33 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     finally:
         checkpointer.close()
     writer.flush()
+    return state, history
 
+
+def _finish(config, run, state, *, qstate, class_names, mesh, phases):
+    """The trained prompts and adapter of the final `state`, the adapter's 8-bit input
+    ranges calibrated on `p4q.adapter_calib_batches` training batches -> `Trained`."""
+    cfg = config.p4q
     trainable = jax.device_get(state.trainable)
     adapter_qstate = None
-    if adapter is not None:
+    if run.adapter is not None:
         phases.start("adapter calibration")
         adapter_qstate = adapter_lib.calibrate(
-            adapter, trainable["adapter"],
-            _calibration_features(config, model, frozen, mesh, image_size, source,
+            run.adapter, trainable["adapter"],
+            _calibration_features(config, run.model, run.frozen, mesh,
+                                  run.model.config.vision.image_size, run.source,
                                   cfg.adapter_calib_batches),
             search_rows=_adapter_search_rows(config, qstate))
-    trained = classifier_lib.Trained(
+    return classifier_lib.Trained(
         class_names=tuple(class_names), position=cfg.position,
-        context=jnp.asarray(trainable["context"]), adapter=adapter,
+        context=jnp.asarray(trainable["context"]), adapter=run.adapter,
         adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
-    return Result(trained=trained, history=history)
 
 
 def _adapter_search_rows(config, qstate):
     """`config.quant.search_rows` resolved for the towers' preset ("auto": "last" for the
     public code's `official`), which the adapter's calibration follows."""
-    search_rows = config.quant.get("search_rows", "auto")
+    search_rows = config.quant.search_rows
     if qstate is None:
         return "balanced" if search_rows == "auto" else search_rows
     return calibration.resolve_search_rows(search_rows, qstate.config)

@@ -3,6 +3,7 @@
 import importlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,9 @@ import pytest
 
 from p4q_jax import configs
 from p4q_jax import data
+from p4q_jax import preflight
 from p4q_jax import quant
+from p4q_jax import schema
 from p4q_jax.p4q import losses
 from p4q_jax.p4q import prompts
 from p4q_jax.p4q import step
@@ -35,8 +38,7 @@ def test_config_values_are_accepted(name):
         else:
             data.info_from_config(config.data)
         assert config.data.augment in data.AUGMENTATIONS
-        if "quant" in config:
-            quant.QConfig.parse(config.quant.config)
+        quant.QConfig.parse(config.quant.config)
         if config.mode == "demo":
             assert config.demo.qconfigs
             for name in config.demo.qconfigs:
@@ -46,6 +48,23 @@ def test_config_values_are_accepted(name):
             step.loss_weights(config.loss)
             assert config.loss.distillation_kind in losses.DISTILLATIONS
             assert config.p4q.position in prompts.POSITIONS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_sets_only_fields_of_the_schema_and_all_of_them(name):
+    for config in _variants(name):
+        assert schema.unknown(config) == [] and schema.missing(config) == []
+        preflight.check_schema(config)
+
+
+def test_the_library_reads_config_fields_directly():
+    """No `config.X.get("field", default)` fallback: the schema's default is the one."""
+    pattern = re.compile(r"\b(config|cfg)(\.[a-z_]+)*\.get\(")
+    package = pathlib.Path(schema.__file__).parent
+    found = [f"{path.relative_to(package)}:{i}: {line.strip()}"
+             for path in sorted(package.rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []
 
 
 def test_variants_differ_where_they_say():

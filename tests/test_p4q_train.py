@@ -15,6 +15,7 @@ import tensorflow as tf
 from p4q_jax import clip
 from p4q_jax import parallel
 from p4q_jax import quant
+from p4q_jax.configs import p4q as p4q_config
 from p4q_jax.p4q import features
 from p4q_jax.p4q import classifier as classifier_lib
 
@@ -118,6 +119,38 @@ def test_cache_on_disk_round_trips_and_checks_its_key(tmp_path):
         np.testing.assert_array_equal(loaded[name], cache[name])
     assert features.load_cache(tmp_path, "another") is None
     assert features.load_cache(tmp_path / "missing", key) is None
+
+
+@pytest.mark.parametrize("feature_cache, augment, views, expected", [
+    (True, "flip", 0, True), (True, "coop", 0, False), (True, "coop", 2, True),
+    (False, "flip", 0, False), (False, "coop", 2, False)])
+def test_which_runs_use_the_cache(feature_cache, augment, views, expected):
+    config = p4q_config.get_config()
+    config.speed.feature_cache, config.data.augment = feature_cache, augment
+    config.speed.feature_cache_views = views
+    assert features.uses_cache(config) is expected
+
+
+def test_a_runs_cache_key_is_the_one_earlier_versions_wrote(monkeypatch):
+    """The key a run looks its cache up by (model, data, views, quantization), pinned to the
+    value the code before `features.cached_input` computed, so existing caches are reused."""
+    keys = []
+
+    def load_cache(directory, key):
+        keys.append((str(directory), key))
+        raise StopIteration  # the key is all this test needs
+
+    monkeypatch.setattr(features, "load_cache", load_cache)
+    model, _ = clip.init("tiny", seed=0)
+    config = p4q_config.get_config()
+    config.data.name = "synthetic"
+    for shots in (0, 4):
+        config.data.num_shots = shots
+        with pytest.raises(StopIteration):
+            features.cached_input(config, model=model, params=None, qstate=None, mesh=None,
+                                  workdir="/run")
+    assert keys[0] == ("/run/feature_cache", "ea4b8066f449f4c6")
+    assert keys[1][1] != keys[0][1]
 
 
 _P4Q_FLAGS = ["--config=configs/p4q.py", "--config.data.name=cifar10",

@@ -4,12 +4,14 @@ import dataclasses
 import os
 import subprocess
 
+import ml_collections
 import PIL.Image
 import pytest
 
 from p4q_jax import clip
 from p4q_jax import preflight
 from p4q_jax import results
+from p4q_jax import schema
 from p4q_jax.clip import architectures
 from p4q_jax.configs import base as base_config
 from p4q_jax.configs import default as default_config
@@ -93,6 +95,42 @@ def test_urls_are_kept_as_they_are():
 ])
 def test_each_bad_field_is_named_with_what_is_allowed(tmp_path, fields, expected):
     assert expected in _problems(_p4q(**fields), tmp_path)
+
+
+def test_an_unknown_field_is_refused_naming_it_and_the_fields_nearby(tmp_path):
+    config = _p4q()
+    config.train.prompt_lrr = 1e-3  # a typo of train.prompt_lr: nothing would read it
+    message = _problems(config, tmp_path)
+    assert "train.prompt_lrr: not a field of section 'train'" in message
+    assert "did you mean train.prompt_lr or train.warmup_lr?" in message
+    assert "its fields: adapter_eps, adapter_lr," in message
+    config = _p4q()
+    config.seeed = 1  # at the top level
+    assert "seeed: neither a field nor a section" in _problems(config, tmp_path, mode="zeroshot")
+
+
+def test_a_misspelled_section_is_refused_once_naming_the_sections(tmp_path):
+    config = _p4q()
+    config.trian = ml_collections.ConfigDict({"batch_size": 64, "epochs": 2})
+    message = _problems(config, tmp_path)
+    assert "this config has 1 unknown or missing field(s)" in message
+    assert "trian: not a section of the config schema (p4q_jax/schema.py); did you mean " \
+        "train?" in message
+
+
+def test_a_config_without_a_field_of_the_schema_is_refused(tmp_path):
+    config = _p4q()
+    del config.speed["length_buckets"]
+    assert "speed.length_buckets: missing" in _problems(config, tmp_path)
+
+
+def test_the_schema_names_a_command_line_override_it_does_not_hold():
+    """What main.py prints for `--config.FIELD=VALUE` of an unknown field (ml_collections
+    refuses it while parsing the flags, before preflight)."""
+    assert schema.describe_unknown("train.prompt_lr") is None
+    assert schema.describe_unknown("seed") is None
+    assert "did you mean train.epochs?" in schema.describe_unknown("train.epoch")
+    assert "did you mean speed?" in schema.describe_unknown("sped.remat")
 
 
 def test_qwt_compensation_is_refused_outside_a_single_process_ptq_job(tmp_path, monkeypatch):
@@ -221,10 +259,10 @@ def test_non_finite_out_of_range_and_oversized_fields_are_named(tmp_path, fields
 
 def test_every_float_field_must_be_finite_at_any_depth(tmp_path):
     config = _p4q()
-    config.speed.new_knob = float("-inf")  # a field no check knows by name
+    config.train.adapter_lr = float("-inf")  # no check of the ptq job reads it by name
     config.train.stage_epochs = (1.0, float("nan"))
-    message = _problems(config, tmp_path)
-    assert "speed.new_knob=-inf: expected a finite number" in message
+    message = _problems(config, tmp_path, mode="ptq")
+    assert "train.adapter_lr=-inf: expected a finite number" in message
     assert "train.stage_epochs=(1.0, nan): expected finite numbers" in message
 
 

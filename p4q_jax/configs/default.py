@@ -22,7 +22,8 @@ from p4q_jax import assets
 from p4q_jax.configs import ablations
 from p4q_jax.configs import p4q
 
-ABLATION_QCONFIG = "w4a4attn8"  # the bits the ablations run at (the paper's are at 4 bits)
+# The bits the ablations run at (the paper's are at 4 bits): the schema's default.
+ABLATION_QCONFIG = p4q.get_config().demo.ablation_qconfig
 # The demo's grid: which parts train x {none, the default (official)}, and for both parts KL
 # from the zero-shot and from the trained FP teacher (`p4q_jax/p4q/variants.py`).
 GRID = ("prompts_only", "prompts_only_no_distillation", "adapter_only",
@@ -33,13 +34,8 @@ GRID = ("prompts_only", "prompts_only_no_distillation", "adapter_only",
 def get_config(variant=None):
     config = p4q.get_config()
     config.mode = "demo"
-    config.demo = {
-        "qconfigs": ("w8a8", "w4a4attn8"),
-        "coop_fp": True,  # CoOp on the FP model
-        "fp_p4q": False,  # prompts + adapter on the FP model (the trained teacher)
-        "ablations": (),  # variants run at ablation_qconfig after the main rows
-        "ablation_qconfig": ABLATION_QCONFIG,
-    }
+    # The demo section's defaults (p4q_jax/schema.py): FP zero-shot, CoOp-FP, then PTQ and P4Q
+    # at w8a8 and w4a4attn8; no ablations.
 
     config.model.checkpoint = str(assets.TINY_CLIP)
     config.data.name = "shapes_warm"

@@ -182,7 +182,7 @@ def _source(cfg, info):
         return _FolderSource(info.root, classes)
     if info.name.startswith(coop.PREFIX):
         return _CoopSource(coop.load(info.root, info.name, num_shots=cfg.num_shots,
-                                     seed=cfg.shot_seed, subsample=cfg.get("subsample", "all")))
+                                     seed=cfg.shot_seed, subsample=cfg.subsample))
     return _TfdsSource(info, cfg.data_dir, cfg.manual_dir)
 
 
@@ -290,7 +290,7 @@ def create_dataset(cfg, *, split, batch_size, image_size, train, seed=0, skip_ba
         and in a pass "index": int32 [b], each example's position in the split (-1: padding).
     """
     local_batch = _local_batch_size(batch_size)
-    augment = cfg.get("augment", "flip")
+    augment = cfg.augment
     if augment not in registry.AUGMENTATIONS:
         raise ValueError(
             f"data.augment={augment!r}: expected one of {list(registry.AUGMENTATIONS)}.")

@@ -192,9 +192,9 @@ def info_from_config(cfg):
     carve: `with_validation`)."""
     info = get_info(
         cfg.name, data_dir=cfg.data_dir, folder=cfg.folder,
-        synthetic_classes=cfg.synthetic_classes, root=cfg.get("root"),
-        num_shots=cfg.num_shots, shot_seed=cfg.shot_seed, templates=cfg.get("templates", "coop"),
-        subsample=cfg.get("subsample", "all"))
+        synthetic_classes=cfg.synthetic_classes, root=cfg.root,
+        num_shots=cfg.num_shots, shot_seed=cfg.shot_seed, templates=cfg.templates,
+        subsample=cfg.subsample)
     return with_validation(info, cfg.validation) if cfg.validation else info
 
 

@@ -156,8 +156,7 @@ def weights_fingerprint(params):
 
 def export_dir(config, workdir):
     """Where a run's export lives: `config.p4q.export_dir`, or WORKDIR/export by default."""
-    explicit = config.p4q.export_dir if "p4q" in config else None
-    return pathlib.Path(explicit or pathlib.Path(workdir) / "export")
+    return pathlib.Path(config.p4q.export_dir or pathlib.Path(workdir) / "export")
 
 
 def save(path, model, params, qstate, trained, *, origin=None, run=None):

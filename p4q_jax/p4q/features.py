@@ -1,4 +1,5 @@
-"""Cache of the frozen image features, and the training input built on it.
+"""Cache of the frozen image features, and the training input built on it: whether a run
+uses it (`uses_cache`), its key, and its build or read-back (`cached_input`).
 
 Both image towers are frozen and the only augmentation is a horizontal flip, so the
 quantized student's and the FP teacher's feature of every training image, in both
@@ -27,8 +28,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from p4q_jax import atomic
+from p4q_jax import data
 from p4q_jax import parallel
 from p4q_jax.p4q import step as step_lib
+from p4q_jax.quant import integer
 
 FIELDS = ("student", "teacher", "label")
 PART_FIELDS = (*FIELDS, "index")  # a process's part: each example's position in the split
@@ -197,3 +200,66 @@ class CachedInput:
         return {"student": np.asarray(self.cache["student"][rows, views]),
                 "teacher": np.asarray(self.cache["teacher"][rows, views]),
                 "label": np.asarray(self.cache["label"][rows])}
+
+
+def uses_cache(config):
+    """Whether training reads cached image features: `speed.feature_cache` with
+    `data.augment="flip"`, whose two views per image the cache holds exactly. Random crops
+    ("coop") are new every step, so their images are encoded in the step, unless
+    `speed.feature_cache_views` = N > 0 asks for N random crops per image, cached once (an
+    approximation: the training then sees N crops of each image, not a fresh one each time)."""
+    if not config.speed.feature_cache:
+        return False
+    return config.data.augment == "flip" or config.speed.feature_cache_views > 0
+
+
+def _run_cache_key(config, model, qstate):
+    """`cache_key` of what a run's cached features depend on: the model, the quantization
+    and the training images (data fields, image size and views)."""
+    return cache_key(
+        checkpoint=config.model.checkpoint, seed=config.seed, model=model.config.to_dict(),
+        data={k: config.data[k] for k in ("name", "num_shots", "shot_seed", "folder", "root",
+                                          "subsample", "synthetic_classes",
+                                          "synthetic_examples", "validation")},
+        image_size=model.config.vision.image_size, augment=config.data.augment,
+        flip=config.data.flip, views=config.speed.feature_cache_views,
+        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
+
+
+def cached_input(config, *, model, params, qstate, mesh, workdir):
+    """The training input of cached student/teacher image features (for a config that
+    `uses_cache`): read back from `speed.cache_dir` (default WORKDIR/feature_cache) when it
+    holds the features of this model, quantization and data, else built with the image
+    towers and saved -> a `CachedInput`. Afterwards training needs no image tower, and a
+    quantized student no FP kernel of its quantized layers (the teacher's features are
+    cached)."""
+    image_size = model.config.vision.image_size
+    key = _run_cache_key(config, model, qstate)
+    directory = config.speed.cache_dir or pathlib.Path(workdir) / "feature_cache"
+    cache = load_cache(directory, key)
+    crops = config.data.augment != "flip"
+    if cache is None:
+        encoder_state = integer.inference_state(qstate, params, config.quant.integer)
+        batch_size = config.eval.batch_size
+        total = data.num_eval_batches(config.data, split="train", batch_size=batch_size)
+
+        def one_pass(view):
+            ds = data.create_dataset(config.data, split="train", batch_size=batch_size,
+                                     image_size=image_size, train=False, seed=config.seed,
+                                     augment_view=view)
+            return build_cache(model, params, encoder_state, data.as_numpy_batches(ds),
+                               mesh=mesh, total=total, flip=not crops)
+
+        if crops:
+            views = config.speed.feature_cache_views
+            logging.warning("feature cache of %d random %s views per image: an approximation "
+                            "of training on a fresh view every step", views, config.data.augment)
+            cache = stack_views([one_pass(v) for v in range(views)])
+        else:
+            cache = one_pass(None)
+        save_cache(directory, cache, key)
+        logging.info("feature cache: %d examples x %d views -> %s", len(cache["label"]),
+                     cache["student"].shape[1], directory)
+    return CachedInput(gather(cache), global_batch=config.train.batch_size,
+                       num_examples=data.num_examples(config.data, split="train"),
+                       seed=config.seed, random_view=crops or config.data.flip)
