@@ -133,7 +133,8 @@ def feature_cache(config, *, model, params, qstate, mesh, workdir):
                                               "synthetic_examples", "validation")},
         image_size=image_size, augment=config.data.get("augment", "flip"),
         flip=config.data.flip, views=_cached_views(config),
-        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
+        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights,
+                                           qstate.compensation))
     directory = cfg.cache_dir or pathlib.Path(workdir) / "feature_cache"
     cache = features_lib.load_cache(directory, key)
     crops = config.data.get("augment", "flip") != "flip"

@@ -39,6 +39,7 @@ def get_config(variant=None):
         "fp_p4q": False,  # prompts + adapter on the FP model (the trained teacher)
         "ablations": (),  # variants run at ablation_qconfig after the main rows
         "ablation_qconfig": ABLATION_QCONFIG,
+        "qat": False,  # QAT at ablation_qconfig (the qat mode; configs/methods.py)
     }
 
     config.model.checkpoint = str(assets.TINY_CLIP)
