@@ -38,13 +38,18 @@ H tables and OUT/base_to_new.png. `--preset=cross_dataset` and `--preset=domain_
 train on 16-shot ImageNet, evaluate each export (`--mode=eval`, in the run's transfer/<target>/)
 on the 10 other datasets or on ImageNet-V2, -Sketch, -A and -R, run zero-shot CLIP on every
 target, and write the transfer table (source, targets, target average) and OUT/transfer.png.
+`--preset=methods` runs `configs/methods.py` (FP zero-shot, CoOp-FP, PTQ, QwT, P4Q, QwT + P4Q
+and QAT in one process) at w8a8 and w4a4attn8 over seeds 0, 1, 2, on the demo's task or on
+`--datasets` (e.g. coop/dtd with --set=data.root=$DATA), and adds the methods table (top-1 mean
++- std and the cost columns: trainable parameters, calibration and training seconds, peak
+memory, bytes on disk) and OUT/top1_vs_cost.png (top-1 against calibration + training
+seconds). Any sweep whose rows carry the cost columns gets them.
 Flags given explicitly replace the preset's axes (`--subsample` its half, `--targets` its
 transfer targets), e.g. a shortened base-to-new table on two datasets and one seed:
 
     python experiments/sweep.py --out=sweeps/b2n --preset=base_to_new --seeds=1 \
         --datasets=coop/dtd,coop/eurosat --set=data.root=$DATA --set=model.checkpoint=ViT-B-16.pt
 """
-import collections
 import dataclasses
 import glob
 import importlib.util
@@ -62,10 +67,14 @@ from absl import logging
 
 from p4q_jax import atomic
 from p4q_jax import checkpoint
+from p4q_jax import costs
 from p4q_jax import results
+from p4q_jax import tables
 from p4q_jax.configs import ablations
 from p4q_jax.configs import baselines
-from p4q_jax.p4q import variants
+from p4q_jax.configs import coop_fewshot
+from p4q_jax.configs import methods as methods_config
+from p4q_jax.data import coop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {
@@ -73,14 +82,14 @@ METHODS = {
     "zeroshot": "configs/zeroshot.py",
     "ptq": "configs/ptq.py",
     "p4q": "configs/p4q.py",
+    "methods": "configs/methods.py",
     **{name: f"configs/baselines.py:{name}" for name in baselines.VARIANTS},
     # kl_trained_teacher needs --set=loss.teacher=PATH (a trained FP export)
     **{name: f"configs/ablations.py:{name}" for name in ablations.VARIANTS},
 }
-_FEWSHOT_METHODS = ["configs/coop_fewshot.py:coop_fp", "configs/coop_fewshot.py:p4q_w8a8",
-                    "configs/coop_fewshot.py:p4q_w4a4attn8"]
-COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
-                 "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+_FEWSHOT_METHODS = [f"configs/coop_fewshot.py:{v}" for v in coop_fewshot.VARIANTS]
+# CoOp's 11 datasets: `data.coop`'s, less ImageNet's test-only variants.
+COOP_DATASETS = tuple(name for name in coop.NAMES if name not in coop.TEST_ONLY)
 PRESETS = {
     # The demo's grid (main rows and 4-bit ablations, one process per seed) and its control on
     # the unshifted task, over three seeds: the paper's tables in miniature.
@@ -92,7 +101,7 @@ PRESETS = {
     },
     "coop_fewshot": {
         "methods": _FEWSHOT_METHODS,
-        "datasets": [f"coop/{name}" for name in COOP_DATASETS],
+        "datasets": [f"{coop.PREFIX}{name}" for name in COOP_DATASETS],
         "shots": ["1", "2", "4", "8", "16"],
         "seeds": ["1", "2", "3"],
         "seed_fields": ("seed", "data.shot_seed"),
@@ -100,7 +109,7 @@ PRESETS = {
     # CoCoOp's base-to-new: 16 shots of the base half; each run also tests the new half.
     "base_to_new": {
         "methods": _FEWSHOT_METHODS,
-        "datasets": [f"coop/{name}" for name in COOP_DATASETS],
+        "datasets": [f"{coop.PREFIX}{name}" for name in COOP_DATASETS],
         "shots": ["16"],
         "seeds": ["1", "2", "3"],
         "seed_fields": ("seed", "data.shot_seed"),
@@ -113,7 +122,8 @@ PRESETS = {
         "shots": ["16"],
         "seeds": ["1", "2", "3"],
         "seed_fields": ("seed", "data.shot_seed"),
-        "transfer_to": [f"coop/{name}" for name in COOP_DATASETS if name != "imagenet"],
+        "transfer_to": [f"{coop.PREFIX}{name}" for name in COOP_DATASETS
+                        if name != "imagenet"],
     },
     # Domain generalization: the same ImageNet runs on ImageNet's test-only variants.
     "domain_generalization": {
@@ -122,8 +132,15 @@ PRESETS = {
         "shots": ["16"],
         "seeds": ["1", "2", "3"],
         "seed_fields": ("seed", "data.shot_seed"),
-        "transfer_to": ["coop/imagenetv2", "coop/imagenet_sketch", "coop/imagenet_a",
-                        "coop/imagenet_r"],
+        "transfer_to": [f"{coop.PREFIX}{name}" for name in coop.TEST_ONLY],
+    },
+    # Every method with its cost (configs/methods.py) at each of its bit settings, on the
+    # config's task (the demo's) or on --datasets such as coop/dtd (with --set=data.root=).
+    "methods": {
+        "methods": [f"configs/methods.py:{bits}" for bits in methods_config.VARIANTS],
+        "datasets": [],
+        "shots": [],
+        "seeds": ["0", "1", "2"],
     },
 }
 
@@ -290,199 +307,9 @@ def collect(points, out, extra=()):
                 "top1": row["top1"], "top5": row["top5"],
                 # base-to-new runs: the accuracy on the new half and the harmonic mean
                 "new_top1": row["new"]["top1"] if "new" in row else None, "hm": row.get("hm"),
-                "recipe": row.get("recipe"), "workdir": str(point.workdir(out))})
+                "recipe": row.get("recipe"), "workdir": str(point.workdir(out)),
+                **{field: row.get(field) for field in costs.FIELDS}})
     return records
-
-
-def summarize(records):
-    """Records grouped by (dataset, shots, bits, row method) -> mean, std (ddof=0), count."""
-    groups = collections.defaultdict(list)
-    for r in records:
-        groups[(r["dataset"], r.get("shots"), r["qconfig"], r["row"])].append(r)
-    summary = []
-    for (dataset, shots, qconfig, row), members in groups.items():
-        # A row that several runs share (e.g. the FP zero-shot of each setting) counts once per
-        # seed: runs with the same seed give it the same value.
-        by_seed = {}
-        for m in members:
-            by_seed.setdefault(m["seed"], m)
-        top1 = np.array([m["top1"] for m in by_seed.values()])
-        top5 = np.array([m["top5"] for m in by_seed.values()])
-        summary.append({"dataset": dataset, "shots": shots, "qconfig": qconfig, "row": row,
-                        "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
-                        "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
-                        "n": len(by_seed), "recipe": members[0].get("recipe"),
-                        "top1_runs": [float(t) for t in top1]})
-        if all(m.get("new_top1") is not None for m in by_seed.values()):
-            for key in ("new_top1", "hm"):
-                values = np.array([m[key] for m in by_seed.values()])
-                summary[-1].update({f"{key}_mean": float(values.mean()),
-                                    f"{key}_std": float(values.std())})
-    return summary
-
-
-def method_label(entry):
-    """A table row's name (`variants.row_label`), with its bits where the row has them."""
-    label = variants.row_label(entry["row"])
-    if entry["qconfig"] == "fp32" or entry["row"].endswith(entry["qconfig"]):
-        return label
-    return f"{label} {entry['qconfig']}"
-
-
-_MAIN_ROWS = ("fp_zeroshot", "coop_fp", "fp_p4q", "ptq", "p4q")
-
-
-def _mean_std(entry):
-    return f"{entry['top1_mean']:.2f} +- {entry['top1_std']:.2f}"
-
-
-def _per_seed(entry):
-    return " / ".join(f"{t:.2f}" for t in entry["top1_runs"])
-
-
-def _recipe_cells(entry):
-    """(prompts, adapter, distillation, teacher) of a row, from the recipe it records."""
-    recipe = entry.get("recipe")
-    if not recipe:
-        return ["-", "-", "-", "-"]
-    teacher = recipe.get("teacher")
-    if teacher is None:
-        teacher_name = "-"
-    elif teacher["kind"] == "zeroshot":
-        teacher_name = f"FP zero-shot ({teacher['train_top1']:.1f} / {teacher['test_top1']:.1f})"
-    else:
-        teacher_name = (f"{variants.row_label(teacher['method'])} "
-                        f"({teacher['train_top1']:.1f} / {teacher['test_top1']:.1f})")
-    return [recipe["prompts"].split(" ")[0], "8-bit" if recipe["adapter"] else "-",
-            recipe["distillation"], teacher_name]
-
-
-def _demo_entries(summary):
-    """{dataset: its entries} of the datasets whose runs hold ablation rows (the demo's)."""
-    out = {}
-    for dataset in dict.fromkeys(s["dataset"] for s in summary):
-        entries = [s for s in summary if s["dataset"] == dataset and s["shots"] is None]
-        if any(s["row"].startswith("p4q_") for s in entries):
-            out[dataset] = entries
-    return out
-
-
-def demo_tables(summary):
-    """The demo's tables, where the summary has ablation rows: {title: (header, rows)}.
-
-    The main table (a row per method and bits) and, per bit setting the ablations ran at, the
-    ablation grid: which parts train (prompts, adapter), the distillation and its teacher
-    (with the teacher's top-1 on the train / test split), top-1 mean +- std and per seed."""
-    tables = {}
-    for dataset, entries in _demo_entries(summary).items():
-        main = [s for s in entries if s["row"] in _MAIN_ROWS]
-        tables[f"{dataset}: top-1 (%), mean +- std over seeds"] = (
-            ["bits", "method", "top-1 (%)", "per seed"],
-            [[s["qconfig"], variants.row_label(s["row"]), _mean_std(s), _per_seed(s)]
-             for s in main])
-        for bits in sorted({s["qconfig"] for s in entries if s["row"].startswith("p4q_")}):
-            rows = sorted((s for s in entries if s["qconfig"] == bits
-                           and (s["row"] in ("ptq", "p4q") or s["row"].startswith("p4q_"))),
-                          key=lambda s: _recipe_cells(s))
-            tables[f"{dataset}, {bits}: what each part adds, top-1 (%) over seeds"] = (
-                ["prompts", "adapter", "distillation", "teacher (top-1 train / test)",
-                 "method", "top-1 (%)", "per seed"],
-                [[*_recipe_cells(s), variants.row_label(s["row"]), _mean_std(s), _per_seed(s)]
-                 for s in rows])
-    return tables
-
-
-def margin(a, b):
-    """(a - b) in standard deviations: over sqrt(std_a^2 + std_b^2), the spread of the
-    difference of two independent seeds' runs (inf when both are exact)."""
-    spread = float(np.hypot(a["top1_std"], b["top1_std"]))
-    diff = a["top1_mean"] - b["top1_mean"]
-    return diff / spread if spread else float("inf") * np.sign(diff) if diff else 0.0
-
-
-# The paper's claims: (claim, row a, row b, bits of a, bits of b); "holds" when a's mean is
-# above b's. Rows missing from a sweep are left out.
-_CLAIMS = (
-    ("learned prompts add to the adapter", "p4q", "p4q_adapter_only", None, None),
-    ("the adapter adds to learned prompts", "p4q", "p4q_prompts_only", None, None),
-    ("distillation (official) helps", "p4q", "p4q_no_distillation", None, None),
-    ("distillation (KL, zero-shot teacher) helps", "p4q_kl_distillation",
-     "p4q_no_distillation", None, None),
-    ("distillation (KL, trained FP teacher) helps", "p4q_kl_trained_teacher",
-     "p4q_no_distillation", None, None),
-    ("4-bit P4Q beats FP zero-shot", "p4q", "fp_zeroshot", "w4a4attn8", "fp32"),
-    ("8-bit P4Q beats CoOp-FP", "p4q", "coop_fp", "w8a8", "fp32"),
-)
-
-
-def demo_claims(summary):
-    """The paper's claims on the demo's means -> (header, rows): claim, dataset, the two
-    means, the margin in points and in standard deviations, and whether it holds on the
-    means ("(within 1 std)" where the margin is under one standard deviation)."""
-    rows = []
-    for dataset, entries in _demo_entries(summary).items():
-        ablated = {s["qconfig"] for s in entries if s["row"].startswith("p4q_")}
-        value = {(s["qconfig"], s["row"]): s for s in entries}
-        for claim, a, b, bits_a, bits_b in _CLAIMS:
-            for bits in sorted(ablated) if bits_a is None else [bits_a]:
-                first, second = value.get((bits, a)), value.get((bits_b or bits, b))
-                if first is None or second is None:
-                    continue
-                diff = first["top1_mean"] - second["top1_mean"]
-                spread = margin(first, second)
-                verdict = "holds" if diff > 0 else "does not hold"
-                if abs(spread) < 1:
-                    verdict += " (within 1 std)"
-                rows.append([claim, f"{dataset} {bits}", _mean_std(first), _mean_std(second),
-                             f"{diff:+.2f}", f"{spread:+.1f}", verdict])
-    return ["claim", "task", "a", "b", "a - b (points)", "margin (std)", "on the means"], rows
-
-
-def shots_tables(summary):
-    """CoOp's tables: {shots: (header, rows)}, a row per method (mean +- std over seeds per
-    dataset, then the average of the dataset means over the datasets it has all of)."""
-    tables = {}
-    for shots in sorted({s["shots"] for s in summary if s["shots"] is not None}):
-        entries = [s for s in summary if s["shots"] == shots]
-        datasets = list(dict.fromkeys(s["dataset"] for s in entries))
-        value = {(method_label(s), s["dataset"]): s for s in entries}
-        rows = []
-        for label in dict.fromkeys(method_label(s) for s in entries):
-            means = [value[(label, d)]["top1_mean"] for d in datasets if (label, d) in value]
-            cells = [f"{value[(label, d)]['top1_mean']:.2f} +- {value[(label, d)]['top1_std']:.2f}"
-                     if (label, d) in value else "-" for d in datasets]
-            average = f"{np.mean(means):.2f}" if len(means) == len(datasets) else "-"
-            rows.append([label, *cells, average])
-        tables[shots] = (["method", *datasets, "average"], rows)
-    return tables
-
-
-def base_to_new_tables(summary):
-    """CoCoOp's tables: {dataset or "average": (header, rows)}, a row per method with base,
-    new and H top-1 (mean +- std over seeds); the average is over datasets (H of the two
-    averages, as CoCoOp)."""
-    entries = [s for s in summary if "new_top1_mean" in s]
-    datasets = list(dict.fromkeys(s["dataset"] for s in entries))
-    header = ["method", "base", "new", "H"]
-    tables = {}
-    for dataset in datasets:
-        tables[dataset] = (header, [
-            [method_label(s), f"{s['top1_mean']:.2f} +- {s['top1_std']:.2f}",
-             f"{s['new_top1_mean']:.2f} +- {s['new_top1_std']:.2f}",
-             f"{s['hm_mean']:.2f} +- {s['hm_std']:.2f}"]
-            for s in entries if s["dataset"] == dataset])
-    rows = []
-    for label in dict.fromkeys(method_label(s) for s in entries):
-        mine = [s for s in entries if method_label(s) == label]
-        if len(mine) != len(datasets):
-            continue
-        base = float(np.mean([s["top1_mean"] for s in mine]))
-        new = float(np.mean([s["new_top1_mean"] for s in mine]))
-        rows.append([label, f"{base:.2f}", f"{new:.2f}",
-                     f"{2 * base * new / (base + new) if base + new else 0.0:.2f}"])
-    if entries:
-        tables["average"] = (header, rows)
-    return tables
 
 
 def with_transfers(points, targets):
@@ -496,28 +323,10 @@ def with_transfers(points, targets):
     return [*points, *transfers, *zeroshots]
 
 
-def transfer_table(summary, sources, targets):
-    """The cross-dataset / DG table: a row per method, columns the source(s), each target and
-    the targets' average (mean +- std over seeds; "-" where a method has no value)."""
-    value = {}
-    for s in summary:
-        value.setdefault((method_label(s), s["dataset"]), s)
-    datasets = [*sources, *targets]
-    rows, plotted = [], {}
-    for label in dict.fromkeys(method_label(s) for s in summary):
-        cells = [value.get((label, d)) for d in datasets]
-        means = [c["top1_mean"] for c, d in zip(cells, datasets) if c and d in targets]
-        average = float(np.mean(means)) if len(means) == len(targets) else None
-        rows.append([label, *(f"{c['top1_mean']:.2f} +- {c['top1_std']:.2f}" if c else "-"
-                              for c in cells), "-" if average is None else f"{average:.2f}"])
-        plotted[label] = [c["top1_mean"] if c else None for c in cells] + [average]
-    return ["method", *datasets, "target average"], rows, plotted
-
-
-def plot_base_to_new(path, tables):
+def plot_base_to_new(path, b2n):
     """Base / new / H bars per method, a chart per dataset and the average, in one PNG."""
     panels = {}
-    for dataset, (_, rows) in tables.items():
+    for dataset, (_, rows) in b2n.items():
         panels[dataset] = {row[0]: [float(cell.split(" ")[0]) for cell in row[1:]]
                            for row in rows}
     results.plot_bar_panels(path, panels, groups=["base", "new", "H"])
@@ -525,20 +334,21 @@ def plot_base_to_new(path, tables):
 
 def plot_shots(path, summary):
     """Top-1 vs shots: a panel per dataset and one for the average over datasets."""
-    labels = list(dict.fromkeys(method_label(s) for s in summary))
+    labels = list(dict.fromkeys(tables.method_label(s) for s in summary))
     datasets = list(dict.fromkeys(s["dataset"] for s in summary))
     panels = {}
     for dataset in datasets:
         panels[dataset] = {label: sorted(
             (s["shots"], s["top1_mean"], s["top1_std"]) for s in summary
-            if s["dataset"] == dataset and method_label(s) == label and s["shots"] is not None)
+            if s["dataset"] == dataset and tables.method_label(s) == label
+            and s["shots"] is not None)
             for label in labels}
     average = {}
     for label in labels:
         points = []
         for shots in sorted({s["shots"] for s in summary if s["shots"] is not None}):
             means = [s["top1_mean"] for s in summary
-                     if s["shots"] == shots and method_label(s) == label]
+                     if s["shots"] == shots and tables.method_label(s) == label]
             if len(means) == len(datasets):
                 points.append((shots, float(np.mean(means)), 0.0))
         average[label] = points
@@ -554,22 +364,27 @@ def report(records, summary, out, targets=()):
     text = ""
     if targets:
         sources = list(dict.fromkeys(r["source"] for r in records if r["source"]))
-        header, rows, plotted = transfer_table(summary, sources, list(targets))
+        header, rows, plotted = tables.transfer_table(summary, sources, list(targets))
         text += ("## Transfer from " + ", ".join(sources) + ": top-1 (%), mean +- std over "
                  "seeds\n\n" + results.markdown_table(header, rows) + "\n")
-    b2n = base_to_new_tables(summary)
+    b2n = tables.base_to_new_tables(summary)
     for dataset, (header, rows) in b2n.items():
         text += (f"## Base-to-new, {dataset}: top-1 (%), mean +- std over seeds\n\n"
                  + results.markdown_table(header, rows) + "\n")
-    for title, (header, rows) in demo_tables(summary).items():
+    for title, (header, rows) in tables.demo_tables(summary).items():
         text += f"## {title}\n\n" + results.markdown_table(header, rows) + "\n"
-    header, claims = demo_claims(summary)
+    header, claims = tables.demo_claims(summary)
     if claims:
         text += ("## The paper's claims on these means\n\n"
                  + results.markdown_table(header, claims) + "\n")
-    for shots, (header, rows) in ({} if b2n or targets else shots_tables(summary)).items():
+    for shots, (header, rows) in ({} if b2n or targets else tables.shots_tables(summary)).items():
         text += (f"## {shots} shots: top-1 (%), mean +- std over seeds\n\n"
                  + results.markdown_table(header, rows) + "\n")
+    costed = [s for s in summary if s["shots"] is None]
+    cost_header, cost_rows = tables.methods_table(costed)
+    if cost_rows:
+        text += ("## Methods and their cost: means over seeds\n\n"
+                 + results.markdown_table(cost_header, cost_rows) + "\n")
     text += "## Mean +- standard deviation over seeds\n\n" + results.markdown_table(
         ["dataset", "shots", "bits", "method", "top-1 (%)", "top-5 (%)", "runs"],
         [[s["dataset"], "-" if s["shots"] is None else s["shots"], s["qconfig"], s["row"],
@@ -581,6 +396,8 @@ def report(records, summary, out, targets=()):
           r["seed"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", r["workdir"]] for r in records])
     results.write_text(out / "results.md", text)
     results.write_json(out / "results.json", {"summary": summary, "runs": records})
+    if cost_rows:
+        tables.plot_methods(out / "top1_vs_cost.png", costed)
     if targets:
         results.plot_bars(out / "transfer.png", header[1:], plotted,
                           title="top-1 (mean over seeds)")
@@ -677,7 +494,7 @@ def main(argv):
     records = collect(points, out, extra)
     if not records:
         raise SystemExit(f"no results.json under {out} to collect.")
-    print(report(records, summarize(records), out, targets))
+    print(report(records, tables.summarize(records), out, targets))
     if failed:
         logging.error("%d of %d runs failed: %s", len(failed), len(points),
                       ", ".join(str(p.workdir(out)) for p in failed))

@@ -12,6 +12,7 @@ from absl import logging
 from p4q_jax import atomic
 from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
+from p4q_jax import costs
 from p4q_jax import data
 from p4q_jax import evaluate
 from p4q_jax import parallel
@@ -20,6 +21,7 @@ from p4q_jax import preflight
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import runlock
+from p4q_jax import tables
 from p4q_jax import train
 from p4q_jax.clip import storage
 from p4q_jax.p4q import features
@@ -161,7 +163,15 @@ def zeroshot(config, workdir):
     job.phases.start("zero-shot evaluation")
     variables = job.variables()
     metrics = job.accuracy(variables, job.classifier(variables), desc="zero-shot")
-    return job.finish(workdir, job.results("zeroshot", [{"method": "fp_zeroshot", **metrics}]))
+    return job.finish(workdir, job.results("zeroshot", [{"method": "fp_zeroshot", **metrics,
+                                                         **_fp_costs(config)}]))
+
+
+def _fp_costs(config):
+    """The FP zero-shot row's cost columns: nothing trained or calibrated, the FP
+    checkpoint's bytes on disk (None for a random init)."""
+    checkpoint = config.model.checkpoint
+    return costs.fields(bytes_on_disk=storage.bytes_on_disk(checkpoint) if checkpoint else None)
 
 
 def calibration_images(job, qconfig):
@@ -198,23 +208,27 @@ def _fp_and_ptq(job, *, quantize=True):
         job.phases.start("zero-shot evaluation")
         teacher = job.classifier(fp)
         return None, teacher, [{"method": "fp_zeroshot",
-                                **job.accuracy(fp, teacher, desc="FP zero-shot")}]
+                                **job.accuracy(fp, teacher, desc="FP zero-shot"),
+                                **_fp_costs(job.config)}]
     texts = [t for class_prompts in job.prompts for t in class_prompts]
     qconfig = quant.QConfig.parse(job.config.quant.config)
     job.phases.start("calibration")
+    start = time.perf_counter()
     images, num_images = calibration_images(job, qconfig)
     qstate, fp_text, report = quant.calibrate(
         job.model, job.params, qconfig, images=images, num_images=num_images, texts=texts,
         text_batch_size=job.config.eval.text_batch_size, return_text_features=True,
         search_rows=job.config.quant.search_rows, return_report=True)
+    seconds = time.perf_counter() - start
     teacher = evaluate.ensemble(fp_text, num_classes=len(job.prompts))
     job.phases.start("zero-shot and PTQ evaluation")
     q = job.variables(qstate)
     return qstate, teacher, [
-        {"method": "fp_zeroshot", **job.accuracy(fp, teacher, desc="FP zero-shot")},
+        {"method": "fp_zeroshot", **job.accuracy(fp, teacher, desc="FP zero-shot"),
+         **_fp_costs(job.config)},
         {"method": "ptq", "qconfig": qconfig.name,
          **job.accuracy(q, job.classifier(q), desc=f"PTQ {qconfig.name}"),
-         "diagnostics": report.to_dict()}]
+         "diagnostics": report.to_dict(), **costs.fields(calibration_seconds=seconds)}]
 
 
 def ptq(config, workdir):
@@ -223,13 +237,16 @@ def ptq(config, workdir):
     job = _Job(config)
     qstate, _, rows = _fp_and_ptq(job)
     if config.quant.compensation == "qwt":
-        rows.append(_qwt_row(job, qstate))
+        rows.append(_qwt(job, qstate, rows[1])[1])
     return job.finish(workdir, job.results("ptq", rows, qconfig=qstate.config.name))
 
 
-def _qwt_row(job, qstate):
+def _qwt(job, qstate, ptq_row):
     """QwT's compensation of `qstate`, solved on the calibration images (read again) and
-    the prompt ensemble -> its results row, with the solve's wall seconds."""
+    the prompt ensemble -> (the compensated QState, its results row: the solve's wall
+    seconds, and the PTQ calibration's plus them as its calibration seconds).
+
+    Needs the job's FP params (before a p4q job swaps in the quantized kernels)."""
     job.phases.start("QwT compensation")
     images, _ = calibration_images(job, qstate.config)
     texts = [t for class_prompts in job.prompts for t in class_prompts]
@@ -239,8 +256,10 @@ def _qwt_row(job, qstate):
     seconds = time.perf_counter() - start
     job.phases.start("QwT evaluation")
     q = job.variables(qwt)
-    return {"method": "qwt", "qconfig": qstate.config.name, "compensation_seconds": seconds,
-            **job.accuracy(q, job.classifier(q), desc=f"QwT {qstate.config.name}")}
+    return qwt, {"method": "qwt", "qconfig": qstate.config.name, "compensation_seconds": seconds,
+                 **job.accuracy(q, job.classifier(q), desc=f"QwT {qstate.config.name}"),
+                 **costs.fields(compensation=costs.compensation_count(qwt),
+                                calibration_seconds=ptq_row["calibration_seconds"] + seconds)}
 
 
 def _trained_accuracy(job, trained, variables, *, desc):
@@ -265,14 +284,16 @@ def _new_classes_job(config, job):
     return _Job(new_config, model_and_params=(job.model, job.params), phases=job.phases)
 
 
-def _baselines_on_new(config, job, qstate):
-    """FP zero-shot and PTQ top-1/top-5 on the new half: {method: metrics}."""
+def _baselines_on_new(config, job, qstate, compensated=None):
+    """FP zero-shot, PTQ (and QwT, given its `compensated` QState) top-1/top-5 on the new
+    half: {method: metrics}."""
     new = _new_classes_job(config, job)
     fp = new.variables()
     measured = {"fp_zeroshot": new.accuracy(fp, new.classifier(fp), desc="FP zero-shot, new")}
-    if qstate is not None:
-        q = new.variables(qstate)
-        measured["ptq"] = new.accuracy(q, new.classifier(q), desc="PTQ, new")
+    for method, state in (("ptq", qstate), ("qwt", compensated)):
+        if state is not None:
+            q = new.variables(state)
+            measured[method] = new.accuracy(q, new.classifier(q), desc=f"{method}, new")
     return measured
 
 
@@ -291,10 +312,13 @@ def _with_new_classes(config, job, rows, qstate, trained, measured):
 
 
 def _calibration_key(config):
-    """What `_fp_and_ptq` depends on: runs that agree on it share its results (the demo)."""
-    return repr({"seed": config.seed, "quantize": config.p4q.quantize,
-                 **{section: config[section].to_dict()
-                    for section in ("model", "data", "quant", "eval")}})
+    """What `_fp_and_ptq` depends on: runs that agree on it share its results (the demo).
+    QwT's compensation comes after it (`_qwt`), so runs with and without one share it."""
+    key = {"seed": config.seed, "quantize": config.p4q.quantize,
+           **{section: config[section].to_dict()
+              for section in ("model", "data", "quant", "eval")}}
+    key["quant"].pop("compensation", None)
+    return repr(key)
 
 
 def _teacher(config, job, zeroshot_text, rows):
@@ -352,8 +376,15 @@ def p4q(config, workdir, *, shared=None):
     trained row says how it was trained (`recipe`: parts, distillation, and the teacher with
     its own top-1 on the train and test splits).
 
+    With `quant.compensation="qwt"` (the `qwt_p4q` variant), QwT's compensation of the
+    calibrated model is solved first (a "qwt" row) and P4Q trains, is evaluated and exported
+    on the compensated model (`QState.compensation`, stored in the export's towers).
+
     `shared`: a dict that runs of one process pass along (the demo) to reuse the calibration,
-    FP zero-shot and PTQ results of a run with the same model, data and quantization.
+    FP zero-shot and PTQ results (and QwT's) of a run with the same model, data and
+    quantization.
+
+    Every row carries the cost columns (`costs.FIELDS`).
 
     Lean: every FP measurement comes first; the text tower's FP kernels of quantized layers
     go before the feature cache is built (it reads the image towers only), the image
@@ -377,13 +408,27 @@ def p4q(config, workdir, *, shared=None):
         qstate, zeroshot_text, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
         if shared is not None:
             shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
+    ptq_state, compensated = qstate, qstate is not None and config.quant.compensation == "qwt"
+    if compensated:
+        if shared is not None and (key, "qwt") in shared:
+            logging.info("QwT compensation: reused from an earlier run")
+            qstate, qwt_row = shared[key, "qwt"]
+        else:
+            qstate, qwt_row = _qwt(job, qstate, rows[1])
+            if shared is not None:
+                shared[key, "qwt"] = (qstate, dict(qwt_row))
+        rows.append(dict(qwt_row))
+    calibration_seconds = rows[-1]["calibration_seconds"]  # of the model it trains on
     qstate = job.place(qstate)
     teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
     base_to_new = config.data.subsample == "base"
     if base_to_new:
         job.phases.start("base-to-new: FP and PTQ")
-        measured_new = _baselines_on_new(config, job, qstate)
+        measured_new = (_baselines_on_new(config, job, job.place(ptq_state), qstate)
+                        if compensated else _baselines_on_new(config, job, qstate))
+    del ptq_state
     source = image_tower = None
+    start = time.perf_counter()
     if features.uses_cache(config):
         job.phases.start("feature cache")
         if qstate is not None:
@@ -392,6 +437,7 @@ def p4q(config, workdir, *, shared=None):
                 name: k for name, k in qstate.kernels.items() if name.startswith("text/")}))
         source = features.cached_input(config, model=job.model, params=job.params,
                                        qstate=qstate, mesh=job.mesh, workdir=workdir)
+    training_seconds = time.perf_counter() - start
     distills = recipe(config)["distillation"] != "none"
     teacher_train = _teacher_train_top1(job, teacher, source) if distills else None
     if source is not None and qstate is not None:
@@ -400,9 +446,11 @@ def p4q(config, workdir, *, shared=None):
             # The params hold the quantized kernels now; the image tower's wait on the host.
             qstate = qstate.replace(kernels={})
             image_tower = parallel.to_host(job.params.pop("visual"))
+    start = time.perf_counter()
     out = train.train(config, model=job.model, params=job.params, qstate=qstate,
                       teacher=teacher, class_names=job.info.class_names, mesh=job.mesh,
                       workdir=workdir, source=source, phases=job.phases)
+    training_seconds += time.perf_counter() - start
     job.phases.start("evaluation")
     if image_tower is not None:
         job.params = {**job.params, "visual": job.place(image_tower)}
@@ -431,10 +479,27 @@ def p4q(config, workdir, *, shared=None):
                              "data": job.data_origin(), "method": config.p4q.method,
                              "recipe": trained_recipe},
                          run=preflight.export_writer(config, workdir))
+    sizes = _export_sizes(export_dir) if jax.process_index() == 0 else {}
+    rows[-1].update(costs.fields(
+        trainable=costs.trainable_count(out.trained, train_prompts=config.p4q.train_prompts),
+        compensation=costs.compensation_count(qstate), calibration_seconds=calibration_seconds,
+        training_seconds=training_seconds, bytes_on_disk=sizes.get("export")))
+    for row in rows[1:-1]:  # PTQ (and QwT): their towers, as this run exported them
+        row["bytes"] = sizes.get(row["method"])
     results.plot_curves(workdir / "training_curves.png", out.history,
                         title=f"{config.p4q.method} on {config.data.name}")
     return job.finish(workdir, job.results("p4q", rows, qconfig=qconfig, history=out.history,
                                            export=str(export_dir)))
+
+
+def _export_sizes(export):
+    """Bytes on disk of an export: {"export": all of it, "qwt": its towers, "ptq": the
+    towers without QwT's compensation (`quant.export` keeps it in towers/compensation/)}."""
+    towers = export / "towers"
+    compensation = towers / "compensation"
+    size = storage.bytes_on_disk(towers)
+    return {"export": storage.bytes_on_disk(export), "qwt": size,
+            "ptq": size - (storage.bytes_on_disk(compensation) if compensation.exists() else 0)}
 
 
 def evaluate_export(config, workdir):
@@ -458,15 +523,6 @@ def evaluate_export(config, workdir):
                                            transfer=transfer))
 
 
-def demo_report(rows):
-    """The demo's table (markdown) from its rows."""
-    return results.markdown_table(
-        ["bits", "method", "top-1 (%)", "top-5 (%)", "size on disk (bytes)"],
-        [[row["qconfig"] or "fp32", variants.row_label(row["method"]), f"{row['top1']:.2f}",
-          f"{row['top5']:.2f}", "-" if row["bytes"] is None else f"{row['bytes']:,}"]
-         for row in rows])
-
-
 def teacher_lines(rows):
     """One line per distinct teacher of the demo's trained rows: its top-1 on both splits."""
     seen = {}
@@ -482,34 +538,29 @@ def teacher_lines(rows):
 
 def demo(config, workdir):
     """FP zero-shot, CoOp-FP (`demo.coop_fp`), FP P4Q (`demo.fp_p4q`), then PTQ and P4Q at
-    each bit setting of `config.demo.qconfigs`, then the ablations of `demo.ablations` at
-    `demo.ablation_qconfig` (`configs/ablations.py`; the trained-teacher one distils from the
-    FP P4Q run's export).
+    each bit setting of `config.demo.qconfigs`, then the variants of `demo.ablations` at
+    `demo.ablation_qconfig` (`p4q.variants`: the ablations, whose trained-teacher one
+    distils from the FP P4Q run's export, and baselines such as `qwt_p4q`, which adds the
+    QwT row), then QAT at that bit setting (`demo.qat`, `configs/methods.py`).
 
     Each training is a `p4q` run in its own WORKDIR/<name>/ (its own results.json, curves,
     checkpoints and export); runs of one bit setting share its calibration and feature
     cache. Prints the table and the teachers' accuracies, and writes results.json,
-    results.md and results.png (top-1 bars) to the workdir. Sizes are bytes on disk: the FP
-    checkpoint, the exported quantized towers (PTQ), and the towers plus prompts and adapter
-    (trained rows; FP ones: the FP towers plus prompts and adapter)."""
+    results.md and results.png (top-1 bars) to the workdir. Each row keeps its run's cost
+    columns (`costs.FIELDS`); a row that several runs report (FP zero-shot, PTQ of a bit
+    setting) is the first run's."""
     workdir = pathlib.Path(workdir)
     todo = _demo_runs(config, workdir)
     runs, rows, shared = {}, [], {}
     for i, (name, (sub, subdir)) in enumerate(todo.items()):
         logging.info("demo %d/%d: %s (%s)", i + 1, len(todo), sub.p4q.method, name)
-        runs[name] = run = p4q(sub, subdir, shared=shared)
-        fp, *quantized, trained = run["rows"]
-        export = pathlib.Path(run["export"])
-        if not rows:
-            checkpoint = config.model.checkpoint
-            rows.append({**fp, "qconfig": None,
-                         "bytes": storage.bytes_on_disk(checkpoint) if checkpoint else None})
-        if not any(r["method"] == "ptq" and r["qconfig"] == q["qconfig"]
-                   for r in rows for q in quantized):
-            rows += [{**row, "bytes": storage.bytes_on_disk(export / "towers")}
-                     for row in quantized]
-        rows.append({**trained, "bytes": storage.bytes_on_disk(export)})
-    table = demo_report(rows)
+        runs[name] = run = _demo_job(sub)(sub, subdir, shared=shared)
+        for row in run["rows"]:
+            row = {**row, "qconfig": row.get("qconfig")}
+            if not any((r["method"], r["qconfig"]) == (row["method"], row["qconfig"])
+                       for r in rows):
+                rows.append(row)
+    table = tables.demo_table(rows)
     first = next(iter(runs.values()))
     teachers = "\n".join(teacher_lines(rows))
     if jax.process_index() == 0:
@@ -521,10 +572,11 @@ def demo(config, workdir):
         fp_rows = [r["top1"] for r in rows if r["method"] == method]
         if fp_rows:
             bars[variants.row_label(method)] = fp_rows * len(settings)
-    for method in ("ptq", "p4q"):
-        bars[variants.row_label(method)] = [
-            next((r["top1"] for r in rows if r["method"] == method and r["qconfig"] == q), None)
-            for q in settings]
+    for method in ("ptq", "qwt", "p4q", "qwt_p4q", "qat"):
+        if any(r["method"] == method for r in rows):
+            bars[variants.row_label(method)] = [
+                next((r["top1"] for r in rows if r["method"] == method and r["qconfig"] == q),
+                     None) for q in settings]
     results.plot_bars(workdir / "results.png", settings, bars,
                       title=f"{config.data.name}: top-1 on the test split")
     out = {"mode": "demo", "smoke_run": first["smoke_run"], "checkpoint": first["checkpoint"],
@@ -551,21 +603,39 @@ def _demo_run(config, workdir, variant=None, *, qconfig=None):
         variants.apply(sub, variant)
     name = _FP_RUNS[variant] if not sub.p4q.quantize else "_".join(
         filter(None, (sub.quant.config, variant)))
-    # Runs of one bit setting (and the FP ones) share the features of their image towers.
+    # Runs of one bit setting (and the FP ones) share the features of their image towers;
+    # QwT's compensated towers give others.
+    cache = sub.quant.config + ("_qwt" if sub.quant.compensation == "qwt" else "")
     sub.speed.cache_dir = str(pathlib.Path(workdir) / "feature_cache" /
-                              (sub.quant.config if sub.p4q.quantize else "fp32"))
+                              (cache if sub.p4q.quantize else "fp32"))
     return sub, pathlib.Path(workdir) / name
 
 
+def _demo_job(sub):
+    """The job that runs one of the demo's runs: `p4q`, or for its QAT run (`demo.qat`) the
+    qat mode's `jobs.MODES["qat"]`, called as `qat(config, workdir, *, shared=None)` with
+    the demo's calibration memo: the one place the demo reaches QAT."""
+    return MODES["qat"] if sub.mode == "qat" else p4q
+
+
 def _demo_runs(config, workdir):
-    """The demo's p4q runs: {name: (config, WORKDIR/<name>)}: CoOp-FP (`fp32_coop`, with
-    `demo.coop_fp`), FP P4Q (`fp32_p4q`, with `demo.fp_p4q`), one per bit setting, then
-    one per ablation (`<bits>_<variant>`)."""
+    """The demo's runs: {name: (config, WORKDIR/<name>)}: CoOp-FP (`fp32_coop`, with
+    `demo.coop_fp`), FP P4Q (`fp32_p4q`, with `demo.fp_p4q`), one per bit setting, one
+    per variant of `demo.ablations` (`<bits>_<variant>`), then QAT (`<bits>_qat`, with
+    `demo.qat`; refused where this build has no qat mode)."""
     demo_cfg = config.demo
     todo = [_demo_run(config, workdir, variant) for variant in _FP_RUNS if demo_cfg[variant]]
     todo += [_demo_run(config, workdir, qconfig=name) for name in demo_cfg.qconfigs]
     todo += [_demo_run(config, workdir, variant, qconfig=demo_cfg.ablation_qconfig)
              for variant in demo_cfg.ablations]
+    if demo_cfg.qat:
+        if "qat" not in MODES:
+            raise preflight.ConfigError(
+                f"demo.qat: True asks for a QAT run, but this build has no qat mode (modes: "
+                f"{sorted(MODES)}); set --config.demo.qat=False")
+        sub, subdir = _demo_run(config, workdir, qconfig=demo_cfg.ablation_qconfig)
+        sub.mode, sub.p4q.method = "qat", "qat"
+        todo.append((sub, subdir.with_name(f"{subdir.name}_qat")))
     for sub, _ in todo:
         if sub.loss.teacher is None:  # the trained-teacher variant: the FP P4Q run's export
             sub.loss.teacher = str(pathlib.Path(workdir) / _FP_RUNS["fp_p4q"] / "export")

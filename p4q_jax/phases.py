@@ -6,7 +6,8 @@ devices' buffers are host memory, so this is the job's whole footprint; on an ac
 it is the host side only. Per-phase peaks need Linux: a phase starts by handing the memory
 its predecessor freed back to the system (glibc's `malloc_trim`) and resetting the kernel's
 high-water mark (`/proc/self/clear_refs`); elsewhere the peak is the process's since it
-started (`ru_maxrss`) and the record says so.
+started (`ru_maxrss`) and the record says so. `peak_rss_bytes` is the process's peak since it
+started, over every phase so far: a running maximum that the per-phase resets do not lower.
 """
 
 import ctypes
@@ -57,6 +58,22 @@ def _peak_bytes(since_reset):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+_process_peak = 0  # the highest high-water mark read so far, in bytes
+
+
+def peak_rss_bytes():
+    """The process's peak resident set size since it started, in bytes: the largest
+    high-water mark read so far (before each phase resets it) and now (a running maximum
+    over everything the process ran, not one job's own)."""
+    global _process_peak
+    try:
+        now = _peak_bytes(True)
+    except OSError:  # no /proc: ru_maxrss, which no phase resets
+        now = 0
+    _process_peak = max(_process_peak, now, _peak_bytes(False))
+    return _process_peak
+
+
 class Phases:
     """Sequential phases of one job: `start(name)` ends the running phase and begins the
     next; `stop()` ends the last. `records` holds one dict per finished phase: {"phase",
@@ -68,6 +85,7 @@ class Phases:
 
     def start(self, name):
         self.stop()
+        peak_rss_bytes()  # the high-water mark of what ran before, before it is reset
         _trim()
         self._current = (name, time.perf_counter(), _reset_peak())
 

@@ -272,9 +272,13 @@ def _quant(config, problems, shards, mode):
     problems.parses("quant.config", cfg.config, quant.QConfig.parse)
     problems.one_of("quant.search_rows", cfg.search_rows, quant.calibration.SEARCH_ROWS)
     problems.one_of("quant.compensation", cfg.compensation, quant.compensation.METHODS)
-    if cfg.compensation == "qwt" and mode != "ptq":
+    if cfg.compensation == "qwt" and mode not in ("ptq", "p4q"):
         problems.add("quant.compensation", cfg.compensation,
-                     "applies to --mode=ptq only (P4Q does not train on a compensated model)")
+                     "applies to --mode=ptq and --mode=p4q only (in the demo: the qwt_p4q "
+                     "variant in demo.ablations)")
+    elif cfg.compensation == "qwt" and mode == "p4q" and not config.p4q.quantize:
+        problems.add("quant.compensation", cfg.compensation,
+                     "compensates a quantized model; p4q.quantize is False")
     if cfg.compensation == "qwt" and jax.process_count() > 1:
         problems.add("quant.compensation", cfg.compensation,
                      "QwT's solve reads the calibration activations on one host; run the ptq "
@@ -373,8 +377,10 @@ def _demo(config, problems):
         problems.add("demo.qconfigs", qconfigs, "name at least one bit setting")
     for i, name in enumerate(qconfigs):
         problems.parses(f"demo.qconfigs[{i}]", name, quant.QConfig.parse)
+    quantized = [v for v, changes in variants.BASELINES.items()
+                 if changes.get("p4q.quantize", True)]  # the demo's FP runs have their flags
     for i, name in enumerate(demo.ablations):
-        problems.one_of(f"demo.ablations[{i}]", name, list(variants.ABLATIONS))
+        problems.one_of(f"demo.ablations[{i}]", name, [*variants.ABLATIONS, *quantized])
     if demo.ablations:
         problems.parses("demo.ablation_qconfig", demo.ablation_qconfig, quant.QConfig.parse)
     if "kl_trained_teacher" in demo.ablations and not demo.fp_p4q:

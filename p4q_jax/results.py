@@ -173,3 +173,26 @@ def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
         axis.grid(alpha=0.3)
 
     _plot_panels(path, panels, draw, columns=4, size=(4, 3.2))
+
+
+def plot_points(path, panels, *, xlabel, ylabel="top-1 (%)"):
+    """Points with vertical error bars, one panel each, as a PNG, atomically (process 0 only).
+
+    Args:
+        path: the PNG to write.
+        panels: {panel title: {series name: [(x, y, error half-length), ...]}}.
+    """
+    if jax.process_index() != 0:
+        return
+
+    def draw(axis, title, series):
+        for name, points in series.items():
+            xs, ys, errs = zip(*points)
+            axis.errorbar(xs, ys, yerr=errs, marker="o", linestyle="none", capsize=3,
+                          label=name)
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+
+    _plot_panels(path, panels, draw, columns=3, size=(5.5, 4))

@@ -183,6 +183,7 @@ def defaults():
     config.demo.fp_p4q = False  # prompts + adapter on the FP model (the trained teacher)
     config.demo.ablations = ()  # variants (p4q/variants.py) run at ablation_qconfig
     config.demo.ablation_qconfig = "w4a4attn8"  # the bits the ablations run at
+    config.demo.qat = False  # QAT at ablation_qconfig (the qat mode; configs/methods.py)
     return config
 
 

@@ -133,9 +133,15 @@ def test_the_schema_names_a_command_line_override_it_does_not_hold():
     assert "did you mean speed?" in schema.describe_unknown("sped.remat")
 
 
-def test_qwt_compensation_is_refused_outside_a_single_process_ptq_job(tmp_path, monkeypatch):
-    assert ("quant.compensation='qwt': applies to --mode=ptq only"
-            in _problems(_p4q(quant__compensation="qwt"), tmp_path))
+def test_qwt_compensation_is_refused_outside_single_process_quantized_jobs(tmp_path,
+                                                                          monkeypatch):
+    preflight.check(_p4q(quant__compensation="qwt"), tmp_path / "p4q", mode="p4q")
+    demo = default_config.get_config()
+    demo.quant.compensation = "qwt"
+    assert ("quant.compensation='qwt': applies to --mode=ptq and --mode=p4q only (in the demo: "
+            "the qwt_p4q variant in demo.ablations)" in _problems(demo, tmp_path, mode="demo"))
+    assert ("quant.compensation='qwt': compensates a quantized model; p4q.quantize is False"
+            in _problems(_p4q(quant__compensation="qwt", p4q__quantize=False), tmp_path))
     monkeypatch.setattr(preflight.jax, "process_count", lambda: 2)
     assert ("quant.compensation='qwt': QwT's solve reads the calibration activations on one "
             "host" in _problems(_p4q(quant__compensation="qwt"), tmp_path, mode="ptq"))

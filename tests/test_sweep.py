@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import main_runner
+from p4q_jax import tables
 
 sys.path.insert(0, str(main_runner.REPO / "experiments"))
 import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,7 +34,7 @@ def test_summary_is_mean_and_std_over_seeds_counting_shared_rows_once():
     # The FP row of two settings of one seed (same value) counts once.
     records += [{"dataset": "d", "qconfig": "fp32", "row": "fp_zeroshot", "seed": s,
                  "top1": t, "top5": 99.0} for s, t in ((0, 50.0), (0, 50.0), (1, 70.0))]
-    summary = {(s["qconfig"], s["row"]): s for s in sweep.summarize(records)}
+    summary = {(s["qconfig"], s["row"]): s for s in tables.summarize(records)}
     p4q = summary[("w8a8", "p4q")]
     assert p4q["n"] == 3 and p4q["top1_mean"] == pytest.approx(30.0)
     assert p4q["top1_std"] == pytest.approx(np.sqrt((400 + 100 + 900) / 3))
@@ -243,8 +244,8 @@ def test_demo_preset_tables_and_claims():
     records = [{"dataset": "shapes_warm", "shots": None, "qconfig": q, "row": r, "seed": seed,
                 "top1": t, "top5": 99.0, "recipe": recipe}
                for (q, r, recipe), values in rows for seed, t in enumerate(values)]
-    tables = sweep.demo_tables(sweep.summarize(records))
-    (header, main), (grid_header, grid) = tables.values()
+    demo = tables.demo_tables(tables.summarize(records))
+    (header, main), (grid_header, grid) = demo.values()
     assert [row[1] for row in main] == ["FP zero-shot", "CoOp-FP", "PTQ", "P4Q", "PTQ", "P4Q"]
     assert main[1][2:] == ["61.00 +- 1.00", "60.00 / 62.00"] and header[2] == "top-1 (%)"
     assert grid_header[:4] == ["prompts", "adapter", "distillation",
@@ -259,7 +260,7 @@ def test_demo_preset_tables_and_claims():
          "61.00 / 61.00"],
         ["learned", "8-bit", "official", "FP zero-shot (70.0 / 60.0)", "P4Q", "64.00 +- 1.00",
          "63.00 / 65.00"]]
-    claims_header, claims = sweep.demo_claims(sweep.summarize(records))
+    claims_header, claims = tables.demo_claims(tables.summarize(records))
     assert claims_header[-2:] == ["margin (std)", "on the means"]
     by_claim = {row[0]: row for row in claims}
     # P4Q 64 +- 1 vs adapter only 65 +- 1: -1 point over sqrt(1 + 1) = -0.7 std.
@@ -275,8 +276,8 @@ def test_demo_preset_tables_and_claims():
     assert "distillation (KL, trained FP teacher) helps" not in by_claim  # no such rows
     # Without ablation rows (e.g. a plain p4q sweep) neither table nor claims appear.
     plain = [r for r in records if not r["row"].startswith("p4q_")]
-    assert not sweep.demo_tables(sweep.summarize(plain))
-    assert not sweep.demo_claims(sweep.summarize(plain))[1]
+    assert not tables.demo_tables(tables.summarize(plain))
+    assert not tables.demo_claims(tables.summarize(plain))[1]
 
 
 def _fake_main(calls):

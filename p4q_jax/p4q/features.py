@@ -223,7 +223,8 @@ def _run_cache_key(config, model, qstate):
                                           "synthetic_examples", "validation")},
         image_size=model.config.vision.image_size, augment=config.data.augment,
         flip=config.data.flip, views=config.speed.feature_cache_views,
-        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights))
+        quant=None if qstate is None else (qstate.config.name, qstate.acts, qstate.weights,
+                                           qstate.compensation))
 
 
 def cached_input(config, *, model, params, qstate, mesh, workdir):

@@ -7,6 +7,8 @@ Baselines (row = the variant's name):
 * coop_ptq: CoOp's prompts on the PTQ model, no adapter, no distillation.
 * fp_p4q: prompts + adapter with the config's distillation on the FP model: the method
   without quantization (its ceiling), and a teacher that knows the task.
+* qwt_p4q: P4Q trained on the QwT-compensated PTQ model (`quant.compensation="qwt"`): the
+  run also reports QwT's row, and its export keeps the compensation.
 
 Ablations (row = "p4q_" + the variant's name), which parts train and the distillation:
 * prompts_only / adapter_only: learned prompts without the adapter, or the adapter with the
@@ -26,6 +28,7 @@ BASELINES = {
     "coop_fp": {"p4q.quantize": False, "p4q.adapter": False, **_NO_DISTILLATION},
     "coop_ptq": {"p4q.adapter": False, **_NO_DISTILLATION},
     "fp_p4q": {"p4q.quantize": False},
+    "qwt_p4q": {"quant.compensation": "qwt"},
 }
 ABLATIONS = {
     "prompts_only": {"p4q.adapter": False},
@@ -58,7 +61,8 @@ def apply(config, variant):
 
 # The one name of each kind of results row, in every table (main.py's and the sweep's).
 _ROW_LABELS = {"fp_zeroshot": "FP zero-shot", "coop_fp": "CoOp-FP", "coop_ptq": "CoOp-PTQ",
-               "fp_p4q": "FP P4Q", "ptq": "PTQ", "qwt": "QwT", "p4q": "P4Q"}
+               "fp_p4q": "FP P4Q", "ptq": "PTQ", "qwt": "QwT", "p4q": "P4Q",
+               "qwt_p4q": "QwT + P4Q", "qat": "QAT"}
 
 
 def row_label(method):
