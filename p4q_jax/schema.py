@@ -58,8 +58,8 @@ def defaults():
     config.quant = ml_collections.ConfigDict()
     config.quant.config = "w4a4attn8"  # official | w{W}a{A}[attn{S}] (see p4q_jax/quant/qconfig.py)
     config.quant.calib_batches = 2  # training batches the image tower is calibrated on
-    # (the balanced search reads the same images in passes of eval.batch_size where that
-    # divides calib_batch_size: its scales do not depend on the batching)
+    # Images per calibration batch (the balanced search reads the same images in passes of
+    # eval.batch_size where that divides it: its scales do not depend on the batching).
     config.quant.calib_batch_size = 32
     # Rows OMSE/PTF score their clipping candidates on: "balanced" (an equal share of every
     # calibration image and prompt), "last" (the final batch, as the public P4Q code), or
