@@ -3,8 +3,9 @@
 `defaults()` is the whole config (a zero-shot run of a random `tiny` CLIP); the experiment
 configs (`p4q_jax/configs/`) start from it and change only what differs, and the library
 reads every field directly. Every config holds every section; each mode reads the sections
-it needs (`zeroshot`: model, data, eval, mesh, distributed; `ptq` adds quant; `p4q` adds
-p4q, train, loss, speed, checkpoint; `demo` adds demo). A field whose default is None
+it needs (`zeroshot`: model, data, eval, mesh, distributed and checkpoint.restart; `ptq`
+adds quant; `p4q` adds p4q, train, loss, speed, checkpoint; `eval` p4q.export_dir; `demo`
+adds demo), and preflight checks those. A field whose default is None
 (`config_dict.placeholder`) is optional: None means "not given", and its comment says what
 is used then. `unknown` names the fields of a config that the schema does not hold (a
 typo would otherwise be ignored: nothing reads it), `missing` those it lacks.
@@ -57,8 +58,8 @@ def defaults():
     config.quant = ml_collections.ConfigDict()
     config.quant.config = "w4a4attn8"  # official | w{W}a{A}[attn{S}] (see p4q_jax/quant/qconfig.py)
     config.quant.calib_batches = 2  # training batches the image tower is calibrated on
-    # (the balanced search reads the same images in passes of eval.batch_size where that
-    # divides calib_batch_size: its scales do not depend on the batching)
+    # Images per calibration batch (the balanced search reads the same images in passes of
+    # eval.batch_size where that divides it: its scales do not depend on the batching).
     config.quant.calib_batch_size = 32
     # Rows OMSE/PTF score their clipping candidates on: "balanced" (an equal share of every
     # calibration image and prompt), "last" (the final batch, as the public P4Q code), or

@@ -67,6 +67,15 @@ def test_the_library_reads_config_fields_directly():
     assert found == []
 
 
+def test_no_library_module_imports_the_experiment_configs():
+    package = pathlib.Path(schema.__file__).parent
+    importers = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+                 if "configs" not in path.relative_to(package).parts
+                 and re.search(r"^\s*from p4q_jax\.configs import|^\s*import p4q_jax\.configs",
+                               path.read_text(), re.M)]
+    assert importers == []
+
+
 def test_variants_differ_where_they_say():
     from p4q_jax.configs import ablations, baselines  # pylint: disable=g-import-not-at-top
     assert not baselines.get_config("coop_fp").p4q.quantize

@@ -212,6 +212,23 @@ def test_main_refuses_a_bad_config_before_any_work(tmp_path):
     assert not {"tensorflow", "clu.metric_writers"} & imported
 
 
+def test_main_names_an_unknown_override_without_a_traceback(tmp_path):
+    """ml_collections refuses `--config.FIELD` of an unknown field while main.py parses its
+    flags (a bare KeyError); main.py exits with the schema's message instead."""
+    workdir = tmp_path / "run"
+    done = subprocess.run(main_runner.command(
+        ["--config=configs/p4q.py", "--config.train.prompt_lrr=1e-3", "--config.trian.epochs=2",
+         f"--workdir={workdir}"], mock_examples=None), cwd=main_runner.REPO,
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "train.prompt_lrr: not a field of section 'train'" in done.stderr
+    assert "did you mean train.prompt_lr or train.warmup_lr?" in done.stderr
+    assert "trian: not a section of the config schema (p4q_jax/schema.py); did you mean " \
+        "train?" in done.stderr
+    assert not workdir.exists()
+
+
 
 def test_folder_dataset_with_a_broken_image_is_refused_naming_it(tmp_path):
     for split in ("train", "test"):

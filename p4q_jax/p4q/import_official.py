@@ -41,8 +41,8 @@ from absl import logging
 from p4q_jax import clip
 from p4q_jax import data
 from p4q_jax import quant
+from p4q_jax import schema
 from p4q_jax.clip import torch_reader
-from p4q_jax.configs import p4q as p4q_config
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.p4q import prompts as prompts_lib
 from p4q_jax.p4q import classifier as classifier_lib
@@ -177,7 +177,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    data_config = p4q_config.get_config().data
+    data_config = schema.defaults().data
     data_config.name = f.dataset
     data_config.data_dir = f.data_dir and str(pathlib.Path(f.data_dir).expanduser())
     path = import_official(
