@@ -62,15 +62,9 @@ def get_config():
     config = p4q.get_config()
     config.model.name = "ViT-B/32"
     config.data.name = "cifar100"
-    config.data.num_shots = 0
-    config.data.flip = True
     config.quant.config = "official"
-    config.quant.calib_batches = 10
-    config.quant.calib_batch_size = 128
     config.quant.search_rows = "last"
-    config.train.batch_size = 128
     config.train.schedule = "official_stages"
     config.train.stage_epochs = STAGE_EPOCHS
     config.train.epochs = STAGE_EPOCHS[-1]
-    config.loss.distillation_kind = "official"
     return config

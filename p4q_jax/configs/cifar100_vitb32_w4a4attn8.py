@@ -20,10 +20,4 @@ def get_config():
     config = p4q.get_config()
     config.model.name = "ViT-B/32"
     config.data.name = "cifar100"
-    config.data.num_shots = 0
-    config.quant.config = "w4a4attn8"
-    config.quant.calib_batches = 10
-    config.quant.calib_batch_size = 128
-    config.train.batch_size = 128
-    config.train.epochs = 50
     return config

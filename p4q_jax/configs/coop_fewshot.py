@@ -35,23 +35,15 @@ def get_config(variant="coop_fp"):
     config.data.num_shots = 16
     config.data.shot_seed = 1
     config.data.augment = "coop"
-    config.data.templates = "coop"
     config.eval.batch_size = 96  # CoOp tests in batches of 100; a multiple of 8 devices here
     config.quant.calib_batch_size = 32
     config.quant.calib_batches = 4
-
-    config.p4q.n_ctx = 16
-    config.p4q.ctx_init = ""
-    config.p4q.position = "end"
-    config.p4q.class_specific = False
 
     config.train.batch_size = 32
     config.train.prompt_lr = 0.002
     config.train.prompt_momentum = 0.9
     config.train.prompt_weight_decay = 5e-4
     config.train.schedule = "coop"
-    config.train.warmup_epochs = 1
-    config.train.warmup_lr = 1e-5
     config.train.epochs_from_shots = True
     config.p4q.adapter_calib_batches = 4
 

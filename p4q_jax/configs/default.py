@@ -39,13 +39,11 @@ def get_config(variant=None):
 
     config.model.checkpoint = str(assets.TINY_CLIP)
     config.data.name = "shapes_warm"
-    config.data.num_shots = 0  # the whole train split (100 per class), as P4Q does on CIFAR
     config.eval.batch_size = 200
     config.eval.text_batch_size = 200
     config.quant.calib_batches = 4
     config.quant.calib_batch_size = 64
 
-    config.train.batch_size = 128
     config.train.num_steps = 2000
     config.train.prompt_lr = 2e-3
     config.train.adapter_lr = 1e-2
@@ -54,7 +52,6 @@ def get_config(variant=None):
     config.p4q.adapter_reduction = 1
     config.p4q.adapter_ratio = 0.5
     config.p4q.adapter_calib_batches = 8
-    config.checkpoint.every_steps = 500
     if variant == "grid":
         config.demo.fp_p4q = True
         config.demo.ablations = GRID

@@ -14,7 +14,6 @@ from p4q_jax.configs import zeroshot
 def get_config():
     config = zeroshot.get_config()
     config.mode = "ptq"
-    config.quant.config = "w4a4attn8"
     config.quant.calib_batches = 10
     config.quant.calib_batch_size = 128
     return config

@@ -9,7 +9,6 @@ from p4q_jax.configs import base
 
 def get_config():
     config = base.get_config()
-    config.mode = "zeroshot"
     config.model.name = "ViT-B/32"
     config.data.name = "cifar100"
     config.eval.batch_size = 256
