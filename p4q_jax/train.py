@@ -16,7 +16,7 @@ the train state with the input position, so a killed run resumes where it stoppe
 ends with the parameters of an uninterrupted one. A checkpoint of a run with another
 config is never resumed (`checkpoint.fingerprint`); `checkpoint.restart` moves it aside.
 Loss terms and learning rates go to CLU metric writers (TensorBoard + log) and a progress
-bar with ETA.
+bar with ETA. That loop is `loop`, which takes any jitted step and state (QAT's, `qat.py`).
 
 After the last step the adapter's 8-bit input ranges are calibrated (OMSE) on
 `p4q.adapter_calib_batches` training batches of student features with the final
@@ -66,7 +66,8 @@ def prompt_lr(cfg):
     return cfg.prompt_lr if cfg.prompt_lr is not None else 5e-4 * cfg.batch_size / 20
 
 
-def _initial_context(config, model, params, num_classes, key):
+def initial_context(config, model, params, num_classes, key):
+    """The prompts' initial context (`p4q.ctx_init`, `n_ctx`, `class_specific`), float32."""
     cfg = config.p4q
     if cfg.ctx_init:
         context = clip.encode.apply(
@@ -196,7 +197,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
     model = model.clone(text_remat=config.speed.get("remat", "off"))
     key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
-    context = _initial_context(config, model, params, len(class_names), key_context)
+    context = initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
@@ -266,6 +267,37 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
                                        remat=config.speed.get("remat", "off")))
 
     phases.start("training")
+    state, history = loop(config, state=state, train_step=train_step, frozen=frozen,
+                          source=source, lrs=lrs, total_steps=total_steps, mesh=mesh,
+                          workdir=workdir, image_size=image_size)
+
+    trainable = jax.device_get(state.trainable)
+    adapter_qstate = None
+    if adapter is not None:
+        phases.start("adapter calibration")
+        adapter_qstate = adapter_lib.calibrate(
+            adapter, trainable["adapter"],
+            _calibration_features(config, model, frozen, mesh, image_size, source,
+                                  cfg.adapter_calib_batches),
+            search_rows=_adapter_search_rows(config, qstate))
+    trained = classifier_lib.Trained(
+        class_names=tuple(class_names), position=cfg.position,
+        context=jnp.asarray(trainable["context"]), adapter=adapter,
+        adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
+    return Result(trained=trained, history=history)
+
+
+def loop(config, *, state, train_step, frozen, source, lrs, total_steps, mesh, workdir,
+         image_size, desc="P4Q train"):
+    """Runs `train_step` (state, frozen, batch) -> (state, metrics) from this run's latest
+    checkpoint (else from `state`) to `total_steps` -> (state, history).
+
+    `source`: the training input (`.batch(step)`), or None for image batches from the
+    pipeline (`_PipelineInput`, at `image_size`). `lrs`: {name: schedule}, logged as
+    `lr_<name>`. Checkpoints hold the state and the input position; a killed run resumes
+    where it stopped and ends with the state of an uninterrupted one.
+    """
+    tcfg = config.train
     if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -289,7 +321,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         writer = results_lib.metric_writer(workdir)
         pending = []
         progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
-                             desc="P4Q train", unit="step", disable=jax.process_index() != 0)
+                             desc=desc, unit="step", disable=jax.process_index() != 0)
         for step in progress:
             state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
             if pending:
@@ -312,21 +344,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
     finally:
         checkpointer.close()
     writer.flush()
-
-    trainable = jax.device_get(state.trainable)
-    adapter_qstate = None
-    if adapter is not None:
-        phases.start("adapter calibration")
-        adapter_qstate = adapter_lib.calibrate(
-            adapter, trainable["adapter"],
-            _calibration_features(config, model, frozen, mesh, image_size, source,
-                                  cfg.adapter_calib_batches),
-            search_rows=_adapter_search_rows(config, qstate))
-    trained = classifier_lib.Trained(
-        class_names=tuple(class_names), position=cfg.position,
-        context=jnp.asarray(trainable["context"]), adapter=adapter,
-        adapter_params=trainable["adapter"], adapter_qstate=adapter_qstate)
-    return Result(trained=trained, history=history)
+    return state, history
 
 
 def _adapter_search_rows(config, qstate):
