@@ -17,6 +17,7 @@ from p4q_jax import evaluate
 from p4q_jax import parallel
 from p4q_jax import phases as phases_lib
 from p4q_jax import preflight
+from p4q_jax import qat as qat_lib
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import runlock
@@ -342,6 +343,21 @@ def recipe(config, teacher=None):
             "teacher": teacher if distills else None}
 
 
+def _calibrated(config, job, shared):
+    """`_fp_and_ptq`'s (QState placed on the mesh, FP zero-shot text features, rows), or those
+    of an earlier run with the same `_calibration_key` in `shared` (when given)."""
+    key = _calibration_key(config)
+    if shared is not None and key in shared:
+        logging.info("calibration, FP zero-shot and PTQ: reused from an earlier run")
+        qstate, zeroshot_text, rows = shared[key]
+        rows = [dict(row) for row in rows]
+    else:
+        qstate, zeroshot_text, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
+        if shared is not None:
+            shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
+    return job.place(qstate), zeroshot_text, rows
+
+
 def p4q(config, workdir, *, shared=None):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
     training curves, and the exact training images in train_split.json. With
@@ -367,16 +383,7 @@ def p4q(config, workdir, *, shared=None):
         atomic.clean_leftovers(export_dir)  # temporaries of an export killed in a past run
     job = _Job(config)
     results.write_json(workdir / "train_split.json", data.training_examples(config.data))
-    key = _calibration_key(config)
-    if shared is not None and key in shared:
-        logging.info("calibration, FP zero-shot and PTQ: reused from an earlier run")
-        qstate, zeroshot_text, rows = shared[key]
-        rows = [dict(row) for row in rows]
-    else:
-        qstate, zeroshot_text, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
-        if shared is not None:
-            shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
-    qstate = job.place(qstate)
+    qstate, zeroshot_text, rows = _calibrated(config, job, shared)
     teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
     base_to_new = config.data.get("subsample", "all") == "base"
     if base_to_new:
@@ -434,6 +441,49 @@ def p4q(config, workdir, *, shared=None):
                         title=f"{config.p4q.method} on {config.data.name}")
     return job.finish(workdir, job.results("p4q", rows, qconfig=qconfig, history=out.history,
                                            export=str(export_dir)))
+
+
+def qat(config, workdir, *, shared=None):
+    """Calibrate -> zero-shot FP and PTQ -> QAT (`p4q_jax/qat.py`: both towers, their learned
+    steps and the prompts) -> evaluate -> export (the towers as integer kernels with the
+    learned steps, the prompts), results.json with a "qat" row (its `trainable_params`),
+    training curves and train_split.json. Resumes from WORKDIR/checkpoints like `p4q`;
+    `shared` as there (the calibration, FP zero-shot and PTQ rows)."""
+    workdir = pathlib.Path(workdir)
+    export_dir = classifier_lib.export_dir(config, workdir)
+    if jax.process_index() == 0:
+        atomic.clean_leftovers(export_dir)
+    job = _Job(config)
+    results.write_json(workdir / "train_split.json", data.training_examples(config.data))
+    qstate, zeroshot_text, rows = _calibrated(config, job, shared)
+    teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
+    distills = recipe(config)["distillation"] != "none"
+    teacher_train = _teacher_train_top1(job, teacher, None) if distills else None
+    out = qat_lib.train(config, model=job.model, params=job.params, qstate=qstate,
+                        teacher=teacher, class_names=job.info.class_names, mesh=job.mesh,
+                        workdir=workdir, phases=job.phases)
+    job.phases.start("evaluation")
+    job.params, qstate = job.place(out.params), job.place(out.qstate)
+    trained_recipe = {**recipe(config, {**teacher.origin, "train_top1": teacher_train,
+                                        "test_top1": teacher_test}),
+                      "towers": "trained (LSQ)"}
+    variables = out.trained.variables(job.params, job.inference(qstate))
+    rows.append({"method": config.p4q.method, "qconfig": qstate.config.name,
+                 "recipe": trained_recipe, "trainable_params": out.trainable_params,
+                 **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
+    job.phases.start("export")
+    if jax.process_index() == 0:
+        classifier_lib.save(export_dir, job.model, jax.device_get(job.params),
+                            jax.device_get(qstate), out.trained, origin={
+                                "model": {"config": job.model.config.to_dict(),
+                                          "weights": job.weights},
+                                "data": job.data_origin(), "method": config.p4q.method,
+                                "recipe": trained_recipe},
+                            run=preflight.export_writer(config, workdir))
+    results.plot_curves(workdir / "training_curves.png", out.history,
+                        title=f"{config.p4q.method} on {config.data.name}")
+    return job.finish(workdir, job.results("qat", rows, qconfig=qstate.config.name,
+                                           history=out.history, export=str(export_dir)))
 
 
 def evaluate_export(config, workdir):
@@ -571,7 +621,8 @@ def _demo_runs(config, workdir):
     return {subdir.name: (sub, subdir) for sub, subdir in todo}
 
 
-MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export, "demo": demo}
+MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "qat": qat, "eval": evaluate_export,
+         "demo": demo}
 
 
 def run(config, workdir, *, mode=None):
@@ -588,7 +639,7 @@ def run(config, workdir, *, mode=None):
                                     f"{sorted(MODES)}")
     config, workdir = preflight.check(config, workdir, mode=mode)
     with runlock.held(workdir):
-        training = {"p4q": lambda: [(config, workdir)],
+        training = {"p4q": lambda: [(config, workdir)], "qat": lambda: [(config, workdir)],
                     "demo": lambda: list(_demo_runs(config, workdir).values())}.get(mode, list)()
         for run_config, run_workdir in training:
             preflight.check_export(run_config, run_workdir)

@@ -73,6 +73,7 @@ def test_lsq_zero_point_gets_no_gradient():
 # --- the QAT step, loop and export (tiny CLIP, 8 fake CPU devices) --------------------------
 
 from p4q_jax import clip  # noqa: E402
+from p4q_jax import jobs  # noqa: E402
 from p4q_jax import parallel  # noqa: E402
 from p4q_jax import qat  # noqa: E402
 from p4q_jax import quant  # noqa: E402
@@ -267,3 +268,45 @@ def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypa
     calibrated = features(straight.trained, tiny_qat[1], tiny_qat[2])
     assert np.abs(calibrated[1] - features(trained2, params2, qstate2)[1]).max() > 1e-4
 
+
+def test_qat_job_rows_export_and_eval(tmp_path):
+    """`--mode=qat` in process: FP, PTQ and QAT rows (the QAT one with its trainable
+    parameters: the towers, every step and the prompts), an export that `--mode=eval`
+    scores as the job did."""
+    config = _config()
+    config.update_from_flattened_dict({"quant.calib_batches": 1, "quant.calib_batch_size": 8,
+                                       "eval.batch_size": 8, "eval.text_batch_size": 16,
+                                       "data.synthetic_examples": 16})
+    out = jobs.run(config, tmp_path / "qat", mode="qat")
+    assert [row["method"] for row in out["rows"]] == ["fp_zeroshot", "ptq", "qat"]
+    row = out["rows"][-1]
+    assert row["qconfig"] == "w4a4attn8" and row["recipe"]["towers"] == "trained (LSQ)"
+    model, params = clip.init("tiny", seed=config.seed)
+    towers = qat.num_params({n: params[n] for n in ("visual", "text")})
+    assert row["trainable_params"] > towers + config.p4q.n_ctx * model.config.text.width
+    assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
+    export = tmp_path / "qat" / "export"
+    meta = classifier_lib.read_meta(export)
+    assert meta["quantized"] and meta["adapter"] is None and meta["origin"]["method"] == "qat"
+    eval_config = _config()
+    eval_config.update_from_flattened_dict({"eval.batch_size": 8, "eval.text_batch_size": 16,
+                                            "p4q.export_dir": str(export)})
+    scored = jobs.run(eval_config, tmp_path / "eval", mode="eval")["rows"][0]
+    assert scored["method"] == "qat"
+    assert (scored["top1"], scored["top5"], scored["count"]) == (row["top1"], row["top5"],
+                                                                 row["count"])
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"qat.lr": 0.0}, "qat.lr"), ({"qat.scale_lr": -1.0}, "qat.scale_lr"),
+    ({"qat.weight_decay": -0.1}, "qat.weight_decay"), ({"p4q.adapter": True}, "p4q.adapter"),
+    ({"train.schedule": "coop"}, "train.schedule")])
+def test_preflight_checks_the_qat_fields(tmp_path, fields, named):
+    from p4q_jax import preflight  # pylint: disable=g-import-not-at-top
+    config = _config()
+    config.update_from_flattened_dict(fields)
+    with pytest.raises(preflight.ConfigError, match=named.replace(".", r"\.")):
+        preflight.check(config, tmp_path, mode="qat")
+    del config.qat
+    with pytest.raises(preflight.ConfigError, match="configs/qat.py"):
+        preflight.check(config, tmp_path, mode="qat")
