@@ -18,6 +18,7 @@ from p4q_jax import evaluate
 from p4q_jax import parallel
 from p4q_jax import phases as phases_lib
 from p4q_jax import preflight
+from p4q_jax import qat as qat_lib
 from p4q_jax import quant
 from p4q_jax import results
 from p4q_jax import runlock
@@ -367,6 +368,21 @@ def recipe(config, teacher=None):
             "teacher": teacher if distills else None}
 
 
+def _calibrated(config, job, shared):
+    """`_fp_and_ptq`'s (QState placed on the mesh, FP zero-shot text features, rows), or those
+    of an earlier run with the same `_calibration_key` in `shared` (when given)."""
+    key = _calibration_key(config)
+    if shared is not None and key in shared:
+        logging.info("calibration, FP zero-shot and PTQ: reused from an earlier run")
+        qstate, zeroshot_text, rows = shared[key]
+        rows = [dict(row) for row in rows]
+    else:
+        qstate, zeroshot_text, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
+        if shared is not None:
+            shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
+    return job.place(qstate), zeroshot_text, rows
+
+
 def p4q(config, workdir, *, shared=None):
     """Calibrate -> zero-shot FP and PTQ -> train P4Q -> evaluate -> export, results.json,
     training curves, and the exact training images in train_split.json. With
@@ -400,14 +416,7 @@ def p4q(config, workdir, *, shared=None):
     job = _Job(config)
     results.write_json(workdir / "train_split.json", data.training_examples(config.data))
     key = _calibration_key(config)
-    if shared is not None and key in shared:
-        logging.info("calibration, FP zero-shot and PTQ: reused from an earlier run")
-        qstate, zeroshot_text, rows = shared[key]
-        rows = [dict(row) for row in rows]
-    else:
-        qstate, zeroshot_text, rows = _fp_and_ptq(job, quantize=config.p4q.quantize)
-        if shared is not None:
-            shared[key] = (qstate, zeroshot_text, [dict(row) for row in rows])
+    qstate, zeroshot_text, rows = _calibrated(config, job, shared)
     ptq_state, compensated = qstate, qstate is not None and config.quant.compensation == "qwt"
     if compensated:
         if shared is not None and (key, "qwt") in shared:
@@ -418,8 +427,8 @@ def p4q(config, workdir, *, shared=None):
             if shared is not None:
                 shared[key, "qwt"] = (qstate, dict(qwt_row))
         rows.append(dict(qwt_row))
+        qstate = job.place(qstate)
     calibration_seconds = rows[-1]["calibration_seconds"]  # of the model it trains on
-    qstate = job.place(qstate)
     teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
     base_to_new = config.data.subsample == "base"
     if base_to_new:
@@ -500,6 +509,55 @@ def _export_sizes(export):
     size = storage.bytes_on_disk(towers)
     return {"export": storage.bytes_on_disk(export), "qwt": size,
             "ptq": size - (storage.bytes_on_disk(compensation) if compensation.exists() else 0)}
+
+
+def qat(config, workdir, *, shared=None):
+    """Calibrate -> zero-shot FP and PTQ -> QAT (`p4q_jax/qat.py`: both towers, their learned
+    steps and the prompts) -> evaluate -> export (the towers as integer kernels with the
+    learned steps, the prompts), results.json with a "qat" row (its `trainable_params`),
+    training curves and train_split.json. Resumes from WORKDIR/checkpoints like `p4q`;
+    `shared` as there (the calibration, FP zero-shot and PTQ rows)."""
+    workdir = pathlib.Path(workdir)
+    export_dir = classifier_lib.export_dir(config, workdir)
+    if jax.process_index() == 0:
+        atomic.clean_leftovers(export_dir)
+    job = _Job(config)
+    results.write_json(workdir / "train_split.json", data.training_examples(config.data))
+    qstate, zeroshot_text, rows = _calibrated(config, job, shared)
+    teacher, teacher_test = _teacher(config, job, zeroshot_text, rows)
+    distills = recipe(config)["distillation"] != "none"
+    teacher_train = _teacher_train_top1(job, teacher, None) if distills else None
+    start = time.perf_counter()
+    out = qat_lib.train(config, model=job.model, params=job.params, qstate=qstate,
+                        teacher=teacher, class_names=job.info.class_names, mesh=job.mesh,
+                        workdir=workdir, phases=job.phases)
+    training_seconds = time.perf_counter() - start
+    job.phases.start("evaluation")
+    job.params, qstate = job.place(out.params), job.place(out.qstate)
+    trained_recipe = {**recipe(config, {**teacher.origin, "train_top1": teacher_train,
+                                        "test_top1": teacher_test}),
+                      "towers": "trained (LSQ)"}
+    variables = out.trained.variables(job.params, job.inference(qstate))
+    rows.append({"method": config.p4q.method, "qconfig": qstate.config.name,
+                 "recipe": trained_recipe,
+                 **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
+    job.phases.start("export")
+    if jax.process_index() == 0:
+        classifier_lib.save(export_dir, job.model, jax.device_get(job.params),
+                            jax.device_get(qstate), out.trained, origin={
+                                "model": {"config": job.model.config.to_dict(),
+                                          "weights": job.weights},
+                                "data": job.data_origin(), "method": config.p4q.method,
+                                "recipe": trained_recipe},
+                            run=preflight.export_writer(config, workdir))
+    rows[-1].update(costs.fields(
+        trainable=out.trainable_params, calibration_seconds=rows[1]["calibration_seconds"],
+        training_seconds=training_seconds,
+        bytes_on_disk=storage.bytes_on_disk(export_dir) if jax.process_index() == 0 else None))
+    results.plot_curves(workdir / "training_curves.png", out.history,
+                        title=f"{config.p4q.method} on {config.data.name}")
+    return job.finish(workdir, job.results("qat", rows, qconfig=qstate.config.name,
+                                           history=out.history, export=str(export_dir)))
 
 
 def evaluate_export(config, workdir):
@@ -612,27 +670,22 @@ def _demo_run(config, workdir, variant=None, *, qconfig=None):
 
 
 def _demo_job(sub):
-    """The job that runs one of the demo's runs: `p4q`, or for its QAT run (`demo.qat`) the
-    qat mode's `jobs.MODES["qat"]`, called as `qat(config, workdir, *, shared=None)` with
-    the demo's calibration memo: the one place the demo reaches QAT."""
-    return MODES["qat"] if sub.mode == "qat" else p4q
+    """The job that runs one of the demo's runs: `qat` for its QAT run (`demo.qat`), else
+    `p4q`; both take the demo's calibration memo."""
+    return qat if sub.mode == "qat" else p4q
 
 
 def _demo_runs(config, workdir):
     """The demo's runs: {name: (config, WORKDIR/<name>)}: CoOp-FP (`fp32_coop`, with
     `demo.coop_fp`), FP P4Q (`fp32_p4q`, with `demo.fp_p4q`), one per bit setting, one
     per variant of `demo.ablations` (`<bits>_<variant>`), then QAT (`<bits>_qat`, with
-    `demo.qat`; refused where this build has no qat mode)."""
+    `demo.qat`)."""
     demo_cfg = config.demo
     todo = [_demo_run(config, workdir, variant) for variant in _FP_RUNS if demo_cfg[variant]]
     todo += [_demo_run(config, workdir, qconfig=name) for name in demo_cfg.qconfigs]
     todo += [_demo_run(config, workdir, variant, qconfig=demo_cfg.ablation_qconfig)
              for variant in demo_cfg.ablations]
     if demo_cfg.qat:
-        if "qat" not in MODES:
-            raise preflight.ConfigError(
-                f"demo.qat: True asks for a QAT run, but this build has no qat mode (modes: "
-                f"{sorted(MODES)}); set --config.demo.qat=False")
         sub, subdir = _demo_run(config, workdir, qconfig=demo_cfg.ablation_qconfig)
         sub.mode, sub.p4q.method = "qat", "qat"
         todo.append((sub, subdir.with_name(f"{subdir.name}_qat")))
@@ -642,7 +695,8 @@ def _demo_runs(config, workdir):
     return {subdir.name: (sub, subdir) for sub, subdir in todo}
 
 
-MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "eval": evaluate_export, "demo": demo}
+MODES = {"zeroshot": zeroshot, "ptq": ptq, "p4q": p4q, "qat": qat, "eval": evaluate_export,
+         "demo": demo}
 
 
 def run(config, workdir, *, mode=None):
@@ -659,7 +713,7 @@ def run(config, workdir, *, mode=None):
                                     f"{sorted(MODES)}")
     config, workdir = preflight.check(config, workdir, mode=mode)
     with runlock.held(workdir):
-        training = {"p4q": lambda: [(config, workdir)],
+        training = {"p4q": lambda: [(config, workdir)], "qat": lambda: [(config, workdir)],
                     "demo": lambda: list(_demo_runs(config, workdir).values())}.get(mode, list)()
         for run_config, run_workdir in training:
             preflight.check_export(run_config, run_workdir)

@@ -370,6 +370,30 @@ def _teacher(config, problems):
                      "expected 'zeroshot' or a trained FP run's export/")
 
 
+def _qat(config, problems):
+    """The `qat` section (`configs/qat.py`) and what QAT supports of the P4Q fields."""
+    if "qat" not in config:
+        problems.add("mode", "qat", "needs a config with a qat section (lr, scale_lr, "
+                     "weight_decay): --config=configs/qat.py")
+        return
+    for field in ("lr", "scale_lr"):
+        problems.positive(f"qat.{field}", config.qat.get(field))
+    problems.number("qat.weight_decay", config.qat.get("weight_decay"), 0)
+    unknown = sorted(set(config.qat) - {"lr", "scale_lr", "weight_decay"})
+    if unknown:
+        problems.add("qat", unknown, "unknown fields; expected lr, scale_lr, weight_decay")
+    if not config.p4q.quantize:
+        problems.add("p4q.quantize", False, "QAT trains a quantized model: expected True")
+    if config.p4q.adapter:
+        problems.add("p4q.adapter", True, "QAT trains the towers and prompts, no adapter: "
+                     "expected False")
+    if not config.p4q.train_prompts:
+        problems.add("p4q.train_prompts", False, "QAT trains CoOp's prompts: expected True")
+    if config.train.schedule != "cosine":
+        problems.add("train.schedule", config.train.schedule, "QAT follows P4Q's 'cosine' "
+                     "schedule: expected 'cosine'")
+
+
 def _demo(config, problems):
     demo = config.demo
     qconfigs = list(demo.qconfigs)
@@ -452,17 +476,19 @@ def check(config, workdir, *, mode):
     info = _data(config, problems)
     _batch(problems, "eval.batch_size", config.eval.batch_size, shards)
     _batch(problems, "eval.text_batch_size", config.eval.text_batch_size, shards)
-    if mode in ("ptq", "p4q", "demo"):
+    if mode in ("ptq", "p4q", "demo", "qat"):
         _quant(config, problems, shards, mode)
         name = str(config.data.name)
         if name.startswith(data.coop.PREFIX) and \
                 name.removeprefix(data.coop.PREFIX) in data.coop.TEST_ONLY:
             problems.add("data.name", name, f"a test-only dataset cannot calibrate or train "
                          f"the {mode} job; evaluate an export on it with --mode=eval")
-    if mode in ("p4q", "demo"):
+    if mode in ("p4q", "demo", "qat"):
         _p4q(config, problems, shards, info)
-        if mode == "p4q":
+        if mode in ("p4q", "qat"):
             _export_path(config, workdir, problems)
+    if mode == "qat":
+        _qat(config, problems)
     if mode == "demo":
         _demo(config, problems)
     if mode == "eval":

@@ -16,7 +16,7 @@ the train state with the input position, so a killed run resumes where it stoppe
 ends with the parameters of an uninterrupted one. A checkpoint of a run with another
 config is never resumed (`checkpoint.fingerprint`); `checkpoint.restart` moves it aside.
 Loss terms and learning rates go to CLU metric writers (TensorBoard + log) and a progress
-bar with ETA.
+bar with ETA. That loop is `loop`, which takes any jitted step and state (QAT's, `qat.py`).
 
 After the last step the adapter's 8-bit input ranges are calibrated (OMSE) on
 `p4q.adapter_calib_batches` training batches of student features with the final
@@ -65,7 +65,8 @@ def prompt_lr(cfg):
     return cfg.prompt_lr if cfg.prompt_lr is not None else 5e-4 * cfg.batch_size / 20
 
 
-def _initial_context(config, model, params, num_classes, key):
+def initial_context(config, model, params, num_classes, key):
+    """The prompts' initial context (`p4q.ctx_init`, `n_ctx`, `class_specific`), float32."""
     cfg = config.p4q
     if cfg.ctx_init:
         context = clip.encode.apply(
@@ -109,7 +110,7 @@ class Result:
 def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
           source=None, phases=None):
     """Trains P4Q (or a baseline/ablation, as configured) -> Result: `_set_up` builds the
-    step and its inputs, `_loop` runs it (resuming from the run's latest checkpoint) and
+    step and its inputs, `loop` runs it (resuming from the run's latest checkpoint) and
     `_finish` calibrates the adapter's 8-bit input ranges on the final weights.
 
     Args:
@@ -132,7 +133,10 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
                   class_names=class_names, mesh=mesh, workdir=workdir, source=source,
                   phases=phases)
     phases.start("training")
-    state, history = _loop(config, run, mesh=mesh, workdir=workdir)
+    state, history = loop(config, state=run.state, train_step=run.train_step, frozen=run.frozen,
+                          source=run.source, lrs=run.lrs, total_steps=run.total_steps,
+                          mesh=mesh, workdir=workdir,
+                          image_size=run.model.config.vision.image_size)
     trained = _finish(config, run, state, qstate=qstate, class_names=class_names, mesh=mesh,
                       phases=phases)
     return Result(trained=trained, history=history)
@@ -140,7 +144,7 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
 
 @dataclasses.dataclass
 class _Run:
-    """What `_set_up` builds for `_loop` and `_finish`."""
+    """What `_set_up` builds for `loop` and `_finish`."""
     model: Any  # the CLIP, with the configured text-tower remat
     frozen: step_lib.Frozen  # the step's frozen inputs, placed on the mesh
     adapter: Any  # the QAdapter, or None without one
@@ -160,7 +164,7 @@ def _set_up(config, *, model, params, qstate, teacher, class_names, mesh, workdi
     parallel.check_batch_size(tcfg.batch_size, mesh, name="train.batch_size")
     model = model.clone(text_remat=config.speed.remat)
     key_context, key_adapter = jax.random.split(jax.random.key(config.seed))
-    context = _initial_context(config, model, params, len(class_names), key_context)
+    context = initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2], position=cfg.position,
                                 context_length=model.config.text.context_length,
                                 crop=config.speed.crop_text)
@@ -234,11 +238,16 @@ def _learning_rates(tcfg, *, steps_per_epoch, num_epochs, total_steps):
                               warmup_steps=tcfg.warmup_steps), ()
 
 
-def _loop(config, run, *, mesh, workdir):
-    """Runs the step from the latest checkpoint of this run (a checkpoint of another config
-    is refused; `checkpoint.restart` moves it aside first) to `run.total_steps`, logging
-    metric means every `train.log_every` steps and checkpointing -> (final state, history)."""
-    total_steps = run.total_steps
+def loop(config, *, state, train_step, frozen, source, lrs, total_steps, mesh, workdir,
+         image_size, desc="P4Q train"):
+    """Runs `train_step` (state, frozen, batch) -> (state, metrics) from this run's latest
+    checkpoint (else from `state`) to `total_steps` -> (state, history).
+
+    `source`: the training input (`.batch(step)`), or None for image batches from the
+    pipeline (`_PipelineInput`, at `image_size`). `lrs`: {name: schedule}, logged as
+    `lr_<name>`. Checkpoints hold the state and the input position; a killed run resumes
+    where it stopped and ends with the state of an uninterrupted one.
+    """
     if config.checkpoint.restart:
         checkpoint_lib.move_run_aside(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -246,8 +255,8 @@ def _loop(config, run, *, mesh, workdir):
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
         fingerprint=checkpoint_lib.run_fingerprint(config))
     try:  # closed on every path: an open manager's background loops outlive the run
-        restored, meta = checkpointer.restore_latest(run.state)
-        state, history = run.state, []
+        restored, meta = checkpointer.restore_latest(state)
+        history = []
         if restored is not None:
             if meta["total_steps"] != total_steps:  # same config, but the data changed size
                 raise checkpoint_lib.RunMismatchError(
@@ -256,17 +265,15 @@ def _loop(config, run, *, mesh, workdir):
                     "--config.checkpoint.restart=True to move the old run aside.")
             state, history = restored, meta["history"]
         start = int(state.step)
-        source = run.source
         if source is None:
-            source = _PipelineInput(config, run.model.config.vision.image_size, start)
+            source = _PipelineInput(config, image_size, start)
 
         writer = results_lib.metric_writer(workdir)
         pending = []
         progress = tqdm.tqdm(range(start, total_steps), initial=start, total=total_steps,
-                             desc="P4Q train", unit="step", disable=jax.process_index() != 0)
+                             desc=desc, unit="step", disable=jax.process_index() != 0)
         for step in progress:
-            state, metrics = run.train_step(state, run.frozen,
-                                            parallel.to_global(source.batch(step), mesh))
+            state, metrics = train_step(state, frozen, parallel.to_global(source.batch(step), mesh))
             if pending:
                 # At most two steps in flight: a deep queue of steps whose collectives wait on
                 # each other can starve XLA:CPU's rendezvous on hosts with few cores.
@@ -276,7 +283,7 @@ def _loop(config, run, *, mesh, workdir):
             if done % config.train.log_every == 0 or done == total_steps:
                 means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
                 pending = []
-                means.update({f"lr_{name}": float(s(step)) for name, s in run.lrs.items()})
+                means.update({f"lr_{name}": float(s(step)) for name, s in lrs.items()})
                 writer.write_scalars(done, means)
                 history.append({"step": done, **means})
                 progress.set_postfix(loss=f"{means['loss']:.4f}")

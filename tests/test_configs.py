@@ -31,7 +31,7 @@ def _variants(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_values_are_accepted(name):
     for config in _variants(name):
-        assert config.mode in ("zeroshot", "ptq", "p4q", "demo")
+        assert config.mode in ("zeroshot", "ptq", "p4q", "demo", "qat")
         if config.data.name.startswith(data.coop.PREFIX):  # the data folder is the user's
             assert config.data.name in data.NAMES
             assert config.data.templates in data.coop.TEMPLATE_CHOICES
@@ -44,7 +44,7 @@ def test_config_values_are_accepted(name):
             for name in config.demo.qconfigs:
                 quant.QConfig.parse(name)
             assert pathlib.Path(config.model.checkpoint).is_dir()
-        if config.mode in ("p4q", "demo"):
+        if config.mode in ("p4q", "demo", "qat"):
             step.loss_weights(config.loss)
             assert config.loss.distillation_kind in losses.DISTILLATIONS
             assert config.p4q.position in prompts.POSITIONS

@@ -14,7 +14,6 @@ from p4q_jax import clip
 from p4q_jax import costs
 from p4q_jax import data
 from p4q_jax import jobs
-from p4q_jax import preflight
 from p4q_jax import tables
 from p4q_jax import train
 from p4q_jax.clip import storage
@@ -150,12 +149,8 @@ def test_qwt_p4q_export_reloads_with_the_compensation(run, tiny_checkpoint):
         _image_features(fp_model, fp_params, solved, images), atol=1e-5)
 
 
-def test_qat_is_reached_through_the_modes_or_refused(tmp_path, tiny_checkpoint, monkeypatch):
+def test_the_demo_runs_qat_through_the_qat_job(tmp_path, tiny_checkpoint, monkeypatch):
     config = _config(tiny_checkpoint, **{"demo.qat": True})
-    with pytest.raises(preflight.ConfigError, match=r"demo\.qat.*no qat mode"):
-        jobs.run(config, tmp_path / "refused")
-    assert not (tmp_path / "refused" / "results.json").exists()
-
     calls = []
 
     def fake_job(method):
@@ -174,7 +169,7 @@ def test_qat_is_reached_through_the_modes_or_refused(tmp_path, tiny_checkpoint, 
         return job
 
     monkeypatch.setattr(jobs, "p4q", fake_job("p4q"))
-    monkeypatch.setitem(jobs.MODES, "qat", fake_job("qat"))
+    monkeypatch.setattr(jobs, "qat", fake_job("qat"))
     out = jobs.demo(config, tmp_path / "qat")
     assert [c[:4] for c in calls] == [("p4q", "demo", "coop_fp", "w4a4attn8"),
                                       ("p4q", "demo", "p4q", "w4a4attn8"),
