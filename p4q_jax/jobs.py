@@ -687,7 +687,7 @@ def _demo_runs(config, workdir):
              for variant in demo_cfg.ablations]
     if demo_cfg.qat:
         sub, subdir = _demo_run(config, workdir, qconfig=demo_cfg.ablation_qconfig)
-        sub.mode, sub.p4q.method = "qat", "qat"
+        sub.mode, sub.p4q.method, sub.p4q.adapter = "qat", "qat", False
         todo.append((sub, subdir.with_name(f"{subdir.name}_qat")))
     for sub, _ in todo:
         if sub.loss.teacher is None:  # the trained-teacher variant: the FP P4Q run's export

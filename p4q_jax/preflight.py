@@ -372,16 +372,9 @@ def _teacher(config, problems):
 
 def _qat(config, problems):
     """The `qat` section (`configs/qat.py`) and what QAT supports of the P4Q fields."""
-    if "qat" not in config:
-        problems.add("mode", "qat", "needs a config with a qat section (lr, scale_lr, "
-                     "weight_decay): --config=configs/qat.py")
-        return
     for field in ("lr", "scale_lr"):
-        problems.positive(f"qat.{field}", config.qat.get(field))
-    problems.number("qat.weight_decay", config.qat.get("weight_decay"), 0)
-    unknown = sorted(set(config.qat) - {"lr", "scale_lr", "weight_decay"})
-    if unknown:
-        problems.add("qat", unknown, "unknown fields; expected lr, scale_lr, weight_decay")
+        problems.positive(f"qat.{field}", config.qat[field])
+    problems.number("qat.weight_decay", config.qat.weight_decay, 0)
     if not config.p4q.quantize:
         problems.add("p4q.quantize", False, "QAT trains a quantized model: expected True")
     if config.p4q.adapter:

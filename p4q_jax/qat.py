@@ -184,7 +184,7 @@ def setup(config, *, model, params, qstate, teacher, class_names, mesh):
     if tcfg.schedule != "cosine":
         raise ValueError(f"train.schedule={tcfg.schedule!r}: QAT follows P4Q's 'cosine' "
                          "schedule only")
-    model = model.clone(text_remat=config.speed.get("remat", "off"))
+    model = model.clone(text_remat=config.speed.remat)
     key_context, _ = jax.random.split(jax.random.key(config.seed))  # P4Q's draw
     context = train_lib.initial_context(config, model, params, len(class_names), key_context)
     prompts = prompts_lib.build(class_names, n_ctx=context.shape[-2],

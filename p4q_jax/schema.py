@@ -20,7 +20,7 @@ from ml_collections import config_dict
 def defaults():
     """A new ConfigDict holding every field at its default."""
     config = ml_collections.ConfigDict()
-    config.mode = "zeroshot"  # zeroshot | ptq | p4q | eval | demo (--mode overrides it)
+    config.mode = "zeroshot"  # zeroshot | ptq | p4q | qat | eval | demo (--mode overrides)
     config.seed = 0  # random init, calibration draw, prompts/adapter init, batch order
 
     config.model = ml_collections.ConfigDict()
@@ -176,6 +176,17 @@ def defaults():
     # A rerun resumes only the same run; True moves a previous run's checkpoints, export and
     # results to WORKDIR/previous/<time>/ and starts afresh.
     config.checkpoint.restart = False
+
+    # --mode=qat (configs/qat.py, p4q_jax/qat.py): the whole quantized CLIP fine-tuned with
+    # LSQ step sizes plus CoOp's prompts (`train.prompt_lr`), on P4Q's loss, data and steps.
+    config.qat = ml_collections.ConfigDict()
+    # AdamW on every parameter of both towers: CLIP fine-tuning's usual rate and decay
+    # (e.g. WiSE-FT and FLYP fine-tune CLIP ViTs at 1e-5 with weight decay 0.1).
+    config.qat.lr = 1e-5
+    # Adam on the weight and activation steps (LSQ trains them at the weights' rate; their
+    # gradients are already scaled by 1 / sqrt(N * Qp)).
+    config.qat.scale_lr = 1e-5
+    config.qat.weight_decay = 0.1  # the towers' only; none on the steps
 
     # --mode=demo (configs/default.py): which p4q runs it makes, in one process.
     config.demo = ml_collections.ConfigDict()

@@ -9,8 +9,6 @@ training_curves.png, checkpoints/ (a rerun resumes) and export/ (the trained tow
 integer kernels with the learned steps, and the prompts; `--mode=eval` reads it).
 """
 
-import ml_collections
-
 from p4q_jax.configs import p4q
 
 
@@ -19,13 +17,4 @@ def get_config():
     config.mode = "qat"
     config.p4q.method = "qat"  # the row name in results.json
     config.p4q.adapter = False  # QAT trains the towers and the prompts, no adapter
-
-    config.qat = ml_collections.ConfigDict()
-    # AdamW on every parameter of both towers: CLIP fine-tuning's usual rate and decay
-    # (e.g. WiSE-FT and FLYP fine-tune CLIP ViTs at 1e-5 with weight decay 0.1).
-    config.qat.lr = 1e-5
-    # Adam on the weight and activation steps (LSQ trains them at the weights' rate; their
-    # gradients are already scaled by 1 / sqrt(N * Qp)).
-    config.qat.scale_lr = 1e-5
-    config.qat.weight_decay = 0.1  # the towers' only; none on the steps
     return config
