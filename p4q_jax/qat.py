@@ -161,6 +161,7 @@ def num_params(tree):
 class Result:
     trained: classifier_lib.Trained  # the learned prompts (no adapter)
     params: dict  # the trained CLIP params
+    quant: lsq.LSQState  # the learned steps, as the train step applies them
     qstate: object  # the learned steps and the kernels they quantize (`lsq.to_qstate`)
     history: list
     trainable_params: int
@@ -226,5 +227,6 @@ def train(config, *, model, params, qstate, teacher, class_names, mesh, workdir,
         class_names=tuple(class_names), position=config.p4q.position,
         context=jnp.asarray(trainable["context"]), adapter=None, adapter_params=None,
         adapter_qstate=None)
-    return Result(trained=trained, params=params, qstate=lsq.to_qstate(quant, params),
+    return Result(trained=trained, params=params, quant=quant,
+                  qstate=lsq.to_qstate(quant, params),
                   history=history, trainable_params=num_params(trainable))

@@ -216,7 +216,8 @@ class _Killed(Exception):
 
 def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypatch):
     """4 steps in one go == 2 steps, killed (after the step-2 checkpoint), then resumed
-    from it; the export of the result gives the same features once reloaded."""
+    from it; the export of the result gives the same features once reloaded, and those are
+    the trained LSQ towers' (`lsq.to_qstate` keeps the learned steps)."""
     straight = _train(tiny_qat, tmp_path / "straight")
     make, calls = qat.make_train_step, []
 
@@ -264,6 +265,11 @@ def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypa
     for saved, loaded in zip(features(straight.trained, straight.params, straight.qstate),
                              features(trained2, params2, qstate2)):
         np.testing.assert_allclose(loaded, saved, rtol=0, atol=1e-6)
+    # The QState evaluated (integer path) is the trained model: the LSQ forward's features.
+    lsq_features = clip.encode.apply(model, straight.params, images, method=model.encode_image,
+                                     qstate=straight.quant)
+    np.testing.assert_allclose(features(trained2, params2, qstate2)[1], lsq_features,
+                               rtol=0, atol=1e-5)  # 7e-7 measured: float order, no code flips
     # The export holds the trained towers, not the calibrated ones.
     calibrated = features(straight.trained, tiny_qat[1], tiny_qat[2])
     assert np.abs(calibrated[1] - features(trained2, params2, qstate2)[1]).max() > 1e-4
