@@ -30,7 +30,7 @@ UNREADABLE = "unreadable"
 # and the training) and single fields outside them; then the fields in them that do not:
 # where files live, names of outputs, logging cadence. `eval` measures the export it names.
 _FINGERPRINT_SECTIONS = {
-    "p4q": (("model", "quant", "p4q", "train", "loss", "data", "qat"), ("seed",)),
+    "p4q": (("model", "quant", "p4q", "train", "loss", "data"), ("seed",)),
     "qat": (("model", "quant", "p4q", "train", "loss", "data", "qat"), ("seed",)),
     "ptq": (("model", "quant", "data"), ("seed",)),
     "zeroshot": (("model", "data"), ("seed", "quant.fold_batchnorm")),
@@ -60,7 +60,8 @@ def _flatten(tree, prefix=""):
 def run_fingerprint(config, mode="p4q"):
     """{dotted field: value} of everything that shapes `mode`'s results. For `p4q` (and
     `qat`), the train state and the training: the seed, the model, quantization,
-    prompts/adapter, optimizer, loss and data fields (and a QAT run's `qat` section), and
+    prompts/adapter, optimizer, loss and data fields (a QAT run's: also its `qat` section
+    and the mode, so a p4q and a qat run never resume each other's checkpoints), and
     whether the input comes from the feature cache (it orders examples differently) and
     how many random views it holds; `ptq` and `zeroshot` the
     seed (a random init's, the calibration draw's), model, data (and quantization); `eval`
@@ -70,9 +71,10 @@ def run_fingerprint(config, mode="p4q"):
     if mode == "p4q":
         fields.update({"speed.feature_cache": config.speed.feature_cache,
                        "speed.feature_cache_views": config.speed.feature_cache_views})
+    if mode == "p4q" and config.mode == "qat":  # the train loop's fingerprint of a QAT run
+        sections, fields["mode"] = _FINGERPRINT_SECTIONS["qat"][0], "qat"
     for section in sections:
-        if section in config:  # `qat`: a QAT run's config only
-            fields.update(_flatten(config[section].to_dict(), f"{section}."))
+        fields.update(_flatten(config[section].to_dict(), f"{section}."))
     fields = {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED}
     for dotted in single:
         *section, name = dotted.split(".")

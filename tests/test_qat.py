@@ -313,6 +313,3 @@ def test_preflight_checks_the_qat_fields(tmp_path, fields, named):
     config.update_from_flattened_dict(fields)
     with pytest.raises(preflight.ConfigError, match=named.replace(".", r"\.")):
         preflight.check(config, tmp_path, mode="qat")
-    del config.qat
-    with pytest.raises(preflight.ConfigError, match="configs/qat.py"):
-        preflight.check(config, tmp_path, mode="qat")
