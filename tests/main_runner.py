@@ -137,13 +137,16 @@ def run_sweep(argv):
     point's main.py run by `call_main` -> a CompletedProcess (its exit status, stdout, and its
     log as stderr), as a run of the script would give."""
     import sweep  # pylint: disable=g-import-not-at-top  (experiments/, on sys.path above)
-    with _captured(None, in_repo=False) as (stdout, log), \
-            unittest.mock.patch.object(sweep.subprocess, "call", call_main):
+    level = logging.getLogger("absl").level  # parsing absl's flags sets it (--verbosity)
+    flags.FLAGS.unparse_flags()
+    try:
+        remaining = flags.FLAGS(["sweep.py", *argv])
+        with _captured(None, in_repo=False) as (stdout, log), \
+                unittest.mock.patch.object(sweep.subprocess, "call", call_main):
+            code = sweep.main(remaining)
+    finally:
         flags.FLAGS.unparse_flags()
-        try:
-            code = sweep.main(flags.FLAGS(["sweep.py", *argv]))
-        finally:
-            flags.FLAGS.unparse_flags()
+        logging.getLogger("absl").setLevel(level)
     return subprocess.CompletedProcess(["sweep.py", *argv], code, stdout.getvalue(),
                                        "\n".join(log.lines))
 
