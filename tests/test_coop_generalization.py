@@ -3,8 +3,6 @@ variants, and exports evaluated on other classes (cross-dataset transfer)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import pytest
@@ -95,11 +93,10 @@ _FAST = ["--config.quant.calib_batches=1", "--config.quant.calib_batch_size=8",
 
 
 def _sweep(out, preset, *args):
-    done = subprocess.run(
-        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), f"--out={out}",
-         f"--preset={preset}", "--methods=configs/coop_fewshot.py:p4q_w8a8", *args],
-        cwd=main_runner.REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
+    """experiments/sweep.py and its main.py jobs, in this process (`main_runner.run_sweep`)."""
+    done = main_runner.run_sweep(
+        [f"--out={out}", f"--preset={preset}", "--methods=configs/coop_fewshot.py:p4q_w8a8",
+         *args])
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -1,4 +1,5 @@
-"""The offline demo: the shipped tiny CLIP, and a shortened `python main.py` on it."""
+"""The offline demo: the shipped tiny CLIP, and a shortened `python main.py` job on it (run in
+this process)."""
 import json
 
 import numpy as np
@@ -42,7 +43,7 @@ def _reference_top1(model, params):
 def demo_run(tmp_path_factory):
     """A shortened default job: CoOp-FP and one bit setting, fewer steps."""
     workdir = tmp_path_factory.mktemp("demo")
-    stdout, _ = main_runner.run_main(
+    stdout, _ = main_runner.run_job(
         [f"--workdir={workdir}", "--config.demo.qconfigs=('w4a4attn8',)",
          "--config.train.num_steps=150", "--config.data.num_shots=16",
          f"--config.data.data_dir={workdir / 'tfds'}"],

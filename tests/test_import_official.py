@@ -162,7 +162,7 @@ def test_import_of_a_tiny_clip_is_an_export_that_eval_reads(tmp_path, tiny_check
     assert (trained.adapter.reduction, trained.adapter.ratio) == (4, 0.2)
     assert set(trained.adapter_qstate.acts) == {"fc1", "fc2"}
 
-    main_runner.run_main([
+    main_runner.run_job([
         "--config=configs/cifar100_vitb32_official448.py", "--mode=eval",
         "--config.data.name=synthetic", f"--config.p4q.export_dir={out}",
         f"--workdir={tmp_path / 'eval'}"], mock_examples=None)

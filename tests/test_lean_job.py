@@ -1,5 +1,5 @@
 """The p4q job's layout and phases: frozen params split over a `model` axis (a (4, 2) mesh of
-the 8 test devices, through main.py) give the data-parallel (8, 1) job's results, results.json
+the 8 test devices, from main.py's flags) give the data-parallel (8, 1) job's results, results.json
 lists every phase with its wall time and peak resident memory, and the image tower waits in
 host memory while the text tower trains."""
 
@@ -34,7 +34,7 @@ PHASES = ["set-up", "calibration", "zero-shot and PTQ evaluation", "feature cach
 def runs(tmp_path_factory, tiny_checkpoint):
     """The job on an (8, 1) mesh in this process, with the image tower's move to host memory
     forced (CPU devices have both memory kinds) and what train.train receives recorded; and
-    through main.py on a (4, 2) mesh."""
+    from main.py's flags on a (4, 2) mesh."""
     root = tmp_path_factory.mktemp("lean")
     config = p4q_config.get_config()
     config.model.checkpoint = str(tiny_checkpoint)
@@ -56,7 +56,7 @@ def runs(tmp_path_factory, tiny_checkpoint):
         patch.setattr(train, "train", spy)
         patch.setattr(parallel, "host_memory_is_separate", lambda: True)
         out = {"data": jobs.p4q(config, root / "data"), "seen": seen}
-    log = main_runner.run_main(
+    log = main_runner.run_job(
         [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}", "--config.mesh.model=2",
          "--config.mesh.shard_min_size=0", f"--workdir={root / 'model'}"], mock_examples=None)
     on_device, total = map(float, re.search(

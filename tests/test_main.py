@@ -1,4 +1,5 @@
-"""End-to-end runs of `main.py` on mock TFDS data (no network, tiny models)."""
+"""End-to-end runs of main.py's jobs (in this process: `main_runner.run_job`) on mock TFDS
+data (no network, tiny models)."""
 
 import json
 
@@ -10,7 +11,7 @@ from p4q_jax import data
 
 import main_runner
 
-_run_main = main_runner.run_main
+_run_job = main_runner.run_job
 
 
 def _mock_test_split(config_module, dataset):
@@ -49,7 +50,7 @@ def _reference_zeroshot(checkpoint, dataset, images, labels):
 
 
 def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
-    _run_main(["--config=configs/zeroshot.py", f"--config.model.checkpoint={tiny_checkpoint}",
+    _run_job(["--config=configs/zeroshot.py", f"--config.model.checkpoint={tiny_checkpoint}",
                "--config.data.name=cifar100", "--config.eval.batch_size=24",
                "--config.eval.text_batch_size=64", f"--workdir={tmp_path}"])
     from p4q_jax.configs import zeroshot  # pylint: disable=g-import-not-at-top
@@ -64,7 +65,7 @@ def test_zeroshot_cifar100_through_main(tmp_path, tiny_checkpoint):
 
 
 def test_no_checkpoint_is_an_offline_smoke_run(tmp_path):
-    log = _run_main(["--config=configs/base.py", f"--workdir={tmp_path}"])
+    log = _run_job(["--config=configs/base.py", f"--workdir={tmp_path}"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["smoke_run"] is True
     from p4q_jax.configs import base  # pylint: disable=g-import-not-at-top
@@ -73,7 +74,7 @@ def test_no_checkpoint_is_an_offline_smoke_run(tmp_path):
 
 
 def test_ptq_cifar10_through_main(tmp_path, tiny_checkpoint):
-    _run_main(["--config=configs/ptq.py", f"--config.model.checkpoint={tiny_checkpoint}",
+    _run_job(["--config=configs/ptq.py", f"--config.model.checkpoint={tiny_checkpoint}",
                "--config.data.name=cifar10", "--config.eval.batch_size=24",
                "--config.eval.text_batch_size=64", "--config.quant.calib_batches=2",
                "--config.quant.calib_batch_size=16", "--config.quant.config=w6a6",

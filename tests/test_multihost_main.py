@@ -1,6 +1,7 @@
 """main.py across processes: a p4q job as 2 processes x 4 CPU devices (joined over 127.0.0.1)
-equals the same job as 1 process x 8 devices, its export evaluates in one process, and both
-processes killed after a checkpoint resume to the uninterrupted run's parameters.
+equals the same job as 1 process x 8 devices (this test process), its export evaluates in one
+process, and both processes killed after a checkpoint resume to the uninterrupted run's
+parameters.
 
 Training reads the same global batches for any number of processes (each process its slice),
 calibration sees the same images and the feature cache is gathered, so the FP and PTQ rows are
@@ -83,7 +84,7 @@ def runs(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("multihost")
     flags = [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}"]
     _run_processes(_two_processes(flags, root / "two"), devices=4)
-    _run_processes([[*flags, f"--workdir={root / 'one'}"]], devices=8)
+    main_runner.run_job([*flags, f"--workdir={root / 'one'}"], mock_examples=None)
     return root, flags, [json.loads((root / name / "results.json").read_text())
                          for name in ("two", "one")]
 
@@ -117,9 +118,9 @@ def test_two_processes_equal_one_process(runs):
 
 def test_the_two_process_export_evaluates_in_one_process(runs):
     root, _, (two, _) = runs
-    main_runner.run_main(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=synthetic",
-                          "--config.data.synthetic_examples=200", "--config.eval.batch_size=40",
-                          f"--workdir={root / 'two'}"], mock_examples=None)
+    main_runner.run_job(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=synthetic",
+                         "--config.data.synthetic_examples=200", "--config.eval.batch_size=40",
+                         f"--workdir={root / 'two'}"], mock_examples=None)
     (row,) = json.loads((root / "two" / "eval_results.json").read_text())["rows"]
     p4q = two["rows"][-1]
     assert (row["top1"], row["top5"], row["count"]) == (p4q["top1"], p4q["top5"], p4q["count"])

@@ -1,10 +1,9 @@
-"""P4Q training: the feature cache, checkpoints, and `main.py` p4q / eval runs end to end,
-including a run killed with SIGKILL and resumed."""
+"""P4Q training: the feature cache, checkpoints, and main.py's p4q / eval jobs end to end (in
+this process), including a `main.py` process killed with SIGKILL and resumed."""
 
 import json
 import shutil
 import signal
-import subprocess
 import time
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from p4q_jax import checkpoint as checkpoint_lib
 from p4q_jax import clip
 from p4q_jax import parallel
 from p4q_jax import quant
@@ -171,16 +171,16 @@ _STEPS = 60
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_checkpoint):
-    """(flags, workdir) of one uninterrupted p4q run of main.py on mock CIFAR-10, given
-    relative paths as in the README (Orbax itself takes only absolute ones)."""
+    """(flags, workdir) of one uninterrupted p4q job of main.py on mock CIFAR-10 (in this
+    process), given relative paths as in the README (Orbax itself takes only absolute ones)."""
     flags = [*_P4Q_FLAGS, f"--config.model.checkpoint={main_runner.relative(tiny_checkpoint)}",
              f"--config.train.num_steps={_STEPS}", "--config.train.log_every=10",
              "--config.checkpoint.every_steps=10"]
     workdir = tmp_path_factory.mktemp("straight")
     leftover = workdir / ".export.tmp-killed"  # what an export killed mid-write leaves
     (leftover / "trained").mkdir(parents=True)
-    main_runner.run_main([*flags, f"--workdir={main_runner.relative(workdir)}",
-                          f"--config.p4q.export_dir={main_runner.relative(workdir)}/export"])
+    main_runner.run_job([*flags, f"--workdir={main_runner.relative(workdir)}",
+                         f"--config.p4q.export_dir={main_runner.relative(workdir)}/export"])
     assert not leftover.exists()
     return flags, workdir
 
@@ -209,9 +209,9 @@ def test_p4q_then_eval_through_main(straight_run):
 
     # Evaluating the export (WORKDIR/export by default) keeps the training's results.json.
     training_results = (workdir / "results.json").read_bytes()
-    main_runner.run_main(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=cifar10",
-                          "--config.eval.batch_size=24",
-                          f"--workdir={main_runner.relative(workdir)}"])
+    main_runner.run_job(["--config=configs/p4q.py", "--mode=eval", "--config.data.name=cifar10",
+                         "--config.eval.batch_size=24",
+                         f"--workdir={main_runner.relative(workdir)}"])
     (row,) = json.loads((workdir / "eval_results.json").read_text())["rows"]
     assert row["top1"] == p4q["top1"] and row["top5"] == p4q["top5"]
     assert (workdir / "results.json").read_bytes() == training_results
@@ -220,14 +220,13 @@ def test_p4q_then_eval_through_main(straight_run):
 def test_rerun_with_another_config_is_refused_and_loses_nothing(straight_run):
     flags, workdir = straight_run
     before = main_runner.tree_digest(workdir)
-    done = subprocess.run(main_runner.command(
-        [*flags, "--config.p4q.adapter=False", "--config.p4q.n_ctx=8",
-         "--config.quant.config=w8a8", f"--workdir={workdir}"]),
-        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1, done.stderr[-2000:]
+    # main.py exits with status 1 and this message (test_outputs.py runs one such refusal).
+    with pytest.raises(checkpoint_lib.RunMismatchError) as refused:
+        main_runner.run_job([*flags, "--config.p4q.adapter=False", "--config.p4q.n_ctx=8",
+                             "--config.quant.config=w8a8", f"--workdir={workdir}"])
     for line in ("p4q.adapter: True -> False", "p4q.n_ctx: 4 -> 8",
                  "quant.config: 'w4a4attn8' -> 'w8a8'", "--config.checkpoint.restart=True"):
-        assert line in done.stderr
+        assert line in str(refused.value)
     assert main_runner.tree_digest(workdir) == before
 
 
@@ -236,8 +235,8 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_ru
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     old_results = (workdir / "results.json").read_bytes()
-    main_runner.run_main([*flags, "--config.p4q.n_ctx=8", "--config.train.num_steps=10",
-                          "--config.checkpoint.restart=True", f"--workdir={workdir}"])
+    main_runner.run_job([*flags, "--config.p4q.n_ctx=8", "--config.train.num_steps=10",
+                         "--config.checkpoint.restart=True", f"--workdir={workdir}"])
     (previous,) = (workdir / "previous").iterdir()
     assert (previous / "results.json").read_bytes() == old_results
     assert main_runner.complete_checkpoint_steps(previous / "checkpoints") == [40, 50, 60]
@@ -246,7 +245,6 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_ru
     assert [h["step"] for h in results["history"]] == [10]
     _, _, _, trained = classifier_lib.load(workdir / "export")
     assert trained.context.shape[0] == 8
-
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, straight_run):
@@ -263,7 +261,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, straight_ru
     killed_at = max(main_runner.complete_checkpoint_steps(workdir / "checkpoints"))
     assert killed_at < _STEPS and not (workdir / "results.json").exists()
 
-    log = main_runner.run_main([*flags, f"--workdir={workdir}"])
+    log = main_runner.run_job([*flags, f"--workdir={workdir}"])  # resumed in this process
     assert f"resuming from the checkpoint at step {killed_at}" in log
     results = json.loads((workdir / "results.json").read_text())
     assert [h["step"] for h in results["history"]] == list(range(10, _STEPS + 1, 10))

@@ -1,4 +1,4 @@
-"""A P4Q run of main.py with a ResNet CLIP (random `tiny-rn` weights, BatchNorm folded), then
+"""A P4Q run of main.py's job (in this process) with a ResNet CLIP (random `tiny-rn` weights, BatchNorm folded), then
 `--mode=eval` of its export: the whole pipeline, unchanged, on the other image tower."""
 
 import json
@@ -8,7 +8,7 @@ import main_runner
 
 def test_p4q_then_eval_with_a_resnet_image_tower(tmp_path, tiny_rn_checkpoint):
     workdir = tmp_path / "run"
-    main_runner.run_main([
+    main_runner.run_job([
         "--config=configs/p4q.py", "--config.data.name=cifar10",
         f"--config.model.checkpoint={tiny_rn_checkpoint}", "--config.quant.fold_batchnorm=True",
         "--config.quant.config=w8a8", "--config.quant.calib_batches=1", "--config.quant.calib_batch_size=16",
@@ -21,7 +21,7 @@ def test_p4q_then_eval_with_a_resnet_image_tower(tmp_path, tiny_rn_checkpoint):
     meta = json.loads((workdir / "export" / "towers" / "p4q_quant.json").read_text())
     assert meta["clip_config"]["vision"]["layers"] == [1, 2, 1, 1]
     assert "visual/layer2_0/downsample_0" in meta["kernels"]
-    main_runner.run_main([
+    main_runner.run_job([
         "--config=configs/p4q.py", "--mode=eval", "--config.data.name=cifar10",
         f"--config.model.checkpoint={tiny_rn_checkpoint}", "--config.quant.fold_batchnorm=True",
         "--config.eval.batch_size=24", f"--workdir={workdir}"])

@@ -1,17 +1,13 @@
-"""experiments/sweep.py: the grid, the summary over seeds, and a small real sweep of main.py."""
+"""experiments/sweep.py: the grid, the summary over seeds, and a small real sweep of main.py's
+jobs (the sweep and its jobs in this process: `main_runner.run_sweep`)."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import main_runner
 from p4q_jax import tables
-
-sys.path.insert(0, str(main_runner.REPO / "experiments"))
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import sweep  # experiments/sweep.py (main_runner puts experiments/ on sys.path)
 
 
 def test_grid_and_workdirs():
@@ -43,14 +39,10 @@ def test_summary_is_mean_and_std_over_seeds_counting_shared_rows_once():
 
 
 def _sweep(out, *args):
-    # One device per run: the sweep, not the sharding, is under test here.
-    return subprocess.run(
-        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), f"--out={out}",
-         "--methods=zeroshot", "--datasets=synthetic", "--set=model.name=tiny",
+    return main_runner.run_sweep(
+        [f"--out={out}", "--methods=zeroshot", "--datasets=synthetic", "--set=model.name=tiny",
          "--set=eval.batch_size=16", "--set=eval.text_batch_size=16",
-         "--set=data.synthetic_examples=32", *args],
-        cwd=main_runner.REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "XLA_FLAGS": ""})
+         "--set=data.synthetic_examples=32", *args])
 
 
 def test_sweep_runs_main_collects_and_resumes(tmp_path):
@@ -75,11 +67,7 @@ def test_sweep_runs_main_collects_and_resumes(tmp_path):
 
 
 def _preset(out, *args, preset="coop_fewshot"):
-    return subprocess.run(
-        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), f"--out={out}",
-         f"--preset={preset}", *args],
-        cwd=main_runner.REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
+    return main_runner.run_sweep([f"--out={out}", f"--preset={preset}", *args])
 
 
 def test_coop_preset_is_coops_grid(tmp_path):
@@ -332,11 +320,8 @@ def test_seeds_shots_and_set_errors_name_the_flag_and_value():
     sweep.check_set(["p4q", "zeroshot"], ["eval.batch_size=16", "model.checkpoint=x.pt"])
 
 
-def test_relative_out_is_one_place_wherever_the_sweep_starts(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(main_runner.REPO / "experiments" / "sweep.py"), "--out=rel",
-         "--methods=zeroshot", "--seeds=0", "--dry_run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(main_runner.REPO)})
+def test_relative_out_is_one_place_wherever_the_sweep_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    done = main_runner.run_sweep(["--out=rel", "--methods=zeroshot", "--seeds=0", "--dry_run"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert f" --workdir={tmp_path}/rel/zeroshot/seed0 " in done.stdout
