@@ -20,7 +20,6 @@ the shipped tiny CLIP, shapes_warm's classes, batch 128, w4a4attn8), median of t
 steps after the first call; P4Q on cached features as the demo trains it, QAT on images.
 """
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -135,16 +134,6 @@ def _memory(model_name, batch, class_names, mesh):
     _memory_row("qat", *_qat(config, model, params, qstate, teacher, class_names, batch, mesh))
 
 
-def _timed(step, state, fixed, batch, steps):
-    seconds = []
-    for _ in range(1 + steps):
-        start = time.perf_counter()
-        state, metrics = step(state, fixed, batch)
-        jax.block_until_ready((state, metrics))
-        seconds.append(time.perf_counter() - start)
-    return seconds[0], float(np.median(seconds[1:]))
-
-
 def _demo_time(steps, mesh):
     config = default_config.get_config()
     model, params = clip.load(config.model.checkpoint)
@@ -163,7 +152,7 @@ def _demo_time(steps, mesh):
                          adapter_lib.QAdapter(reduction=config.p4q.adapter_reduction,
                                               ratio=config.p4q.adapter_ratio))),
             ("qat", _qat(qconfig, model, params, qstate, teacher, class_names, batch, mesh))):
-        first, median = _timed(*parts, steps)
+        first, median = host.timed(*parts, steps)
         print(f"{name:<5} {first:>9.1f} {median:>8.4f} {total * median / 60:>16.1f}",
               flush=True)
 

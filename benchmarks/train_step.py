@@ -171,15 +171,10 @@ def _measure(setting, batch_size, steps):
     batch = parallel.to_global(batch, mesh)
 
     phases.start("step")
-    seconds = []
-    for _ in range(1 + steps):
-        start = time.perf_counter()
-        state, metrics = train_step(state, frozen, batch)
-        jax.block_until_ready((state, metrics))
-        seconds.append(time.perf_counter() - start)
+    compile_s, step_s = host.timed(train_step, state, frozen, batch, steps)
     phases.stop()
     setup, step = (r["peak_rss_gb"] for r in phases.records)
-    return {"compile_s": seconds[0], "step_s": float(np.median(seconds[1:])),
+    return {"compile_s": compile_s, "step_s": step_s,
             "setup_peak_gb": setup, "step_peak_gb": step}
 
 

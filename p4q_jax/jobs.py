@@ -480,14 +480,7 @@ def p4q(config, workdir, *, shared=None):
     writer.write_scalars(out.history[-1]["step"] if out.history else 0, {
         f"eval/{row['method']}_{k}": row[k] for row in rows for k in ("top1", "top5")})
     writer.close()
-    if jax.process_index() == 0:
-        classifier_lib.save(export_dir, job.model, jax.device_get(job.params),
-                         jax.device_get(qstate), out.trained, origin={
-                             "model": {"config": job.model.config.to_dict(),
-                                       "weights": job.weights},
-                             "data": job.data_origin(), "method": config.p4q.method,
-                             "recipe": trained_recipe},
-                         run=preflight.export_writer(config, workdir))
+    _export(job, workdir, export_dir, qstate, out.trained, trained_recipe)
     sizes = _export_sizes(export_dir) if jax.process_index() == 0 else {}
     rows[-1].update(costs.fields(
         trainable=costs.trainable_count(out.trained, train_prompts=config.p4q.train_prompts),
@@ -499,6 +492,20 @@ def p4q(config, workdir, *, shared=None):
                         title=f"{config.p4q.method} on {config.data.name}")
     return job.finish(workdir, job.results("p4q", rows, qconfig=qconfig, history=out.history,
                                            export=str(export_dir)))
+
+
+def _export(job, workdir, export_dir, qstate, trained, trained_recipe):
+    """Process 0 writes the trained classifier (`classifier.save`) with its origin: the base
+    model, the training data, the method and its recipe."""
+    if jax.process_index() == 0:
+        config = job.config
+        classifier_lib.save(export_dir, job.model, jax.device_get(job.params),
+                            jax.device_get(qstate), trained, origin={
+                                "model": {"config": job.model.config.to_dict(),
+                                          "weights": job.weights},
+                                "data": job.data_origin(), "method": config.p4q.method,
+                                "recipe": trained_recipe},
+                            run=preflight.export_writer(config, workdir))
 
 
 def _export_sizes(export):
@@ -542,14 +549,7 @@ def qat(config, workdir, *, shared=None):
                  "recipe": trained_recipe,
                  **_trained_accuracy(job, out.trained, variables, desc=config.p4q.method)})
     job.phases.start("export")
-    if jax.process_index() == 0:
-        classifier_lib.save(export_dir, job.model, jax.device_get(job.params),
-                            jax.device_get(qstate), out.trained, origin={
-                                "model": {"config": job.model.config.to_dict(),
-                                          "weights": job.weights},
-                                "data": job.data_origin(), "method": config.p4q.method,
-                                "recipe": trained_recipe},
-                            run=preflight.export_writer(config, workdir))
+    _export(job, workdir, export_dir, qstate, out.trained, trained_recipe)
     rows[-1].update(costs.fields(
         trainable=out.trainable_params, calibration_seconds=rows[1]["calibration_seconds"],
         training_seconds=training_seconds,

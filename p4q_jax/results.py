@@ -150,12 +150,19 @@ def plot_bar_panels(path, panels, *, groups, ylabel="top-1 (%)"):
 
 
 def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
-    """Line charts, one panel each, as a PNG, atomically (process 0 only).
+    """Line charts over a log2 x axis (e.g. shots per class), one panel each, as a PNG,
+    atomically (process 0 only). `panels`: {panel title: {series name: [(x, y, error
+    half-length), ...]}}."""
+    _plot_errorbars(path, panels, xlabel=xlabel, ylabel=ylabel, lines=True)
 
-    Args:
-        path: the PNG to write.
-        panels: {panel title: {series name: [(x, y, error half-length), ...]}}.
-    """
+
+def plot_points(path, panels, *, xlabel, ylabel="top-1 (%)"):
+    """Points with vertical error bars over a linear x axis (e.g. a cost), one panel each,
+    as a PNG, atomically (process 0 only); `panels` as `plot_lines`'."""
+    _plot_errorbars(path, panels, xlabel=xlabel, ylabel=ylabel, lines=False)
+
+
+def _plot_errorbars(path, panels, *, xlabel, ylabel, lines):
     if jax.process_index() != 0:
         return
 
@@ -163,36 +170,18 @@ def plot_lines(path, panels, *, xlabel, ylabel="top-1 (%)"):
         for name, points in series.items():
             if points:
                 xs, ys, errs = zip(*points)
-                axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
-        xs = sorted({p[0] for points in series.values() for p in points})
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(xs, [str(x) for x in xs])
+                axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name,
+                              linestyle="-" if lines else "none")
+        if lines:
+            xs = sorted({p[0] for points in series.values() for p in points})
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(xs, [str(x) for x in xs])
         axis.set_title(title)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
 
-    _plot_panels(path, panels, draw, columns=4, size=(4, 3.2))
-
-
-def plot_points(path, panels, *, xlabel, ylabel="top-1 (%)"):
-    """Points with vertical error bars, one panel each, as a PNG, atomically (process 0 only).
-
-    Args:
-        path: the PNG to write.
-        panels: {panel title: {series name: [(x, y, error half-length), ...]}}.
-    """
-    if jax.process_index() != 0:
-        return
-
-    def draw(axis, title, series):
-        for name, points in series.items():
-            xs, ys, errs = zip(*points)
-            axis.errorbar(xs, ys, yerr=errs, marker="o", linestyle="none", capsize=3,
-                          label=name)
-        axis.set_title(title)
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(ylabel)
-        axis.grid(alpha=0.3)
-
-    _plot_panels(path, panels, draw, columns=3, size=(5.5, 4))
+    if lines:
+        _plot_panels(path, panels, draw, columns=4, size=(4, 3.2))
+    else:
+        _plot_panels(path, panels, draw, columns=3, size=(5.5, 4))
