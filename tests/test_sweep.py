@@ -312,7 +312,8 @@ def test_seeds_shots_and_set_errors_name_the_flag_and_value():
     with pytest.raises(sweep.app.UsageError) as e:
         sweep.check_set(["zeroshot"], ["trian.num_steps=5"])
     assert "the zeroshot config has no field 'trian'" in str(e.value)
-    assert "data, demo, distributed, eval, loss, mesh, mode, model, p4q, quant" in str(e.value)
+    assert "data, demo, distributed, eval, loss, mesh, mode, model, p4q, qat, quant" in str(
+        e.value)
     with pytest.raises(sweep.app.UsageError) as e:
         sweep.check_set(["p4q"], ["eval.bsize=5"])
     assert "no field 'eval.bsize' (the fields of eval: batch_size, text_batch_size)" in str(
