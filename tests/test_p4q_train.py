@@ -1,12 +1,9 @@
 """P4Q training: the feature cache, checkpoints, and main.py's p4q / eval jobs end to end (in
-this process), including a `main.py` process killed with SIGKILL and resumed."""
+this process). A `main.py` run killed with SIGKILL and resumed: test_multihost_main.py."""
 
 import json
 import shutil
-import signal
-import time
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -160,13 +157,8 @@ _P4Q_FLAGS = ["--config=configs/p4q.py", "--config.data.name=cifar10",
               "--config.p4q.adapter_calib_batches=2"]
 
 
-def _export_leaves(workdir):
-    _, _, _, trained = classifier_lib.load(workdir / "export")
-    return [np.asarray(x) for x in jax.tree.leaves(
-        (trained.context, trained.adapter_params, trained.adapter_qstate))]
-
-
-_STEPS = 60
+# Checkpoints every 5 steps: 4 of them, of which the last 3 are kept.
+_STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +166,8 @@ def straight_run(tmp_path_factory, tiny_checkpoint):
     """(flags, workdir) of one uninterrupted p4q job of main.py on mock CIFAR-10 (in this
     process), given relative paths as in the README (Orbax itself takes only absolute ones)."""
     flags = [*_P4Q_FLAGS, f"--config.model.checkpoint={main_runner.relative(tiny_checkpoint)}",
-             f"--config.train.num_steps={_STEPS}", "--config.train.log_every=10",
-             "--config.checkpoint.every_steps=10"]
+             f"--config.train.num_steps={_STEPS}", "--config.train.log_every=5",
+             "--config.checkpoint.every_steps=5"]
     workdir = tmp_path_factory.mktemp("straight")
     leftover = workdir / ".export.tmp-killed"  # what an export killed mid-write leaves
     (leftover / "trained").mkdir(parents=True)
@@ -194,7 +186,7 @@ def test_p4q_then_eval_through_main(straight_run):
     assert set(ptq["diagnostics"]["cosine_to_fp"]) == {"image", "text"}  # the PTQ report
     assert {s["bits"] for s in ptq["diagnostics"]["worst_sites"]} <= {4, 8}
     assert fp["count"] == ptq["count"] == p4q["count"] == 50
-    assert [h["step"] for h in results["history"]] == list(range(10, _STEPS + 1, 10))
+    assert [h["step"] for h in results["history"]] == list(range(5, _STEPS + 1, 5))
     assert {"cross_entropy", "distillation", "lr_context", "lr_adapter"} <= set(
         results["history"][0])
     assert (workdir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -203,7 +195,7 @@ def test_p4q_then_eval_through_main(straight_run):
             for value in tf.compat.v1.Event.FromString(record).summary.value}
     assert {"cross_entropy", "lr_context", "eval/ptq_top1", "eval/p4q_top5"} <= tags
     # The last 3 checkpoints are kept.
-    assert main_runner.complete_checkpoint_steps(workdir / "checkpoints") == [40, 50, 60]
+    assert main_runner.complete_checkpoint_steps(workdir / "checkpoints") == [10, 15, 20]
     # The export names the run that wrote it (a run replaces only its own export).
     assert classifier_lib.writer(workdir / "export")["workdir"] == str(workdir)
 
@@ -235,35 +227,13 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(tmp_path, straight_ru
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     old_results = (workdir / "results.json").read_bytes()
-    main_runner.run_job([*flags, "--config.p4q.n_ctx=8", "--config.train.num_steps=10",
+    main_runner.run_job([*flags, "--config.p4q.n_ctx=8", "--config.train.num_steps=5",
                          "--config.checkpoint.restart=True", f"--workdir={workdir}"])
     (previous,) = (workdir / "previous").iterdir()
     assert (previous / "results.json").read_bytes() == old_results
-    assert main_runner.complete_checkpoint_steps(previous / "checkpoints") == [40, 50, 60]
+    assert main_runner.complete_checkpoint_steps(previous / "checkpoints") == [10, 15, 20]
     assert (previous / "export" / "p4q.json").exists()
     results = json.loads((workdir / "results.json").read_text())
-    assert [h["step"] for h in results["history"]] == [10]
+    assert [h["step"] for h in results["history"]] == [5]
     _, _, _, trained = classifier_lib.load(workdir / "export")
     assert trained.context.shape[0] == 8
-
-
-def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, straight_run):
-    flags, straight = straight_run
-    workdir = tmp_path / "killed"
-    process = main_runner.start_main([*flags, f"--workdir={workdir}"])
-    deadline = time.monotonic() + 300
-    while (not main_runner.complete_checkpoint_steps(workdir / "checkpoints")
-           and process.poll() is None):
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = max(main_runner.complete_checkpoint_steps(workdir / "checkpoints"))
-    assert killed_at < _STEPS and not (workdir / "results.json").exists()
-
-    log = main_runner.run_job([*flags, f"--workdir={workdir}"])  # resumed in this process
-    assert f"resuming from the checkpoint at step {killed_at}" in log
-    results = json.loads((workdir / "results.json").read_text())
-    assert [h["step"] for h in results["history"]] == list(range(10, _STEPS + 1, 10))
-    for resumed, uninterrupted in zip(_export_leaves(workdir), _export_leaves(straight)):
-        np.testing.assert_array_equal(resumed, uninterrupted)
