@@ -21,7 +21,7 @@ from p4q_jax.configs import p4q as p4q_config
 import main_runner
 
 _FLAGS = ["--config=configs/p4q.py", "--config.data.name=synthetic",
-          "--config.data.synthetic_examples=80", "--config.quant.calib_batches=2",
+          "--config.data.synthetic_examples=80", "--config.quant.calib_batches=1",
           "--config.quant.calib_batch_size=16", "--config.eval.batch_size=40",
           "--config.eval.text_batch_size=64", "--config.train.batch_size=16",
           "--config.train.num_steps=4", "--config.train.log_every=1", "--config.p4q.n_ctx=4",

@@ -25,14 +25,18 @@ from p4q_jax.p4q import variants
 
 
 def _config(checkpoint, variant=None, **fields):
+    """The runs' config: the small p4q job's shapes of test_lean_job.py and
+    test_multihost_main.py (calibration, evaluation and training batches, n_ctx), so that
+    the session's compilation cache holds their shared programs once; 4 training steps,
+    as nothing here depends on how far training gets."""
     config = p4q_config.get_config()
     config.model.checkpoint = str(checkpoint)
     config.data.name = "synthetic"
     config.data.synthetic_examples = 48
     config.quant.config = "w8a8"
     config.quant.calib_batches, config.quant.calib_batch_size = 1, 16
-    config.eval.batch_size, config.eval.text_batch_size = 16, 64
-    config.train.batch_size, config.train.num_steps, config.train.log_every = 16, 6, 3
+    config.eval.batch_size, config.eval.text_batch_size = 40, 64
+    config.train.batch_size, config.train.num_steps, config.train.log_every = 16, 4, 2
     config.p4q.n_ctx, config.p4q.adapter_calib_batches = 4, 1
     if variant is not None:
         variants.apply(config, variant)
