@@ -53,7 +53,7 @@ def _tail(log):
 
 
 def _run_processes(argvs, *, devices):
-    """Runs one main.py per argv to completion, bounded in time."""
+    """Runs one main.py per argv to completion, bounded in time -> each process's log."""
     started = _start(argvs, devices=devices)
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -63,6 +63,11 @@ def _run_processes(argvs, *, devices):
             assert not failed, "\n".join(map(_tail, failed))
             assert time.monotonic() < deadline, "\n".join(_tail(log) for _, log in started)
             time.sleep(0.5)
+        logs = []
+        for _, log in started:
+            log.seek(0)
+            logs.append(log.read())
+        return logs
     finally:
         for p, log in started:
             if p.poll() is None:
@@ -133,7 +138,11 @@ def _export_leaves(workdir):
 
 
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, runs):
-    """SIGKILL of both processes after the first checkpoint, then the same command again."""
+    """SIGKILL of both processes after the first checkpoint, then the same command again:
+    each process says it resumes from the killed step, the history lists every logged step
+    (those before the kill restored from the checkpoint), and the export is bit-equal to
+    the uninterrupted run's. (The test of main.py killed and resumed: a single process is
+    this one's special case.)"""
     root, flags, _ = runs
     workdir = tmp_path / "killed"
     started = _start(_two_processes(flags, workdir), devices=4)
@@ -150,8 +159,10 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, ru
             log.close()
     killed_at = max(main_runner.complete_checkpoint_steps(workdir / "checkpoints"))
     assert killed_at < 6 and not (workdir / "results.json").exists()
-    _run_processes(_two_processes(flags, workdir), devices=4)
+    logs = _run_processes(_two_processes(flags, workdir), devices=4)
+    for log in logs:
+        assert f"resuming from the checkpoint at step {killed_at}" in log, log[-3000:]
     history = json.loads((workdir / "results.json").read_text())["history"]
-    assert [h["step"] for h in history][-1] == 6
+    assert [h["step"] for h in history] == list(range(1, 7))  # train.log_every=1
     for resumed, uninterrupted in zip(_export_leaves(workdir), _export_leaves(root / "two")):
         np.testing.assert_array_equal(resumed, uninterrupted)
