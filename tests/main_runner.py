@@ -1,7 +1,7 @@
 """Runs main.py's jobs for the tests: in this process (`run_job`; `run_sweep` for
-experiments/sweep.py and its jobs), or `main.py` itself in a child process (`command`,
-`start_main`) only where the process boundary is what is tested (exit status, SIGKILL, several
-processes); both under `tfds.testing.mock_data` unless told not to.
+experiments/sweep.py and its jobs), or `main.py` itself in a child process (`command`) only
+where the process boundary is what is tested (exit status, SIGKILL, several processes); both
+under `tfds.testing.mock_data` unless told not to.
 
 A child process costs an interpreter start, the TensorFlow/JAX imports and a reload of every
 compiled program; `run_job` parses the same argv as main.py (the config file, its
@@ -156,12 +156,6 @@ def command(argv, *, mock_examples=50):
     if mock_examples is None:
         return [sys.executable, str(REPO / "main.py"), *argv]
     return [sys.executable, "-c", _DRIVER, str(mock_examples), *argv]
-
-
-def start_main(argv, *, mock_examples=50):
-    """Starts main.py without waiting -> the Popen (output discarded)."""
-    return subprocess.Popen(command(argv, mock_examples=mock_examples), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def relative(path):
