@@ -42,13 +42,19 @@ def _run(setup, mesh, steps, frozen_shardings=None):
     return state, history, train_step
 
 
-def test_one_device_and_eight_devices_agree(setup):
+@pytest.fixture(scope="module")
+def one_device_step(setup):
+    """(state, metrics) of one step on one device: the reference of both sharded steps."""
+    state, (metrics,), _ = _run(setup, parallel.make_mesh(devices=jax.devices()[:1]), 1)
+    return state, metrics
+
+
+def test_one_device_and_eight_devices_agree(setup, one_device_step):
     """One step on the same global batch. (Over many steps the two drift apart a little:
     summation order differs, and AdamW's first steps and the 4-bit roundings amplify it.)"""
-    one = parallel.make_mesh(devices=jax.devices()[:1])
     eight = parallel.make_mesh()
     assert eight.shape["data"] == 8
-    s1, (h1,), _ = _run(setup, one, 1)
+    s1, h1 = one_device_step
     s8, (h8,), _ = _run(setup, eight, 1)
     for name in h1:
         assert h1[name] == pytest.approx(h8[name], abs=1e-5), name
@@ -56,15 +62,14 @@ def test_one_device_and_eight_devices_agree(setup):
                  s1.trainable, s8.trainable)
 
 
-def test_model_axis_shards_the_frozen_kernels_with_the_same_step(setup):
+def test_model_axis_shards_the_frozen_kernels_with_the_same_step(setup, one_device_step):
     """A (data 4, model 2) mesh with the text tower's kernels split over `model`."""
-    one = parallel.make_mesh(devices=jax.devices()[:1])
     mesh = parallel.make_mesh(data=4, model=2)
     shardings = parallel.weight_shardings(setup[3], mesh, min_size=0)
     split = [s for s in jax.tree.leaves(shardings) if s.spec == jax.sharding.PartitionSpec(
         None, parallel.MODEL)]
     assert len(split) >= 8  # every 2-D kernel of the tiny text tower
-    s1, (h1,), _ = _run(setup, one, 1)
+    s1, h1 = one_device_step
     s2, (h2,), _ = _run(setup, mesh, 1, frozen_shardings=shardings)
     for name in h1:
         assert h1[name] == pytest.approx(h2[name], abs=1e-5), name
