@@ -284,17 +284,18 @@ def test_qat_resumes_exactly_and_its_export_reloads(qat_job, tiny_qat, tmp_path,
         return (np.asarray(trained.class_features(model, variables)),
                 np.asarray(trained.image_features(model, variables, images)))
 
+    reloaded = features(trained2, params2, qstate2)
     for saved, loaded in zip(features(straight.trained, straight.params, straight.qstate),
-                             features(trained2, params2, qstate2)):
+                             reloaded):
         np.testing.assert_allclose(loaded, saved, rtol=0, atol=1e-6)
     # The QState evaluated (integer path) is the trained model: the LSQ forward's features.
     lsq_features = clip.encode.apply(model, straight.params, images, method=model.encode_image,
                                      qstate=straight.quant)
-    np.testing.assert_allclose(features(trained2, params2, qstate2)[1], lsq_features,
+    np.testing.assert_allclose(reloaded[1], lsq_features,
                                rtol=0, atol=1e-5)  # 7e-7 measured: float order, no code flips
     # The export holds the trained towers, not the calibrated ones.
     calibrated = features(straight.trained, tiny_qat[1], tiny_qat[2])
-    assert np.abs(calibrated[1] - features(trained2, params2, qstate2)[1]).max() > 1e-4
+    assert np.abs(calibrated[1] - reloaded[1]).max() > 1e-4
 
 
 def test_qat_job_rows_export_and_eval(qat_job, tiny_qat, tmp_path):
