@@ -124,8 +124,9 @@ def test_prefixed_text_tower_equals_full_sequences(setup, position):
     prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX, position=position)
     context = prompts_lib.init_context(jax.random.key(2), n_ctx=N_CTX, width=64)
     frozen = _frozen(model, params, None, prompts, None)
-    full = step_lib.class_text_features(model, frozen, prompts, context, shared_prefix=False)
-    prefixed = step_lib.class_text_features(model, frozen, prompts, context, shared_prefix=True)
+    full, prefixed = jax.jit(lambda f, c: [  # one program, not one per operation
+        step_lib.class_text_features(model, f, prompts, c, shared_prefix=shared_prefix)
+        for shared_prefix in (False, True)])(frozen, context)
     np.testing.assert_allclose(prefixed, full, atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(full[0] - full[1]).max()) > 1e-2  # the classes do differ
 
