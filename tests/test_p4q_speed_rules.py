@@ -2,6 +2,7 @@
 not the math: each switched off gives the same loss and gradients (shared text prefix,
 cropping after the last EOT, cached features, length buckets, remat)."""
 
+import inspect
 import itertools
 
 import jax
@@ -23,12 +24,19 @@ N_CTX = 4
 
 @pytest.fixture(scope="module")
 def setup():
+    """The tiny CLIP, its "w8a8" (text tower only: the tests that use it compare text-tower
+    paths) and "w4a4attn8" (both towers: cached image features against the in-step image
+    tower) calibrations, FP class text features, an adapter and prompts, images, labels."""
     model, params = clip.init("tiny", seed=3)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
     texts = [f"a photo of a {c}." for c in CLASSES]
-    qstates = {name: quant.calibrate(model, params, quant.QConfig.parse(name), images=[images],
-                                     texts=texts) for name in ("w8a8", "w4a4attn8")}
+    w8a8 = quant.QConfig.parse("w8a8")
+    qstates = {
+        "w8a8": quant.calibrate(model, params, quant.QConfig(name="w8a8-text", rules=w8a8.rules,
+                                                             towers=("text",)), texts=texts),
+        "w4a4attn8": quant.calibrate(model, params, quant.QConfig.parse("w4a4attn8"),
+                                     images=[images], texts=texts)}
     fp_text = clip.encode_text(model, params, clip.tokenize(texts))
     adapter = adapter_lib.QAdapter()
     trainable = {
@@ -61,13 +69,34 @@ def _loss_and_grads(setup, *, qstate_name=None, position="end", crop=True, share
     else:
         batch = {"image": images, "label": labels}
     trainable = dict(trainable, context=trainable["context"] if context is None else context)
+    # The frozen inputs are arguments, not constants folded into the program.
     fn = jax.jit(jax.value_and_grad(
-        lambda t, b: step_lib.loss_fn(t, frozen, b, model=model, prompts=prompts, adapter=adapter,
-                                      weights=step_lib.LossWeights(), shared_prefix=shared_prefix,
-                                      length_buckets=length_buckets),
+        lambda t, f, b: step_lib.loss_fn(t, f, b, model=model, prompts=prompts, adapter=adapter,
+                                         weights=step_lib.LossWeights(),
+                                         shared_prefix=shared_prefix,
+                                         length_buckets=length_buckets),
         has_aux=True))
-    (loss, _), grads = fn(trainable, batch)
+    (loss, _), grads = fn(trainable, frozen, batch)
     return float(loss), grads
+
+
+@pytest.fixture(scope="module")
+def loss_and_grads(setup):
+    """`_loss_and_grads` of `setup`, each configuration computed once for the module: the
+    reference step (every speed rule on) and its no-prefix twin are the other side of
+    several tests' comparisons, so they are traced and compiled once, not per test."""
+    signature = inspect.signature(_loss_and_grads)
+    results = {}
+
+    def get(**kwargs):
+        bound = signature.bind(setup, **kwargs)
+        bound.apply_defaults()
+        key = tuple((k, v) for k, v in bound.arguments.items() if k != "setup")
+        if key not in results:
+            results[key] = _loss_and_grads(setup, **kwargs)
+        return results[key]
+
+    return get
 
 
 def _assert_same(a, b, *, rtol, atol):
@@ -95,28 +124,30 @@ def test_prefixed_text_tower_equals_full_sequences(setup, position):
     prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX, position=position)
     context = prompts_lib.init_context(jax.random.key(2), n_ctx=N_CTX, width=64)
     frozen = _frozen(model, params, None, prompts, None)
-    full = step_lib.class_text_features(model, frozen, prompts, context, shared_prefix=False)
-    prefixed = step_lib.class_text_features(model, frozen, prompts, context, shared_prefix=True)
+    full, prefixed = jax.jit(lambda f, c: [  # one program, not one per operation
+        step_lib.class_text_features(model, f, prompts, c, shared_prefix=shared_prefix)
+        for shared_prefix in (False, True)])(frozen, context)
     np.testing.assert_allclose(prefixed, full, atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(full[0] - full[1]).max()) > 1e-2  # the classes do differ
 
 
 @pytest.mark.parametrize("position", ["end", "middle"])
-def test_shared_prefix_same_loss_and_gradients(setup, position):
-    on = _loss_and_grads(setup, position=position, shared_prefix=True)
-    off = _loss_and_grads(setup, position=position, shared_prefix=False)
+def test_shared_prefix_same_loss_and_gradients(loss_and_grads, position):
+    on = loss_and_grads(position=position, shared_prefix=True)
+    off = loss_and_grads(position=position, shared_prefix=False)
     _assert_same(on, off, rtol=1e-5, atol=1e-6)
 
 
-def test_shared_prefix_same_loss_and_gradients_quantized(setup):
+def test_shared_prefix_same_loss_and_gradients_quantized(loss_and_grads):
     """Through the 8-bit text tower float re-association may flip a rounding now and then, so
     the tolerance is that of one quantization step, not of float rounding."""
-    on = _loss_and_grads(setup, qstate_name="w8a8", shared_prefix=True)
-    off = _loss_and_grads(setup, qstate_name="w8a8", shared_prefix=False)
+    on = loss_and_grads(qstate_name="w8a8", shared_prefix=True)
+    off = loss_and_grads(qstate_name="w8a8", shared_prefix=False)
     _assert_same(on, off, rtol=2e-2, atol=1e-3)
 
 
-def test_a_train_step_multiplies_the_calibrated_kernels_not_their_codes(setup):
+def test_a_train_step_multiplies_the_calibrated_kernels_not_their_codes(setup,
+                                                                          loss_and_grads):
     """docs/design.md, "Straight-through quantizers and frozen weights": never re-quantize
     frozen weights per step. A train step's quantized
     matmuls (`make_frozen(train=True)`) multiply the fake-quantized kernels as calibrated;
@@ -139,32 +170,32 @@ def test_a_train_step_multiplies_the_calibrated_kernels_not_their_codes(setup):
 
     assert kernel_roundings(train=False) > 0
     assert kernel_roundings(train=True) == 0
-    _assert_same(_loss_and_grads(setup, qstate_name="w8a8", train=True),
-                 _loss_and_grads(setup, qstate_name="w8a8", train=False), rtol=2e-2, atol=1e-3)
+    _assert_same(loss_and_grads(qstate_name="w8a8", train=True),
+                 loss_and_grads(qstate_name="w8a8", train=False), rtol=2e-2, atol=1e-3)
 
 
-def test_cropping_after_last_eot_same_loss_and_gradients(setup):
-    cropped = _loss_and_grads(setup, crop=True, shared_prefix=False)
-    full = _loss_and_grads(setup, crop=False, shared_prefix=False)
+def test_cropping_after_last_eot_same_loss_and_gradients(loss_and_grads):
+    cropped = loss_and_grads(crop=True, shared_prefix=False)
+    full = loss_and_grads(crop=False, shared_prefix=False)
     _assert_same(cropped, full, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("qstate_name", [None, "w4a4attn8"])
-def test_cached_features_same_loss_and_gradients(setup, qstate_name):
+def test_cached_features_same_loss_and_gradients(loss_and_grads, qstate_name):
     """Cached: the step holds the text tower only (quantized kernels swapped in once)."""
-    cached = _loss_and_grads(setup, qstate_name=qstate_name, cached=True)
-    in_step = _loss_and_grads(setup, qstate_name=qstate_name, cached=False)
+    cached = loss_and_grads(qstate_name=qstate_name, cached=True)
+    in_step = loss_and_grads(qstate_name=qstate_name, cached=False)
     _assert_same(cached, in_step, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("remat, qstate_name, shared_prefix", [
     ("blocks", None, True), ("dots", None, False), ("blocks", "w4a4attn8", True)])
-def test_rematerialised_text_blocks_same_loss_and_gradients(setup, remat, qstate_name,
+def test_rematerialised_text_blocks_same_loss_and_gradients(loss_and_grads, remat, qstate_name,
                                                             shared_prefix):
     """speed.remat recomputes the text blocks in the backward pass: the same loss and
     gradients (the quantized tower included: the recomputation rounds the same values)."""
     kwargs = dict(qstate_name=qstate_name, shared_prefix=shared_prefix)
-    _assert_same(_loss_and_grads(setup, remat=remat, **kwargs), _loss_and_grads(setup, **kwargs),
+    _assert_same(loss_and_grads(remat=remat, **kwargs), loss_and_grads(**kwargs),
                  rtol=1e-5, atol=1e-6)
 
 
@@ -213,19 +244,19 @@ def test_length_buckets_leave_the_fewest_padded_positions():
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
-def test_length_buckets_same_loss_and_gradients(setup, shared_prefix):
+def test_length_buckets_same_loss_and_gradients(loss_and_grads, shared_prefix):
     """The class names here run from 1 to 3 tokens: three groups instead of one padding."""
     prompts = prompts_lib.build(CLASSES, n_ctx=N_CTX)
     assert len(prompts_lib.length_buckets(prompts.eot, prompts.shared_prefix, 4)) > 1
-    bucketed = _loss_and_grads(setup, shared_prefix=shared_prefix, length_buckets=4)
-    padded = _loss_and_grads(setup, shared_prefix=shared_prefix)
+    bucketed = loss_and_grads(shared_prefix=shared_prefix, length_buckets=4)
+    padded = loss_and_grads(shared_prefix=shared_prefix)
     _assert_same(bucketed, padded, rtol=1e-5, atol=1e-6)
 
 
-def test_length_buckets_same_loss_and_gradients_quantized(setup):
+def test_length_buckets_same_loss_and_gradients_quantized(loss_and_grads):
     """Through the 4-bit text tower: within one quantization step (see the shared prefix)."""
-    bucketed = _loss_and_grads(setup, qstate_name="w4a4attn8", length_buckets=4)
-    padded = _loss_and_grads(setup, qstate_name="w4a4attn8")
+    bucketed = loss_and_grads(qstate_name="w4a4attn8", length_buckets=4)
+    padded = loss_and_grads(qstate_name="w4a4attn8")
     _assert_same(bucketed, padded, rtol=2e-2, atol=1e-3)
 
 

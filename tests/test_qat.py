@@ -76,10 +76,8 @@ from p4q_jax import clip  # noqa: E402
 from p4q_jax import jobs  # noqa: E402
 from p4q_jax import parallel  # noqa: E402
 from p4q_jax import qat  # noqa: E402
-from p4q_jax import quant  # noqa: E402
 from p4q_jax.configs import qat as qat_config  # noqa: E402
 from p4q_jax.p4q import classifier as classifier_lib  # noqa: E402
-from p4q_jax.p4q import teacher as teacher_lib  # noqa: E402
 from p4q_jax.quant import sites  # noqa: E402
 
 _NAMES = ("airplane", "automobile", "bird")  # synthetic's first 3: the job's step is the same
@@ -97,28 +95,55 @@ def _config(**train):
     return config
 
 
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _job_config():
+    config = _config()
+    config.update_from_flattened_dict({"quant.calib_batches": 1, "quant.calib_batch_size": 8,
+                                       "eval.batch_size": 8, "eval.text_batch_size": 16,
+                                       "data.synthetic_examples": 16})
+    return config
+
+
 @pytest.fixture(scope="module")
-def tiny_qat():
-    """(model, params, calibrated w4a4attn8 QState, zero-shot teacher, a batch)."""
-    model, params = clip.init("tiny", seed=4)
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=[images],
-                             texts=[f"a photo of a {n}." for n in _NAMES])
-    text = jax.random.normal(jax.random.key(1), (len(_NAMES), model.config.embed_dim))
-    teacher = teacher_lib.zeroshot(text / jnp.linalg.norm(text, axis=-1, keepdims=True))
+def qat_job(tmp_path_factory):
+    """`--mode=qat` in process, its QAT training recorded: {"out": the job's results,
+    "workdir", "config" and "train": what the job handed `qat.train` (params and QState as
+    host copies: the calibrated model, its teacher, the mesh), "straight": its Result}. One
+    job serves the module: its rows and export, the straight run the resume test repeats, and
+    the calibrated model the step tests train."""
+    workdir = tmp_path_factory.mktemp("qat") / "qat"
+    train, recorded = qat.train, {}
+
+    def recording(config, **kwargs):
+        recorded["config"] = config
+        recorded["train"] = dict(kwargs, params=_host(kwargs["params"]),
+                                 qstate=_host(kwargs["qstate"]))  # before the step donates
+        recorded["straight"] = train(config, **kwargs)
+        return recorded["straight"]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(qat, "train", recording)
+        out = jobs.run(_job_config(), workdir, mode="qat")
+    return dict(out=out, workdir=workdir, **recorded)
+
+
+@pytest.fixture(scope="module")
+def tiny_qat(qat_job):
+    """(model, params, calibrated w4a4attn8 QState, zero-shot teacher, a batch): the job's."""
+    train = qat_job["train"]
+    assert tuple(train["class_names"]) == _NAMES
+    images = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
     batch = {"image": images, "label": np.arange(8, dtype=np.int32) % 3}
-    return model, params, qstate, teacher, batch
+    return train["model"], train["params"], train["qstate"], train["teacher"], batch
 
 
 def _setup(tiny_qat, mesh, config=None):
     model, params, qstate, teacher, _ = tiny_qat
     return qat.setup(config or _config(), model=model, params=params, qstate=qstate,
                      teacher=teacher, class_names=_NAMES, mesh=mesh)
-
-
-def _host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 @pytest.fixture(scope="module")
@@ -203,22 +228,21 @@ def test_sharded_qat_step_equals_the_unsharded_one(stepped, tiny_qat):
                                np.asarray(state.trainable["context"]), rtol=1e-5, atol=1e-7)
 
 
-def _train(tiny_qat, workdir, config=None):
-    model, params, qstate, teacher, _ = tiny_qat
-    return qat.train(config or _config(), model=model, params=params, qstate=qstate,
-                     teacher=teacher, class_names=_NAMES,
-                     mesh=parallel.make_mesh(data=2, model=4), workdir=workdir)
+def _train(qat_job, workdir):
+    """`qat.train` as the job ran it (its config, calibrated model, teacher and mesh)."""
+    train = {k: v for k, v in qat_job["train"].items() if k not in ("workdir", "phases")}
+    return qat.train(qat_job["config"], **train, workdir=workdir)
 
 
 class _Killed(Exception):
     pass
 
 
-def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypatch):
-    """4 steps in one go == 2 steps, killed (after the step-2 checkpoint), then resumed
-    from it; the export of the result gives the same features once reloaded, and those are
-    the trained LSQ towers' (`lsq.to_qstate` keeps the learned steps)."""
-    straight = _train(tiny_qat, tmp_path / "straight")
+def test_qat_resumes_exactly_and_its_export_reloads(qat_job, tiny_qat, tmp_path, monkeypatch):
+    """The job's 4 steps in one go == 2 steps, killed (after the step-2 checkpoint), then
+    resumed from it; the job's export of the result gives the same features once reloaded,
+    and those are the trained LSQ towers' (`lsq.to_qstate` keeps the learned steps)."""
+    straight = qat_job["straight"]
     make, calls = qat.make_train_step, []
 
     def counted_step(limit):
@@ -238,9 +262,9 @@ def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypa
     with monkeypatch.context() as m:
         m.setattr(qat, "make_train_step", counted_step(limit=2))
         with pytest.raises(_Killed):
-            _train(tiny_qat, tmp_path / "resumed")
+            _train(qat_job, tmp_path / "resumed")
         m.setattr(qat, "make_train_step", counted_step(limit=None))
-        resumed = _train(tiny_qat, tmp_path / "resumed")
+        resumed = _train(qat_job, tmp_path / "resumed")
     assert calls == [0, 1, 2, 3]  # the second run stepped from the checkpoint at step 2
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(jax.tree.leaves((straight.params, straight.qstate, straight.trained.context)),
@@ -252,9 +276,7 @@ def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypa
             for p in d.values())
 
     model = tiny_qat[0]
-    path = classifier_lib.save(tmp_path / "export", model, straight.params, straight.qstate,
-                               straight.trained)
-    model2, params2, qstate2, trained2 = classifier_lib.load(path)
+    model2, params2, qstate2, trained2 = classifier_lib.load(qat_job["workdir"] / "export")
     images = tiny_qat[4]["image"]
 
     def features(trained, params, qstate):
@@ -262,36 +284,33 @@ def test_qat_resumes_exactly_and_its_export_reloads(tiny_qat, tmp_path, monkeypa
         return (np.asarray(trained.class_features(model, variables)),
                 np.asarray(trained.image_features(model, variables, images)))
 
+    reloaded = features(trained2, params2, qstate2)
     for saved, loaded in zip(features(straight.trained, straight.params, straight.qstate),
-                             features(trained2, params2, qstate2)):
+                             reloaded):
         np.testing.assert_allclose(loaded, saved, rtol=0, atol=1e-6)
     # The QState evaluated (integer path) is the trained model: the LSQ forward's features.
     lsq_features = clip.encode.apply(model, straight.params, images, method=model.encode_image,
                                      qstate=straight.quant)
-    np.testing.assert_allclose(features(trained2, params2, qstate2)[1], lsq_features,
+    np.testing.assert_allclose(reloaded[1], lsq_features,
                                rtol=0, atol=1e-5)  # 7e-7 measured: float order, no code flips
     # The export holds the trained towers, not the calibrated ones.
     calibrated = features(straight.trained, tiny_qat[1], tiny_qat[2])
-    assert np.abs(calibrated[1] - features(trained2, params2, qstate2)[1]).max() > 1e-4
+    assert np.abs(calibrated[1] - reloaded[1]).max() > 1e-4
 
 
-def test_qat_job_rows_export_and_eval(tmp_path):
+def test_qat_job_rows_export_and_eval(qat_job, tiny_qat, tmp_path):
     """`--mode=qat` in process: FP, PTQ and QAT rows (the QAT one with its trainable
     parameters: the towers, every step and the prompts), an export that `--mode=eval`
     scores as the job did."""
-    config = _config()
-    config.update_from_flattened_dict({"quant.calib_batches": 1, "quant.calib_batch_size": 8,
-                                       "eval.batch_size": 8, "eval.text_batch_size": 16,
-                                       "data.synthetic_examples": 16})
-    out = jobs.run(config, tmp_path / "qat", mode="qat")
+    config, out = qat_job["config"], qat_job["out"]
     assert [row["method"] for row in out["rows"]] == ["fp_zeroshot", "ptq", "qat"]
     row = out["rows"][-1]
     assert row["qconfig"] == "w4a4attn8" and row["recipe"]["towers"] == "trained (LSQ)"
-    model, params = clip.init("tiny", seed=config.seed)
+    model, params = tiny_qat[:2]
     towers = qat.num_params({n: params[n] for n in ("visual", "text")})
     assert row["trainable_params"] > towers + config.p4q.n_ctx * model.config.text.width
     assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
-    export = tmp_path / "qat" / "export"
+    export = qat_job["workdir"] / "export"
     meta = classifier_lib.read_meta(export)
     assert meta["quantized"] and meta["adapter"] is None and meta["origin"]["method"] == "qat"
     eval_config = _config()

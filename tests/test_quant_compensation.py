@@ -62,12 +62,21 @@ def _activations(model, params, qwt, block, earlier, method, x, valid):
     return rows(xq), rows(yq), rows(yfp)
 
 
-def test_compensation_equals_numpy_ridge(tiny, states):
+@pytest.fixture(scope="module")
+def block_rows(tiny, states):
+    """[(block, its valid-position mask or None, X_q, Y_q, Y_fp)] for every block, in order:
+    the ridge test and the error test read the same activations."""
     model, params = tiny
     _, qwt = states
+    return [(block, valid, *_activations(model, params, qwt, block, earlier, method, x, valid))
+            for block, earlier, method, x, valid in _blocks(model)]
+
+
+def test_compensation_equals_numpy_ridge(tiny, states, block_rows):
+    model, _ = tiny
+    _, qwt = states
     assert sorted(qwt.compensation) == sorted(b for b, *_ in _blocks(model))
-    for block, earlier, method, x, valid in _blocks(model):
-        xq, yq, yfp = _activations(model, params, qwt, block, earlier, method, x, valid)
+    for block, valid, xq, yq, yfp in block_rows:
         if valid is not None:
             assert len(xq) == valid.sum() < valid.size  # only positions up to EOT
         n, d = xq.shape
@@ -83,11 +92,10 @@ def test_compensation_equals_numpy_ridge(tiny, states):
             assert err <= 1e-5 * np.linalg.norm(expected), block
 
 
-def test_compensation_reduces_block_and_feature_errors(tiny, states):
+def test_compensation_reduces_block_and_feature_errors(tiny, states, block_rows):
     model, params = tiny
     ptq, qwt = states
-    for block, earlier, method, x, valid in _blocks(model):
-        xq, yq, yfp = _activations(model, params, qwt, block, earlier, method, x, valid)
+    for block, _, xq, yq, yfp in block_rows:
         c = qwt.compensation[block]
         before = np.sum((yfp - yq) ** 2)
         after = np.sum((yfp - yq - xq @ np.asarray(c["kernel"], np.float64)

@@ -46,17 +46,38 @@ def _uint8(x, qparams):
     return (np.clip(np.round(x / s) + zp, 0, 255) - zp) * s
 
 
+class _Records(logging.Handler):
+    """Keeps the log records (INFO and above) emitted while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
 def tiny_calibrated():
+    """(model, params, images, QState, report, the log records of the calibration): one
+    calibration of a healthy model serves the report tests and the log test."""
     model, params = clip.init("tiny", seed=0)
     images = _images(size=model.config.vision.image_size)
-    qstate, report = quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS,
-                                     return_report=True)
-    return model, params, images, qstate, report
+    root, log = logging.getLogger(), _Records()
+    level = root.level
+    root.addHandler(log)
+    root.setLevel(logging.INFO)
+    try:
+        qstate, report = quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS,
+                                         return_report=True)
+    finally:
+        root.removeHandler(log)
+        root.setLevel(level)
+    return model, params, images, qstate, report, log.records
 
 
 def test_site_sqnr_matches_numpy_references(tiny_calibrated):
-    model, params, images, qstate, report = tiny_calibrated
+    model, params, images, qstate, report, _ = tiny_calibrated
     got = {(s.site, s.tensor): s for s in report.sites}
     # An image site, on the final calibration batch.
     name = f"visual/{MLP_INPUT}"
@@ -89,7 +110,7 @@ def test_site_sqnr_matches_numpy_references(tiny_calibrated):
 
 
 def test_cosines_are_those_of_the_final_batch(tiny_calibrated):
-    model, params, images, qstate, report = tiny_calibrated
+    model, params, images, qstate, report, _ = tiny_calibrated
     fp = np.asarray(clip.encode_image(model, params, images[-1]), np.float64)
     q = np.asarray(clip.encode_image(model, params, images[-1], qstate=qstate), np.float64)
     cos = np.sum(fp * q, -1) / np.linalg.norm(fp, axis=-1) / np.linalg.norm(q, axis=-1)
@@ -102,17 +123,14 @@ def test_cosines_are_those_of_the_final_batch(tiny_calibrated):
     assert set(row["worst_sites"][0]) == {"site", "tensor", "bits", "sqnr_db"}
 
 
-def test_a_healthy_model_logs_no_warning(caplog):
-    model, params = clip.init("tiny", seed=0)
-    with caplog.at_level(logging.INFO):
-        quant.calibrate(model, params, "w8a8", texts=TEXTS,
-                        images=_images(size=model.config.vision.image_size))
-    assert "PTQ: cosine to FP on the calibration data" in caplog.text
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+def test_a_healthy_model_logs_no_warning(tiny_calibrated):
+    records = tiny_calibrated[-1]
+    assert any("PTQ: cosine to FP on the calibration data" in r.getMessage() for r in records)
+    assert not [r for r in records if r.levelno >= logging.WARNING]
 
 
 def test_a_generator_of_images_is_diagnosed_on_its_last_batch(tiny_calibrated):
-    model, params, images, _, report = tiny_calibrated
+    model, params, images, _, report, _ = tiny_calibrated
     _, streamed = quant.calibrate(model, params, "w8a8", images=(b for b in images),
                                   num_images=8, texts=TEXTS, return_report=True)
     for tower in ("image", "text"):
