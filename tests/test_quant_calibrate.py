@@ -1,6 +1,8 @@
 """Calibration of a CLIP: which sites it quantizes, how close the quantized model stays to FP,
 straight-through gradients through the quantized text tower, and its errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,14 +35,34 @@ def tiny():
     return clip.init("tiny", seed=0)
 
 
+def _calibrate_preset(model, params, name, **kwargs):
+    """`name` on the two 32 px batches and TEXTS in two chunks of 8 prompts (one program
+    shape, as the image batches), with the FP text features: (QState, features)."""
+    return quant.calibrate(model, params, name, images=_images(32), texts=TEXTS,
+                           text_batch_size=8, return_text_features=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def preset(tiny):
+    """name -> `_calibrate_preset(name)`, computed once for the tests that only read it: every
+    calibration traces its own programs, which costs more than the tests' checks."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = _calibrate_preset(*tiny, name)
+        return done[name]
+    return get
+
+
 def _features(model, params, qstate, images, tokens):
     return (clip.encode_image(model, params, images, qstate=qstate),
             clip.encode_text(model, params, tokens, qstate=qstate))
 
 
-def test_official_preset_quantizes_exactly_the_public_codes_sites(tiny):
-    model, params = tiny
-    qstate = quant.calibrate(model, params, "official", images=_images(32), texts=TEXTS)
+def test_official_preset_quantizes_exactly_the_public_codes_sites(tiny, preset):
+    model, _ = tiny
+    qstate, _ = preset("official")
     blocks = [f"{tower}/transformer/resblocks_{i}/"
               for tower, layers in (("visual", model.config.vision.layers),
                                     ("text", model.config.text.layers)) for i in range(layers)]
@@ -62,12 +84,11 @@ def test_official_preset_quantizes_exactly_the_public_codes_sites(tiny):
         1, model.config.text.mlp_dim)
 
 
-def test_image_input_qparams_match_a_numpy_omse_on_the_images(tiny):
-    """The conv1 input is the image itself: recompute its per-RGB-channel OMSE in numpy."""
-    model, params = tiny
-    images = _images(32, batches=3)
-    qstate = quant.calibrate(model, params, "official", images=images, texts=TEXTS)
-    got = qstate.acts["visual/conv1"]
+def test_image_input_qparams_match_a_numpy_omse_on_the_images(preset):
+    """The conv1 input is the image itself: recompute its per-RGB-channel OMSE in numpy
+    (the range over both batches, the clipping ratio scored on the last one)."""
+    images = _images(32)
+    got = preset("official")[0].acts["visual/conv1"]
     stacked = np.concatenate(images)
     lo = stacked.min(axis=(0, 1, 2), keepdims=True)
     hi = stacked.max(axis=(0, 1, 2), keepdims=True)
@@ -91,13 +112,13 @@ def test_image_input_qparams_match_a_numpy_omse_on_the_images(tiny):
     np.testing.assert_array_equal(np.asarray(got.zero_point), zp)
 
 
-def test_error_grows_as_bits_shrink(tiny):
+def test_error_grows_as_bits_shrink(tiny, preset):
     model, params = tiny
     images, tokens = _images(32), clip.tokenize(TEXTS)
     fp = _features(model, params, None, images[0], tokens)
     errors = []
     for name in ("w8a8", "w6a6", "w4a4attn8"):
-        qstate = quant.calibrate(model, params, name, images=images, texts=TEXTS)
+        qstate, _ = preset(name)
         q = _features(model, params, qstate, images[0], tokens)
         errors.append([1 - _cosine(a, b).mean() for a, b in zip(fp, q)])
     errors = np.asarray(errors)  # [config, tower]
@@ -149,25 +170,24 @@ def test_ptf_layernorm_inputs_and_log2_probabilities(tiny):
     assert nonzero.min() >= 2.0**-15
 
 
-def test_calibration_is_a_pure_function(tiny):
-    model, params = tiny
-    a = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
-    b = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+def test_calibration_is_a_pure_function(tiny, preset):
+    """A second calibration on the same inputs equals the shared one."""
+    jax.tree.map(np.testing.assert_array_equal, preset("w4a4attn8"),
+                 _calibrate_preset(*tiny, "w4a4attn8"))
 
 
-def test_returns_the_fp_text_features_it_computed(tiny):
+def test_returns_the_fp_text_features_it_computed(tiny, preset):
+    """The shared calibrations chunk the 16 prompts by 8: the features of both chunks."""
     model, params = tiny
-    _, features = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS,
-                                  text_batch_size=5, return_text_features=True)
+    _, features = preset("w8a8")
     np.testing.assert_allclose(features, clip.encode_text(model, params, clip.tokenize(TEXTS)),
                                atol=1e-5)
 
 
-def test_prompt_gradient_through_the_quantized_text_tower(tiny):
+def test_prompt_gradient_through_the_quantized_text_tower(tiny, preset):
     """What P4Q trains: embeddings -> quantized text tower -> loss. STE keeps it alive."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
+    qstate, _ = preset("w4a4attn8")
     tokens = clip.crop_to_eot(clip.tokenize(TEXTS))
     embeddings = model.apply({"params": params}, tokens, method=model.embed_tokens)
     eot = jnp.argmax(tokens, -1)
@@ -185,8 +205,19 @@ def test_prompt_gradient_through_the_quantized_text_tower(tiny):
     assert _cosine(grad_q.ravel(), grad_fp.ravel()) > 0.5
 
 
+B32_LAYERS = 4
+
+
 def test_vit_b32_w8a8_stays_close_to_fp():
-    model, params = clip.init("ViT-B/32", seed=0)
+    """W8A8 at ViT-B/32's widths (768/512 channels, 12/8 heads, 50 tokens of 224 px images):
+    B/32's config with 4 of its 12 blocks per tower, as each block compiles its own code
+    and the calibration rule acts on each block alike (per-channel kernels, per-tensor
+    inputs at these widths)."""
+    config = clip.get_config("ViT-B/32")
+    config = dataclasses.replace(config,
+                                 vision=dataclasses.replace(config.vision, layers=B32_LAYERS),
+                                 text=dataclasses.replace(config.text, layers=B32_LAYERS))
+    model, params = clip.init(config, seed=0)
     images = _images(224, batches=2, batch=4)
     tokens = clip.tokenize(TEXTS)
     qstate = quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS)
@@ -316,12 +347,27 @@ def _site_input(model, params, method, x, site):
     return seen[0]
 
 
-def test_balanced_text_search_scores_every_prompt_up_to_its_end_of_text(tiny):
+def _unbudgeted_images():
+    """Three batches, the first (not the last) the widest."""
+    images = _images(32, batches=3)
+    images[0] = images[0] * 3.0
+    return images
+
+
+@pytest.fixture(scope="module")
+def unbudgeted(tiny):
+    """w4a4attn8 with no element budget (every row scored), TEXTS in chunks of 3, on
+    `_unbudgeted_images`: the text test reads a text site, the image test the image input."""
+    model, params = tiny
+    return quant.calibrate(model, params, "w4a4attn8", texts=TEXTS, text_batch_size=3,
+                           images=_unbudgeted_images(), search_max_elements=None)
+
+
+def test_balanced_text_search_scores_every_prompt_up_to_its_end_of_text(tiny, unbudgeted):
     """All rows (no element budget): OMSE on the rows of every prompt up to its EOT token,
     against the same search in numpy on the FP activations."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w4a4attn8", texts=TEXTS, text_batch_size=3,
-                             images=_images(32), search_max_elements=None)
+    qstate = unbudgeted
     site = "text/transformer/resblocks_1/mlp/c_fc"
     tokens = clip.crop_to_eot(clip.tokenize(TEXTS))
     a = _site_input(model, params, model.encode_text, tokens, site).astype(np.float64)
@@ -333,17 +379,15 @@ def test_balanced_text_search_scores_every_prompt_up_to_its_end_of_text(tiny):
     np.testing.assert_array_equal(np.asarray(qstate.acts[site].zero_point), zp)
 
 
-def test_balanced_image_search_scores_every_batch(tiny):
+def test_balanced_image_search_scores_every_batch(tiny, unbudgeted):
     """The patch embedding's input is the images: its OMSE runs on all of them (three
     batches), not the last batch as FQ-ViT and `search_rows="last"` do."""
     model, params = tiny
-    images = _images(32, batches=3)
-    images[0] = images[0] * 3.0  # the widest batch is not the last
-    kwargs = dict(images=images, texts=TEXTS, search_max_elements=None)
+    images = _unbudgeted_images()  # the widest batch is not the last
     stacked = np.concatenate(images).astype(np.float64)
-    balanced = quant.calibrate(model, params, "w4a4attn8", **kwargs).acts["visual/conv1"]
-    last = quant.calibrate(model, params, "w4a4attn8", search_rows="last",
-                           **kwargs).acts["visual/conv1"]
+    balanced = unbudgeted.acts["visual/conv1"]
+    last = quant.calibrate(model, params, "w4a4attn8", images=images, texts=TEXTS,
+                           search_max_elements=None, search_rows="last").acts["visual/conv1"]
     scale, _ = _numpy_omse(stacked, stacked.min(), stacked.max(), 15.0)
     np.testing.assert_allclose(np.asarray(balanced.scale), scale, rtol=1e-5)
     scale_last, _ = _numpy_omse(images[-1].astype(np.float64), stacked.min(), stacked.max(), 15.0)
@@ -351,40 +395,62 @@ def test_balanced_image_search_scores_every_batch(tiny):
     assert abs(scale / scale_last - 1) > 0.05  # the two rules differ on this data
 
 
-def test_balanced_scales_depend_on_neither_text_batch_size_nor_order(tiny):
+LONG_TEXTS = TEXTS + [t.format(c) for c in CLASSES
+                      for t in ("art of the {}.", "a {} in the wild.")]
+BUDGETED = dict(search_max_elements=2**10)
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny):
+    """search_rows -> w4a4attn8 with an element budget on three 32 px batches and
+    LONG_TEXTS in chunks of 5, computed once for the two tests below."""
+    model, params = tiny
+    done = {}
+
+    def get(search_rows):
+        if search_rows not in done:
+            done[search_rows] = quant.calibrate(
+                model, params, "w4a4attn8", images=_images(32, batches=3), texts=LONG_TEXTS,
+                text_batch_size=5, search_rows=search_rows, **BUDGETED)
+        return done[search_rows]
+    return get
+
+
+def test_balanced_scales_depend_on_neither_text_batch_size_nor_order(tiny, budgeted):
     """The default: every prompt draws its own rows by its tokens, every image by its place
     in the calibration set (element budget on), so neither the chunking nor the prompt order
     moves a scale. The public code's rule ("last": the final chunk) moves with them."""
     model, params = tiny
-    texts = TEXTS + [t.format(c) for c in CLASSES for t in ("art of the {}.", "a {} in the wild.")]
-    images = _images(32, batches=3)
+    texts, images = LONG_TEXTS, _images(32, batches=3)
     shuffled = list(np.random.default_rng(1).permutation(texts))
     rebatched = [np.concatenate(images)[i:i + 12] for i in range(0, 24, 12)]
 
-    def scales(search_rows, texts, images, text_batch_size):
-        qstate = quant.calibrate(model, params, "w4a4attn8", images=images, texts=texts,
-                                 text_batch_size=text_batch_size, search_rows=search_rows,
-                                 search_max_elements=2**10)
+    def scales(qstate):
         return {k: np.asarray(v.scale) for k, v in qstate.acts.items()}
 
-    base = scales("balanced", texts, images, 5)
-    for other in (scales("balanced", shuffled, rebatched, 64),
-                  scales("balanced", texts[::-1], images, 7)):
+    def scales_of(search_rows, texts, images, text_batch_size):
+        return scales(quant.calibrate(model, params, "w4a4attn8", images=images, texts=texts,
+                                      text_batch_size=text_batch_size, search_rows=search_rows,
+                                      **BUDGETED))
+
+    base = scales(budgeted("balanced"))  # texts, images, text_batch_size=5
+    for other in (scales_of("balanced", shuffled, rebatched, 64),
+                  scales_of("balanced", texts[::-1], images, 7)):
         for name in base:
             np.testing.assert_allclose(other[name], base[name], rtol=1e-5, err_msg=name)
-    last_a, last_b = scales("last", texts, images, 5), scales("last", shuffled, images, 64)
+    last_a, last_b = scales(budgeted("last")), scales_of("last", shuffled, images, 64)
     moved = max(np.max(np.abs(last_a[n] / last_b[n] - 1)) for n in last_a if n.startswith("text/"))
     assert moved > 0.01
 
 
 @pytest.mark.parametrize("search_rows", ["balanced", "last"])
-def test_images_from_a_generator_calibrate_as_the_list_does(tiny, search_rows):
+def test_images_from_a_generator_calibrate_as_the_list_does(tiny, budgeted, search_rows):
     """A generator (the p4q job's calibration batches, decoded as they are read) is read
     once and gives the scales of the same batches as a list; its image count is checked."""
     model, params = tiny
     images = _images(32, batches=3)
-    kwargs = dict(texts=TEXTS, search_rows=search_rows, search_max_elements=2**10)
-    listed = quant.calibrate(model, params, "w4a4attn8", images=images, **kwargs)
+    kwargs = dict(texts=LONG_TEXTS, text_batch_size=5, search_rows=search_rows, **BUDGETED)
+    listed = budgeted(search_rows)
     reads = []
 
     def stream():
@@ -407,19 +473,18 @@ def test_images_from_a_generator_calibrate_as_the_list_does(tiny, search_rows):
         quant.calibrate(model, params, "w4a4attn8", images=images, num_images=8, **kwargs)
 
 
-def test_search_rows_auto_keeps_the_public_rule_for_the_official_preset(tiny):
+def test_search_rows_auto_keeps_the_public_rule_for_the_official_preset(tiny, preset):
     model, params = tiny
     resolve = calibration.resolve_search_rows
     assert resolve("auto", quant.QConfig.parse("official")) == "last"
     assert resolve("auto", quant.QConfig.parse("w4a4attn8")) == "balanced"
     assert resolve("balanced", quant.QConfig.parse("official")) == "balanced"
-    images = _images(32)
-    auto = quant.calibrate(model, params, "official", images=images, texts=TEXTS)
-    last = quant.calibrate(model, params, "official", images=images, texts=TEXTS,
-                           search_rows="last")
-    jax.tree.map(np.testing.assert_array_equal, auto, last)
+    auto = preset("official")  # search_rows left at "auto"
+    jax.tree.map(np.testing.assert_array_equal, auto,
+                 _calibrate_preset(model, params, "official", search_rows="last"))
     with pytest.raises(ValueError, match=r"search_rows: expected one of .*got 'first'"):
-        quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS, search_rows="first")
+        quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS,
+                        search_rows="first")
 
 
 def test_sample_rows_draws_a_quota_of_valid_rows_per_sample():

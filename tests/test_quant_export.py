@@ -1,5 +1,7 @@
 """Low-bit storage (packed integers in Orbax, bit-exact reload) and the int8 inference path."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,21 @@ def tiny():
     return clip.init("tiny", seed=2)
 
 
+@pytest.fixture(scope="module")
+def calibrated(tiny):
+    """name -> `tiny` calibrated for the preset `name` on `_images(32)` and TEXTS, computed
+    once for the tests that only read it: every calibration traces its own programs, which
+    costs more than the tests' checks."""
+    model, params = tiny
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = quant.calibrate(model, params, name, images=_images(32), texts=TEXTS)
+        return done[name]
+    return get
+
+
 def test_nibble_packing_by_hand():
     # codes 1, -1, 7, -8, 3 -> nibbles 1, 15, 7, 8, 3 (+ a zero pad) -> bytes 0xF1, 0x87, 0x03
     packed = export.pack_nibbles(np.array([1, -1, 7, -8, 3]))
@@ -47,9 +64,9 @@ def test_nibble_packing_round_trips_random_kernels(signed):
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4a4attn8", "official"])
-def test_export_reloads_bit_exactly(tmp_path, tiny, name):
+def test_export_reloads_bit_exactly(tmp_path, tiny, calibrated, name):
     model, params = tiny
-    qstate = quant.calibrate(model, params, name, images=_images(32), texts=TEXTS)
+    qstate = calibrated(name)
     export.save(tmp_path / "q", model, params, qstate)
     model2, params2, qstate2 = export.load(tmp_path / "q")
     assert model2.config == model.config and qstate2.config == qstate.config
@@ -60,12 +77,12 @@ def test_export_reloads_bit_exactly(tmp_path, tiny, name):
                                   clip.encode_text(model2, params2, tokens, qstate=qstate2))
 
 
-def test_export_stores_the_calibrated_kernels_not_a_requantized_copy(tmp_path, tiny):
+def test_export_stores_the_calibrated_kernels_not_a_requantized_copy(tmp_path, tiny, calibrated):
     """A negative 4-bit extreme w = -7.5 * scale sits on a rounding tie: -8 or -7 depending on
     float op order. The export must keep the calibrated choice, so move one such kernel entry
     to the other side of the tie and check that the reload follows the QState, not the FP."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=_images(32), texts=TEXTS)
+    qstate = calibrated("w4a4attn8")
     name = "visual/conv1"
     kernel, p = qstate.kernels[name], qstate.weights[name]
     flipped = jnp.where(kernel == kernel.min(), kernel + p.scale, kernel)  # -8 -> -7 codes
@@ -88,9 +105,9 @@ def test_export_bytes_on_disk(tmp_path):
         assert ratio <= limit, (name, sizes, ratio)
 
 
-def test_export_refuses_to_overwrite_and_load_names_missing_dirs(tmp_path, tiny):
+def test_export_refuses_to_overwrite_and_load_names_missing_dirs(tmp_path, tiny, calibrated):
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    qstate = calibrated("w8a8")
     export.save(tmp_path / "q", model, params, qstate)
     with pytest.raises(FileExistsError, match="q"):
         export.save(tmp_path / "q", model, params, qstate)
@@ -98,9 +115,9 @@ def test_export_refuses_to_overwrite_and_load_names_missing_dirs(tmp_path, tiny)
         export.load(tmp_path / "nothere")
 
 
-def test_load_of_a_damaged_export_names_the_file(tmp_path, tiny, monkeypatch):
+def test_load_of_a_damaged_export_names_the_file(tmp_path, tiny, calibrated, monkeypatch):
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    qstate = calibrated("w8a8")
     export.save(tmp_path / "q", model, params, qstate)
     marker = tmp_path / "q" / export.MARKER
     good = marker.read_text()
@@ -128,13 +145,13 @@ def _int32_products(model, params, state, method, x):
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w6a6", "w4a4attn8"])
-def test_integer_path_equals_fake_quant(tiny, name):
+def test_integer_path_equals_fake_quant(tiny, calibrated, name):
     """Every Dense layer, the patch conv and both attention products run on int8 codes
     (4- and 6-bit codes in int8 containers) and give fake-quant's features bit for bit
     (fake-quant sums the same codes, exactly, in float32); with the products left to
     fake-quant (CPUs' default) too."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, name, images=_images(32), texts=TEXTS)
+    qstate = calibrated(name)
     int_state = integer.integer_state(qstate, params, products=True)
     dense_only = integer.integer_state(qstate, params, products=False)
     blocks = model.config.vision.layers + model.config.text.layers
@@ -180,9 +197,12 @@ def test_integer_einsum_against_numpy():
 
 def test_resnet_convs_keep_the_fake_quant_path():
     """Padded convs would need a position-dependent zero-point term: only a ViT's patch
-    embedding runs as an integer conv; a ResNet's stem and blocks stay fake-quant."""
+    embedding runs as an integer conv; a ResNet's stem and blocks stay fake-quant. Only the
+    image tower is calibrated: the convs are all there, and the text tower's calibration
+    would only add its own programs to trace."""
     model, params = clip.init("tiny-rn", seed=0)
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(64), texts=TEXTS)
+    image_only = dataclasses.replace(quant.QConfig.parse("w8a8"), towers=("visual",))
+    qstate = quant.calibrate(model, params, image_only, images=_images(64))
     int_state = integer.integer_state(qstate, params)
     images = _images(64)[0]
     fake = np.asarray(clip.encode_image(model, params, images, qstate=qstate))
@@ -195,15 +215,15 @@ def test_resnet_convs_keep_the_fake_quant_path():
         _int32_products(model, params, without_stem, model.encode_image, images))
 
 
-def test_inference_state_falls_back_where_nothing_fits(tiny):
+def test_inference_state_falls_back_where_nothing_fits(tiny, calibrated):
     """`official` quantizes its inputs per channel, which no integer product can take: the
     job's inference state is then the QState itself, as with quant.integer=False."""
     model, params = tiny
-    official = quant.calibrate(model, params, "official", images=_images(32), texts=TEXTS)
+    official = calibrated("official")
     with pytest.raises(ValueError, match="'official' has no Dense layer.*nothing runs in int8"):
         integer.integer_state(official, params)
     assert integer.inference_state(official, params, True) is official
-    w8 = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    w8 = calibrated("w8a8")
     assert integer.inference_state(w8, params, False) is w8
     assert isinstance(integer.inference_state(w8, params, True), integer.IntegerState)
     faster, _ = integer.int8_dot_is_faster()
@@ -211,11 +231,11 @@ def test_inference_state_falls_back_where_nothing_fits(tiny):
     assert integer.inference_state(None, params, True) is None
 
 
-def test_agrees_with_qwix_own_w8a8(tiny):
+def test_agrees_with_qwix_own_w8a8(tiny, calibrated):
     """Independent cross-check: Qwix's PTQ of the same model (absmax weights, dynamic int8
     activations) lands as close to our calibrated W8A8 as both do to float."""
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    qstate = calibrated("w8a8")
     rules = [qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)]
     qwix_model = qwix.quantize_model(model, qwix.PtqProvider(rules),
                                      methods=("encode_image", "encode_text"))
@@ -238,19 +258,19 @@ def test_agrees_with_qwix_own_w8a8(tiny):
         assert cosine(theirs, fp).min() > 0.99
 
 
-def test_attention_products_stay_fake_quant_on_cpus(tiny):
+def test_attention_products_stay_fake_quant_on_cpus(tiny, calibrated):
     """XLA:CPU's int8 dots lose to float32 on the heads' small matrices: the default
     IntegerState on a CPU leaves the products to fake-quant (an accelerator's keeps them)."""
-    model, params = tiny
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    _, params = tiny
+    qstate = calibrated("w8a8")
     assert jax.devices()[0].platform == "cpu"
     assert integer.integer_state(qstate, params).products is False
     assert integer.inference_state(qstate, params, True).products is False
 
 
-def test_export_with_non_finite_weights_names_the_tensor(tmp_path, tiny):
+def test_export_with_non_finite_weights_names_the_tensor(tmp_path, tiny, calibrated):
     model, params = tiny
-    qstate = quant.calibrate(model, params, "w8a8", images=_images(32), texts=TEXTS)
+    qstate = calibrated("w8a8")
     broken = jax.tree.map(np.array, params)
     broken["text"]["ln_final"]["scale"][:2] = np.nan
     export.save(tmp_path / "q", model, broken, qstate)

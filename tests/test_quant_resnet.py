@@ -46,6 +46,21 @@ def _images(batches=2, batch=4, size=64, seed=0):
     return [rng.normal(size=(batch, size, size, 3)).astype(np.float32) for _ in range(batches)]
 
 
+@pytest.fixture(scope="module")
+def calibrated(tiny_rn):
+    """name -> `tiny_rn` calibrated for the preset `name` on `_images()` and TEXTS, computed
+    once for the tests that only read it: every calibration traces its own programs, which
+    costs more than the tests' checks."""
+    model, params = tiny_rn
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = quant.calibrate(model, params, name, images=_images(), texts=TEXTS)
+        return done[name]
+    return get
+
+
 def _cosine(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
@@ -62,9 +77,9 @@ def _convs(layers):
     return names
 
 
-def test_paper_preset_quantizes_every_conv_and_the_attention_pool(tiny_rn):
+def test_paper_preset_quantizes_every_conv_and_the_attention_pool(tiny_rn, calibrated):
     model, params = tiny_rn
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=_images(), texts=TEXTS)
+    qstate = calibrated("w4a4attn8")
     pool = [f"visual/attnpool/{n}_proj" for n in "qkv"] + ["visual/attnpool/c_proj"]
     visual_weights = {n for n in qstate.weights if n.startswith("visual/")}
     assert visual_weights == set(_convs(model.config.vision.layers)) | set(pool)
@@ -115,7 +130,7 @@ def test_conv_kernel_and_image_input_match_numpy_references(tiny_rn):
     np.testing.assert_array_equal(np.asarray(act.zero_point).ravel(), [zp])
 
 
-def test_folded_batch_norm_is_the_same_float_model(tiny_rn):
+def test_folded_batch_norm_is_the_same_float_model(tiny_rn, calibrated):
     model, params = tiny_rn
     folded = quant.fold_batchnorm(params)
     images = _images(batches=1)[0]
@@ -130,8 +145,9 @@ def test_folded_batch_norm_is_the_same_float_model(tiny_rn):
                                * factor, rtol=1e-6)
     # Quantized, both stay close to FP; per-channel kernel scales absorb the factor.
     fp = clip.encode_image(model, params, images)
-    for p in (params, folded):
-        qstate = quant.calibrate(model, p, "w8a8", images=_images(), texts=TEXTS)
+    for p, qstate in ((params, calibrated("w8a8")),
+                      (folded, quant.calibrate(model, folded, "w8a8", images=_images(),
+                                               texts=TEXTS))):
         assert _cosine(fp, clip.encode_image(model, p, images, qstate=qstate)).min() >= 0.99
 
 
@@ -141,23 +157,23 @@ def test_a_vit_has_nothing_to_fold():
         quant.fold_batchnorm(params)
 
 
-def test_error_grows_as_bits_shrink(tiny_rn):
+def test_error_grows_as_bits_shrink(tiny_rn, calibrated):
     model, params = tiny_rn
     images = _images()
     fp = clip.encode_image(model, params, images[0])
     errors = []
     for name in ("w8a8", "w6a6", "w4a4attn8"):
-        qstate = quant.calibrate(model, params, name, images=images, texts=TEXTS)
+        qstate = calibrated(name)
         errors.append(1 - _cosine(fp, clip.encode_image(model, params, images[0],
                                                         qstate=qstate)).mean())
     assert errors[0] < errors[1] < errors[2], errors
     assert errors[0] < 1e-2, errors  # w8a8: cosine >= 0.99
 
 
-def test_export_reloads_bit_exactly(tiny_rn, tmp_path):
+def test_export_reloads_bit_exactly(tiny_rn, calibrated, tmp_path):
     model, params = tiny_rn
     images = _images()
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=images, texts=TEXTS)
+    qstate = calibrated("w4a4attn8")
     sizes = export.save(tmp_path / "q", model, params, qstate)
     assert sizes["integer_bytes"] < sizes["fp32_bytes"] / 4  # 4-bit codes, packed
     model2, params2, qstate2 = export.load(tmp_path / "q")
@@ -166,12 +182,12 @@ def test_export_reloads_bit_exactly(tiny_rn, tmp_path):
                                   clip.encode_image(model, params, images[0], qstate=qstate))
 
 
-def test_prompt_gradient_with_a_quantized_resnet_image_tower(tiny_rn):
+def test_prompt_gradient_with_a_quantized_resnet_image_tower(tiny_rn, calibrated):
     """P4Q's signal: context embeddings -> quantized text tower -> cosine logits against the
     quantized ResNet's image features -> cross-entropy. The context gets a gradient."""
     model, params = tiny_rn
     images = _images()
-    qstate = quant.calibrate(model, params, "w4a4attn8", images=images, texts=TEXTS)
+    qstate = calibrated("w4a4attn8")
     tokens = clip.crop_to_eot(clip.tokenize(TEXTS))
     embeddings = model.apply({"params": params}, tokens, method=model.embed_tokens)
     eot = jnp.argmax(tokens, -1)
