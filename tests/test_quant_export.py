@@ -1,6 +1,7 @@
 """Low-bit storage (packed integers in Orbax, bit-exact reload) and the int8 inference path."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +34,8 @@ def calibrated(tiny):
     once for the tests that only read it: every calibration traces its own programs, which
     costs more than the tests' checks."""
     model, params = tiny
-    done = {}
-
-    def get(name):
-        if name not in done:
-            done[name] = quant.calibrate(model, params, name, images=_images(32), texts=TEXTS)
-        return done[name]
-    return get
+    return functools.cache(
+        lambda name: quant.calibrate(model, params, name, images=_images(32), texts=TEXTS))
 
 
 def test_nibble_packing_by_hand():

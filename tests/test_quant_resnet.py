@@ -2,6 +2,7 @@
 image input, BatchNorm folding, accuracy vs bits, export, and the P4Q gradient."""
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -52,13 +53,8 @@ def calibrated(tiny_rn):
     once for the tests that only read it: every calibration traces its own programs, which
     costs more than the tests' checks."""
     model, params = tiny_rn
-    done = {}
-
-    def get(name):
-        if name not in done:
-            done[name] = quant.calibrate(model, params, name, images=_images(), texts=TEXTS)
-        return done[name]
-    return get
+    return functools.cache(
+        lambda name: quant.calibrate(model, params, name, images=_images(), texts=TEXTS))
 
 
 def _cosine(a, b):
