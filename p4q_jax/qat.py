@@ -12,7 +12,8 @@ What trains (`trainable`):
   context  CoOp's context vectors, initialised and optimized as P4Q's (no adapter).
 
 Optimizers: AdamW on the towers (`qat.lr`, `qat.weight_decay`), Adam on the steps
-(`qat.scale_lr`; no weight decay, which would pull every step towards 0), the prompts as in
+(`qat.scale_lr`; no weight decay, which would pull every step towards 0; each update then
+projected onto positive steps, `lsq.keep_positive`), the prompts as in
 P4Q (SGD at `train.prompt_lr`, `train.prompt_momentum`, `train.prompt_weight_decay`); each
 rate follows P4Q's cosine schedule (`train.warmup_steps`, then cosine over the run), after
 optional global-norm clipping (`train.clip_norm`). The loss is P4Q's (`step.loss_fn`:
@@ -54,7 +55,9 @@ class Fixed:
     # The FP image tower (the teacher's image features) and CLIP's raw `logit_scale` (log of
     # 1/T), which the student shares.
     teacher_params: dict
-    quant: lsq.LSQState  # sites, formats and zero points (its scales: the trainable ones)
+    # Sites, formats and zero points; its scales are the calibrated steps, where the
+    # trainable ones start and the floor `lsq.keep_positive` holds them above.
+    quant: lsq.LSQState
     eot: jax.Array  # [C]
     teacher_text: jax.Array  # [C, E] the teacher's class features, normalized
     teacher_adapter: dict | None = None  # a trained teacher's frozen adapter state
@@ -143,6 +146,7 @@ def make_train_step(*, model, prompts, tx, weights, mesh, state_shardings, fixed
                                       teacher_adapter=teacher_adapter)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        trainable["scales"] = lsq.keep_positive(trainable["scales"], fixed.quant.scales())
         return step_lib.TrainState(step=state.step + 1, trainable=trainable,
                                    opt_state=opt_state), metrics
 

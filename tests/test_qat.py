@@ -196,6 +196,26 @@ def test_qat_changes_every_kernel_and_step_and_its_loss_falls(stepped, tiny_qat)
     assert losses[-1] < losses[0] - 0.05, losses  # far above float re-association noise
 
 
+def test_a_step_pushed_below_zero_stays_positive(tiny_qat):
+    """Adam at scale_lr=1 moves each step by about 1, far more than any tiny-CLIP step
+    (below 0.5): without the projection most steps of one update would turn negative."""
+    one = parallel.make_mesh(devices=jax.devices()[:1])
+    config = _config()
+    config.qat.scale_lr = 1.0
+    run = _setup(tiny_qat, one, config)
+    calibrated = _host(run.fixed.quant.scales())
+    state, _ = run.train_step(run.state, run.fixed, parallel.to_global(tiny_qat[4], one))
+    after = _host(state.trainable["scales"])
+    floored = 0
+    for kind in ("acts", "weights"):
+        for name, c in calibrated[kind].items():
+            assert np.all((0 < c) & (c < 0.5)), (kind, name)
+            floor = np.float32(lsq.MIN_STEP_FRACTION) * c
+            assert np.all(after[kind][name] >= floor), (kind, name)
+            floored += int(np.sum(after[kind][name] == floor))
+    assert floored > 0  # the bound was reached, so the projection did the work
+
+
 def _moments(state):
     """{path: Adam's first moment} of a state: after one step, (1 - b1) x the gradient."""
     return {jax.tree_util.keystr(p): x for p, x in

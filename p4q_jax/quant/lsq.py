@@ -20,6 +20,12 @@ Qn / Qp terms), so there is one LSQ backward pass. N, the elements one step serv
 kernel, its elements per step (the paper's N_W per tensor; per output channel, the
 channel's fan-in, whose gradients that step's sum adds up); for an activation, the features
 per example (the paper's N_F; per channel, the features per example of that channel).
+
+A step must stay positive to define a grid, and the paper leaves it unconstrained. Under
+Adam, whose update has the size of the learning rate whatever the step's own size, a small
+8-bit step can cross zero (the w8a8 methods run did, at a text MLP kernel). After every
+update the steps are projected back onto [MIN_STEP_FRACTION x the calibrated step, inf)
+(`keep_positive`); a step above that bound is left bit-for-bit as the update made it.
 """
 
 import contextlib
@@ -99,6 +105,16 @@ class LSQState:
         swap = lambda d, s: {n: p.replace(scale=s[n]) for n, p in d.items()}
         return self.replace(acts=swap(self.acts, scales["acts"]),
                             weights=swap(self.weights, scales["weights"]))
+
+
+# The lowest a learned step may go, as a fraction of its calibrated value (`keep_positive`).
+MIN_STEP_FRACTION = 1e-3
+
+
+def keep_positive(scales, calibrated):
+    """`scales` (the tree `LSQState.scales()` returns) with every step raised to at least
+    MIN_STEP_FRACTION x its calibrated value in `calibrated` (a tree of the same form)."""
+    return jax.tree.map(lambda s, c: jnp.maximum(s, MIN_STEP_FRACTION * c), scales, calibrated)
 
 
 def from_qstate(qstate: state_lib.QState) -> LSQState:
