@@ -1,5 +1,5 @@
-"""Test-session set-up: 8 fake CPU devices for every test, a shared compilation cache,
-and a safe import order.
+"""Test-session set-up: 8 fake CPU devices for every test, fast-compiling XLA settings, a
+shared compilation cache, and a safe import order.
 
 XLA_FLAGS and the cache settings must be set before jax is imported, so they are set
 here, before anything imports jax. The subprocesses that tests start (main.py, the
@@ -10,9 +10,17 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# XLA:CPU compiles without LLVM's optimizations and with its classic fusion emitters: the
+# suite's time goes mostly to compiling many small programs once each, which these settings
+# make about twice as fast, while the tiny models run a little slower. They change how a
+# program is compiled, not what it computes (beyond float rounding, which every tolerance
+# here already allows for CPUs with other instruction sets). Jobs outside the tests use
+# XLA's defaults. docs/usage.md ("Tests") has the measurement.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_flags = os.environ.get("XLA_FLAGS", "").split()  # pytest-xdist's workers inherit them set
+_flags += [f for f in (*FAST_COMPILE_FLAGS.split(), "--xla_force_host_platform_device_count=8")
+           if f not in _flags]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 # Many tests compile the same programs (each main.py run, each clip.init of ViT-B/32):
 # JAX's persistent compilation cache, fresh for this session, compiles each one once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

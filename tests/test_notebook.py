@@ -13,7 +13,11 @@ def test_quickstart_notebook_executes(tmp_path):
     # 5 P4Q steps instead of the notebook's 100 (`QUICKSTART_STEPS`): every cell still runs the
     # same calls, and the last cell's reload assertion compares the export with the trained
     # prompts and adapter however many steps moved them.
-    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "XLA_FLAGS": "", "QUICKSTART_STEPS": "5"}
+    # One CPU device, as in Colab; the session's fast-compiling XLA settings stay.
+    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "XLA_FLAGS": " ".join(xla_flags),
+           "QUICKSTART_STEPS": "5"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
