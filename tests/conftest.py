@@ -12,10 +12,10 @@ import tempfile
 
 # XLA:CPU compiles without LLVM's optimizations and with its classic fusion emitters: the
 # suite's time goes mostly to compiling many small programs once each, which these settings
-# make about twice as fast, while the tiny models run a little slower. They change how a
-# program is compiled, not what it computes (beyond float rounding, which every tolerance
-# here already allows for CPUs with other instruction sets). Jobs outside the tests use
-# XLA's defaults. docs/usage.md ("Tests") has the measurement.
+# make faster (the suite's CPU time falls by a quarter), while the models run slower. They
+# change how a program is compiled, not what it computes (beyond float rounding, which every
+# tolerance here already allows for CPUs with other instruction sets). Jobs outside the
+# tests use XLA's defaults. docs/results.md ("The test suite") has the measurement.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 _flags = os.environ.get("XLA_FLAGS", "").split()  # pytest-xdist's workers inherit them set
 _flags += [f for f in (*FAST_COMPILE_FLAGS.split(), "--xla_force_host_platform_device_count=8")
