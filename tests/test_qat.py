@@ -197,8 +197,8 @@ def test_qat_changes_every_kernel_and_step_and_its_loss_falls(stepped, tiny_qat)
 
 
 def test_a_step_pushed_below_zero_stays_positive(tiny_qat):
-    """Adam at scale_lr=1 moves each step by about 1, far more than any tiny-CLIP step
-    (below 0.5): without the projection most steps of one update would turn negative."""
+    """Adam at scale_lr=1 moves a step by far more than any tiny-CLIP step's size (all below
+    0.5): without the projection, one update turns steps negative (seen: this test fails)."""
     one = parallel.make_mesh(devices=jax.devices()[:1])
     config = _config()
     config.qat.scale_lr = 1.0
