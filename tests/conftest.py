@@ -1,5 +1,5 @@
-"""Test-session set-up: 8 fake CPU devices for every test, fast-compiling XLA settings, a
-shared compilation cache, and a safe import order.
+"""Test-session set-up: `DEVICES` fake CPU devices for every test, fast-compiling XLA
+settings, a shared compilation cache, and a safe import order.
 
 XLA_FLAGS and the cache settings must be set before jax is imported, so they are set
 here, before anything imports jax. The subprocesses that tests start (main.py, the
@@ -17,9 +17,14 @@ import tempfile
 # tolerance here already allows for CPUs with other instruction sets). Jobs outside the
 # tests use XLA's defaults. docs/results.md ("The test suite") has the measurement.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# Four fake CPU devices: the fewest on which a mesh has both a data and a model axis of
+# size 2 and two processes hold two devices each (test_multiprocess.py). Every replicated
+# computation runs once per device on the same two cores, so each device more costs every
+# job test time (docs/results.md, "The test suite").
+DEVICES = 4
 _flags = os.environ.get("XLA_FLAGS", "").split()  # pytest-xdist's workers inherit them set
-_flags += [f for f in (*FAST_COMPILE_FLAGS.split(), "--xla_force_host_platform_device_count=8")
-           if f not in _flags]
+_flags += [f for f in (*FAST_COMPILE_FLAGS.split(),
+                       f"--xla_force_host_platform_device_count={DEVICES}") if f not in _flags]
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 # Many tests compile the same programs (each main.py run, each clip.init of ViT-B/32):
 # JAX's persistent compilation cache, fresh for this session, compiles each one once.

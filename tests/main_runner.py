@@ -6,7 +6,7 @@ under `tfds.testing.mock_data` unless told not to.
 A child process costs an interpreter start, the TensorFlow/JAX imports and a reload of every
 compiled program; `run_job` parses the same argv as main.py (the config file, its
 `--config.*` overrides, `--workdir`, `--mode`) into a fresh set of flags and calls
-`jobs.run`, as main.py does, in the test's process (with its 8 fake devices).
+`jobs.run`, as main.py does, in the test's process (with the session's fake devices).
 """
 
 import contextlib

@@ -15,7 +15,7 @@ def free_port():
 
 
 def child_env(devices):
-    """This environment with `devices` fake CPU devices (replacing the test session's 8)."""
+    """This environment with `devices` fake CPU devices (replacing the test session's count)."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]

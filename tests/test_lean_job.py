@@ -1,5 +1,5 @@
-"""The p4q job's layout and phases: frozen params split over a `model` axis (a (4, 2) mesh of
-the 8 test devices, from main.py's flags) give the data-parallel (8, 1) job's results, results.json
+"""The p4q job's layout and phases: frozen params split over a `model` axis (a (2, 2) mesh of
+the 4 test devices, from main.py's flags) give the data-parallel (4, 1) job's results, results.json
 lists every phase with its wall time and peak resident memory, and the image tower waits in
 host memory while the text tower trains."""
 
@@ -32,9 +32,9 @@ PHASES = ["set-up", "calibration", "zero-shot and PTQ evaluation", "feature cach
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
-    """The job on an (8, 1) mesh in this process, with the image tower's move to host memory
+    """The job on a (4, 1) mesh in this process, with the image tower's move to host memory
     forced (CPU devices have both memory kinds) and what train.train receives recorded; and
-    from main.py's flags on a (4, 2) mesh."""
+    from main.py's flags on a (2, 2) mesh."""
     root = tmp_path_factory.mktemp("lean")
     config = p4q_config.get_config()
     config.model.checkpoint = str(tiny_checkpoint)

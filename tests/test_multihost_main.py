@@ -1,5 +1,5 @@
-"""main.py across processes: a p4q job as 2 processes x 4 CPU devices (joined over 127.0.0.1)
-equals the same job as 1 process x 8 devices (this test process), its export evaluates in one
+"""main.py across processes: a p4q job as 2 processes x 2 CPU devices (joined over 127.0.0.1)
+equals the same job as 1 process x 4 devices (this test process), its export evaluates in one
 process, and both processes killed after a checkpoint resume to the uninterrupted run's
 parameters.
 
@@ -24,6 +24,7 @@ import main_runner
 import multihost
 
 TIMEOUT_S = 400
+_PER_PROCESS = 2  # fake CPU devices per child: two children hold this process's four
 # Synthetic images (in memory): TFDS's mock data would invent new images for each process's
 # sub-split, where the real TFDS splits (e.g. the demo's shapes) are split exactly.
 _FLAGS = ["--config=configs/p4q.py", "--config.data.name=synthetic",
@@ -86,9 +87,10 @@ def _two_processes(flags, workdir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
+    assert jax.device_count() == 2 * _PER_PROCESS  # the one-process run has both halves' devices
     root = tmp_path_factory.mktemp("multihost")
     flags = [*_FLAGS, f"--config.model.checkpoint={tiny_checkpoint}"]
-    _run_processes(_two_processes(flags, root / "two"), devices=4)
+    _run_processes(_two_processes(flags, root / "two"), devices=_PER_PROCESS)
     main_runner.run_job([*flags, f"--workdir={root / 'one'}"], mock_examples=None)
     return root, flags, [json.loads((root / name / "results.json").read_text())
                          for name in ("two", "one")]
@@ -145,7 +147,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, ru
     this one's special case.)"""
     root, flags, _ = runs
     workdir = tmp_path / "killed"
-    started = _start(_two_processes(flags, workdir), devices=4)
+    started = _start(_two_processes(flags, workdir), devices=_PER_PROCESS)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not main_runner.complete_checkpoint_steps(workdir / "checkpoints"):
@@ -159,7 +161,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, ru
             log.close()
     killed_at = max(main_runner.complete_checkpoint_steps(workdir / "checkpoints"))
     assert killed_at < 6 and not (workdir / "results.json").exists()
-    logs = _run_processes(_two_processes(flags, workdir), devices=4)
+    logs = _run_processes(_two_processes(flags, workdir), devices=_PER_PROCESS)
     for log in logs:
         assert f"resuming from the checkpoint at step {killed_at}" in log, log[-3000:]
     history = json.loads((workdir / "results.json").read_text())["history"]

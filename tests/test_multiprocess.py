@@ -1,13 +1,13 @@
-"""P4Q train step across processes: 2 processes x 4 CPU devices == 1 process x 8 devices.
+"""P4Q train step across processes: 2 processes x 2 CPU devices == 1 process x 4 devices.
 
-The test (parent, 8 fake devices from conftest.py) starts two copies of this file as
-children (`python tests/test_multiprocess.py PROCESS_ID PORT OUT_DIR`), each with 4 fake
+The test (parent, 4 fake devices from conftest.py) starts two copies of this file as
+children (`python tests/test_multiprocess.py PROCESS_ID PORT OUT_DIR`), each with 2 fake
 CPU devices, joined by `jax.distributed` over 127.0.0.1 with gloo collectives into one
-8-device mesh. Every process builds the same setup (`build_setup`, deterministic), feeds
+4-device mesh. Every process builds the same setup (`build_setup`, deterministic), feeds
 only its process-local half of the 16-row global batch to `parallel.to_global`, runs
 `STEPS` train steps and writes its loss terms and trainable params after each step and
 what it saw of the mesh to OUT_DIR/process_<id>.npz. The parent runs the same steps on its own
-8-device mesh with the whole batch and compares.
+4-device mesh with the whole batch and compares.
 
 The setup is `toy_p4q.build_setup`, shared with test_p4q_step.py.
 """
@@ -29,7 +29,7 @@ import multihost
 from toy_p4q import GLOBAL_BATCH
 from toy_p4q import build_setup
 NUM_PROCESSES = 2
-DEVICES_PER_PROCESS = 4
+DEVICES_PER_PROCESS = 2
 STEPS = 2
 CHILD_TIMEOUT_S = 300
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -99,12 +99,12 @@ def child_main(process_id, port, out_dir):
 # and batch: only the order of the cross-device sums differs (gloo between the processes),
 # so its loss terms agree to float rounding. Every later value inherits that rounding
 # through AdamW, whose first steps normalise each gradient entry (update ~ lr * sign(g)
-# where |g| is tiny). Measured on an AMD EPYC with XLA:CPU limited to SSE4.2, AVX and AVX2
-# (--xla_cpu_max_isa): step-1 losses <= 1.2e-7, params after step 1 <= 2.0e-6, step-2
-# losses <= 1.05e-5 (AVX), final params <= 3.2e-5 (AVX; 1- vs 8-device runs in ONE process
-# already differ by 1.2e-4 there). A child feeding the wrong half of the batch (both feeding
-# rows 0-7) moves the step-1 losses and all params by >1e-2 (measured): 1000x
-# ATOL_FIRST_STEP, 10x the others.
+# where |g| is tiny). Measured (2 processes x 4 devices against 8) on an AMD EPYC with
+# XLA:CPU limited to SSE4.2, AVX and AVX2 (--xla_cpu_max_isa): step-1 losses <= 1.2e-7,
+# params after step 1 <= 2.0e-6, step-2 losses <= 1.05e-5 (AVX), final params <= 3.2e-5
+# (AVX; 1- vs 8-device runs in ONE process already differ by 1.2e-4 there). A child
+# feeding the wrong half of the batch (both feeding rows 0-7) moves the step-1 losses and
+# all params by >1e-2 (measured): 1000x ATOL_FIRST_STEP, 10x the others.
 ATOL_FIRST_STEP = 1e-5
 ATOL_AFTER_UPDATE = 1e-4
 ATOL_FINAL_PARAMS = 1e-3
@@ -154,7 +154,7 @@ def _children(out_dir):
 
 def test_two_processes_match_one_process(tmp_path):
     with _children(tmp_path) as wait_for_children:
-        # The 1-process x 8-device reference, computed while the children run.
+        # The 1-process x 4-device reference, computed while the children run.
         setup = build_setup()
         mesh = parallel.make_mesh()
         assert mesh.shape[parallel.DATA] == NUM_PROCESSES * DEVICES_PER_PROCESS
@@ -170,7 +170,7 @@ def test_two_processes_match_one_process(tmp_path):
         assert int(out["process_count"]) == NUM_PROCESSES
         assert int(out["process_index"]) == pid
         assert int(out["mesh_data"]) == NUM_PROCESSES * DEVICES_PER_PROCESS
-        # to_global puts process i's local rows at global rows [8i, 8i+8), 2 per local
+        # to_global puts process i's local rows at global rows [8i, 8i+8), 4 per local
         # device, so the assembled global batch is exactly the parent's batch.
         start = pid * per_process
         np.testing.assert_array_equal(

@@ -301,5 +301,7 @@ def test_memory_schedule_same_step_in_less_scratch(setup):
     assert temp_m < 0.7 * temp_c
     for name in metrics_c:
         assert float(metrics_m[name]) == pytest.approx(float(metrics_c[name]), rel=1e-6), name
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    # The two schedules sum in different orders: the learned context ended up to 9.5e-7 apart
+    # (AMD EPYC, the suite's XLA flags) after a step that moved each entry by 3e-4 to 1.35.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5),
                  state_m.trainable, state_c.trainable)

@@ -62,10 +62,10 @@ def test_urls_are_kept_as_they_are():
     ({"loss__distillation_kind": "kld"}, "loss.distillation_kind='kld': expected one of ['kl', "
                                          "'official', 'none']"),
     ({"model__dtype": "float99"}, "model.dtype='float99': expected one of"),
-    ({"train__batch_size": 100}, "train.batch_size=100: expected a multiple of the 8 "
+    ({"train__batch_size": 102}, "train.batch_size=102: expected a multiple of the 4 "
                                  "data-parallel devices"),
-    ({"quant__calib_batch_size": 30}, "quant.calib_batch_size=30: expected a multiple of the 8"),
-    ({"eval__batch_size": 12}, "eval.batch_size=12: expected a multiple of the 8"),
+    ({"quant__calib_batch_size": 30}, "quant.calib_batch_size=30: expected a multiple of the 4"),
+    ({"eval__batch_size": 14}, "eval.batch_size=14: expected a multiple of the 4"),
     ({"quant__config": "w9a3"}, "quant.config='w9a3': "),
     ({"quant__compensation": "gptq"}, "quant.compensation='gptq': expected one of ['none', "
                                       "'qwt']"),
@@ -76,7 +76,7 @@ def test_urls_are_kept_as_they_are():
     ({"loss__temperature": 0.0}, "loss.temperature=0.0: expected a finite number > 0"),
     ({"p4q__adapter_ratio": 1.5}, "p4q.adapter_ratio=1.5: expected a finite number in [0, 1]"),
     ({"checkpoint__every_steps": 0}, "checkpoint.every_steps=0: expected an integer >= 1"),
-    ({"mesh__model": 3}, "mesh.model=3: expected an integer >= 1 dividing the 8 devices"),
+    ({"mesh__model": 3}, "mesh.model=3: expected an integer >= 1 dividing the 4 devices"),
     ({"model__checkpoint": "/no/such/ViT-B-32.pt"}, "model.checkpoint='/no/such/ViT-B-32.pt': "
                                                     "no such file or directory"),
     ({"data__name": "cifar1000"}, "data.name='cifar1000': expected one of"),
@@ -201,7 +201,7 @@ def test_main_refuses_a_bad_config_before_any_work(tmp_path):
     workdir = tmp_path / "run"
     python, *argv = main_runner.command(
         ["--config=configs/p4q.py", "--config.p4q.position=middel",
-         "--config.train.batch_size=100", f"--workdir={workdir}"], mock_examples=None)
+         "--config.train.batch_size=102", f"--workdir={workdir}"], mock_examples=None)
     done = subprocess.run([python, "-X", "importtime", *argv], cwd=main_runner.REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
