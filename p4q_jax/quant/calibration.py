@@ -7,7 +7,8 @@ of them. Each tower's statistics are folded over its batches. The search-based o
 (OMSE, PTF) score their candidates on rows of the data: by default an equal share drawn
 from every sample as its batch passes, or (`search_rows="last"`, the public code's way)
 the rows of the final batch, returned by one last pass. Each site's search then runs as
-its own jitted call, compiled once per distinct (spec, shape). A tower has a handful of those, so this
+its own jitted call, compiled once per distinct (spec, shape) and at XLA's default
+optimization level (`SEARCH_COMPILER_OPTIONS`). A tower has a handful of those, so this
 compiles far less than one program holding every site's search (docs/results.md,
 "Smaller measurements behind design choices"). Weights are calibrated and fake-quantized
 once, here.
@@ -119,12 +120,20 @@ def _pass_fn(model, method, specs, *, finalize=False, max_elements=None, num_sam
     return jax.jit(run)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# A site's search scores every candidate range on up to `observers.SEARCH_MAX_ELEMENTS`
+# elements: a small program whose run time, not its compile time, is what counts. So it is
+# compiled at XLA's default optimization level (3) even in a process that lowers the level
+# for everything else to compile faster (the test suite: tests/conftest.py), where XLA:CPU
+# runs a 2^18-element OMSE search about 5x slower (docs/results.md).
+SEARCH_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=SEARCH_COMPILER_OPTIONS)
 def _site_qparams(spec, stats, searched):
     return state_lib.QParams(*observers.qparams_from_search_input(spec, stats, searched))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=SEARCH_COMPILER_OPTIONS)
 def _sampled_site_qparams(spec, num_rows, stats, rows, seeds, index, weights, kept):
     searched, row_weights = observers.sampled_search_input(rows, seeds, index, weights, kept,
                                                            num_rows, stats["lo"].ndim)
