@@ -15,7 +15,9 @@ import tempfile
 # make faster (the suite's CPU time falls by a quarter), while the models run slower. They
 # change how a program is compiled, not what it computes (beyond float rounding, which every
 # tolerance here already allows for CPUs with other instruction sets). Jobs outside the
-# tests use XLA's defaults. docs/results.md ("The test suite") has the measurement.
+# tests use XLA's defaults, and calibration's searches keep them here too
+# (`calibration.SEARCH_COMPILER_OPTIONS`). docs/results.md ("The test suite") has the
+# measurements.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 # Four fake CPU devices: the fewest on which a mesh has both a data and a model axis of
 # size 2 and two processes hold two devices each (test_multiprocess.py). Every replicated
