@@ -8,6 +8,7 @@ import pytest
 
 from p4q_jax import clip
 from p4q_jax import quant
+from p4q_jax.clip import storage
 from p4q_jax.p4q import adapter as adapter_lib
 from p4q_jax.quant import calibration
 from p4q_jax.quant import observers
@@ -203,8 +204,21 @@ def test_prompt_gradient_through_the_quantized_text_tower(tiny, preset):
     assert _cosine(grad_q.ravel(), grad_fp.ravel()) > 0.5
 
 
+def _open_clip_vit_b32():
+    """ViT-B/32 with open_clip's random initialization (OpenAI's scheme), read as a state
+    dict: torch draws it in seconds, where `clip.init` compiles and runs a program for 88M
+    parameters at the tests' low XLA optimization level (docs/results.md)."""
+    import open_clip  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+    config = clip.get_config("ViT-B/32")
+    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+    return clip.CLIP(config), storage.openai_to_flax(state, config)
+
+
 def test_vit_b32_w8a8_stays_close_to_fp():
-    model, params = clip.init("ViT-B/32", seed=0)
+    model, params = _open_clip_vit_b32()
     images = _images(224, batches=2, batch=4)
     tokens = clip.tokenize(TEXTS)
     qstate = quant.calibrate(model, params, "w8a8", images=images, texts=TEXTS)
