@@ -1,4 +1,4 @@
-"""Device mesh and shardings: one code path for 1 CPU, 8 fake CPU devices, a GPU, a TPU pod.
+"""Device mesh and shardings: one code path for 1 CPU, fake CPU devices, a GPU, a TPU pod.
 
 The mesh has a `data` axis (batch) and a `model` axis (for towers too large to
 replicate); sizes come from the config, with -1 meaning "all remaining devices".

@@ -5,6 +5,7 @@ import nbformat
 from nbclient import NotebookClient
 
 import main_runner
+import multihost
 
 
 def test_quickstart_notebook_executes(tmp_path):
@@ -14,9 +15,7 @@ def test_quickstart_notebook_executes(tmp_path):
     # same calls, and the last cell's reload assertion compares the export with the trained
     # prompts and adapter however many steps moved them.
     # One CPU device, as in Colab; the session's fast-compiling XLA settings stay.
-    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "XLA_FLAGS": " ".join(xla_flags),
+    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "XLA_FLAGS": multihost.xla_flags(1),
            "QUICKSTART_STEPS": "5"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
